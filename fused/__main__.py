@@ -1,0 +1,40 @@
+"""``python -m fused <command>``; commands: ``validate`` (see fused.validate).
+
+Without a CUDA device the Triton kernels can only run under the CPU interpreter, which
+``triton.jit`` enables at decoration time. So, unless the user set ``TRITON_INTERPRET`` themselves,
+it is switched on here, before any kernel module is imported, and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m fused", description="fused kernel library tools")
+    parser.add_argument("command", choices=["validate"], help="validate: every op vs an fp64 oracle")
+    args, rest = parser.parse_known_args(argv[:1])
+    note = None
+    if args.command == "validate":
+        import torch
+
+        if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+            if any(m in sys.modules for m in ("fused.similarity", "fused.alignment", "fused.importance",
+                                              "fused.update", "fused.pgd")):
+                note = "note: kernel modules were imported before TRITON_INTERPRET could be set"
+            else:
+                os.environ["TRITON_INTERPRET"] = "1"
+                note = ("note: no CUDA device: TRITON_INTERPRET=1 was set so the Triton kernels run in the "
+                        "CPU interpreter (a correctness check, not a speed one)")
+        from fused.validate import main as validate_main
+
+        return validate_main(rest + argv[1:], note=note)
+    return 2  # pragma: no cover - argparse rejects other commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

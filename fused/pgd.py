@@ -1,0 +1,340 @@
+"""Fused L2 PGD step: gradient-normalised step, projection onto the ε-ball, clamp (METHOD.md §3).
+
+For every sample i (first dimension = sample, any trailing shape, flattened to D values):
+
+    x'_i  = x_i ∓ α · g_i / max(‖g_i‖₂, 1e-12)          (− targeted: descend; + untargeted: ascend)
+    δ_i   = (x'_i − x0_i) · min(1, ε_i / ‖x'_i − x0_i‖₂)  (projection onto the L2 ball of radius ε_i)
+    out_i = clamp(x0_i + δ_i, lo, hi)                    (valid pixel range; ``clamp=None`` skips it)
+
+Proxy generation runs this step R·⌈k/B⌉·100 times (PERFORMANCE.md hot spot 1). Eager PyTorch
+spends ~15 launches and several full-size temporaries on it; the Triton kernel is one launch with
+one program per sample, both norms accumulated in fp32, and no host synchronisation.
+
+* Samples with D ≤ ``_MAX_SINGLE_BLOCK`` keep x, x0 and g in registers: one read of each, one write.
+* Larger samples loop over D in BLOCK chunks in three passes (‖g‖², then ‖δ‖², then the write),
+  re-reading the inputs rather than storing an unprojected temporary, so the output is rounded once.
+
+The step is never differentiated (PGD takes ∇_x of the model loss, then steps outside the graph),
+so the op has no autograd formula. It returns a new tensor unless ``out=`` is given; ``out`` may be
+``x`` itself (an in-place step): every element is read before it is written, by the same program.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from fused._dispatch import (
+    HAS_TRITON,
+    check_positive,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    launcher,
+    resolve_backend,
+    triton_library_op,
+)
+
+__all__ = ["l2_pgd_step", "l2_pgd_step_reference"]
+
+# ‖g‖ is clamped from below so a zero gradient gives a zero step instead of 0/0 = NaN.
+GRAD_NORM_FLOOR = 1e-12
+# ‖δ‖ is clamped from below so δ = 0 gives scale = min(1, ε/1e-30) = 1 and δ·1 = 0 (no NaN).
+DELTA_NORM_FLOOR = 1e-30
+
+# A sample of up to this many values lives in registers (3 fp32 tiles of 8192 over 8 warps
+# = 96 registers a thread); CIFAR (3·32·32 = 3072) fits, ImageNet (3·224·224) loops.
+_MAX_SINGLE_BLOCK = 8192
+_LOOP_BLOCK = 2048
+
+EpsArg = Union[float, int, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def l2_pgd_step_reference(
+    x: torch.Tensor,
+    x_orig: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    step_size: float,
+    eps: EpsArg,
+    targeted: bool = True,
+    clamp: Optional[Tuple[float, float]] = (0.0, 1.0),
+) -> torch.Tensor:
+    """Readable PyTorch version of :func:`l2_pgd_step` (the specification and the test oracle).
+
+    Computes in fp32 for half inputs (fp64 stays fp64) and returns x's dtype. Does not validate.
+    """
+    B = x.shape[0]
+    cd = compute_dtype(x.dtype)
+    view = (B,) + (1,) * (x.dim() - 1)  # one value per sample, broadcast over the sample
+
+    def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(t.reshape(B, -1), dim=1).reshape(view)
+
+    xc, x0, g = x.to(cd), x_orig.to(cd), grad.to(cd)
+    direction = -1.0 if targeted else 1.0
+    x_new = xc + direction * step_size * g / per_sample_norm(g).clamp_min(GRAD_NORM_FLOOR)
+    delta = x_new - x0
+    eps_b = eps.to(cd).reshape(view) if isinstance(eps, torch.Tensor) else float(eps)
+    scale = (eps_b / per_sample_norm(delta).clamp_min(DELTA_NORM_FLOOR)).clamp(max=1.0)
+    out = x0 + delta * scale
+    if clamp is not None:
+        out = out.clamp(clamp[0], clamp[1])
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _l2_pgd_step_kernel(
+        x_ptr, x0_ptr, g_ptr, out_ptr, eps_ptr,
+        D,
+        step, eps_scalar, lo, hi,
+        DIRECTION: tl.constexpr,  # -1.0 targeted, +1.0 untargeted
+        PER_SAMPLE_EPS: tl.constexpr,
+        CLAMP: tl.constexpr,
+        SINGLE_BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # One program per sample; the sample occupies D consecutive values at row·D.
+        row = tl.program_id(0).to(tl.int64)
+        base = row * D
+        if PER_SAMPLE_EPS:
+            eps = tl.load(eps_ptr + row).to(tl.float32)
+        else:
+            eps = eps_scalar
+        offs = tl.arange(0, BLOCK)
+
+        if SINGLE_BLOCK:
+            # Whole sample in registers: read x, x0, g once each.
+            m = offs < D
+            g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+            x0 = tl.load(x0_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+            coef = DIRECTION * step / tl.maximum(tl.sqrt(tl.sum(g * g, axis=0)), 1e-12)
+            delta = x + coef * g - x0  # masked lanes: 0 + 0 - 0 = 0
+            scale = tl.minimum(eps / tl.maximum(tl.sqrt(tl.sum(delta * delta, axis=0)), 1e-30), 1.0)
+            y = x0 + delta * scale
+            if CLAMP:
+                y = tl.minimum(tl.maximum(y, lo), hi)
+            tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+        else:
+            # Pass 1: ‖g‖² in fp32.
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, D, BLOCK):
+                m = start + offs < D
+                g = tl.load(g_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32)
+                acc += g * g
+            coef = DIRECTION * step / tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), 1e-12)
+            # Pass 2: ‖δ‖² with δ = x + coef·g − x0.
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, D, BLOCK):
+                m = start + offs < D
+                g = tl.load(g_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32)
+                x0 = tl.load(x0_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32)
+                delta = x + coef * g - x0
+                acc += delta * delta
+            scale = tl.minimum(eps / tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), 1e-30), 1.0)
+            # Pass 3: recompute δ, project, clamp, write (each element read before it is written).
+            for start in range(0, D, BLOCK):
+                m = start + offs < D
+                g = tl.load(g_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32)
+                x0 = tl.load(x0_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32)
+                y = x0 + (x + coef * g - x0) * scale
+                if CLAMP:
+                    y = tl.minimum(tl.maximum(y, lo), hi)
+                tl.store(out_ptr + base + start + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _launch_config(D: int) -> Tuple[bool, int, int]:
+    """(single block?, BLOCK, num_warps) for a sample of D values."""
+    if D <= _MAX_SINGLE_BLOCK:
+        block = max(triton.next_power_of_2(D), 128)
+        return True, block, max(1, min(8, block // 512))
+    return False, _LOOP_BLOCK, 4
+
+
+@triton_library_op("fused::l2_pgd_step", mutates_args=("out",))
+def _l2_pgd_step_triton(
+    x: torch.Tensor,
+    x_orig: torch.Tensor,
+    grad: torch.Tensor,
+    out: torch.Tensor,
+    eps_per_sample: Optional[torch.Tensor],
+    step_size: float,
+    eps: float,
+    direction: float,
+    lo: float,
+    hi: float,
+    use_clamp: bool,
+) -> None:
+    """Triton path. All tensors are sample-major dense with identical strides (see _layout)."""
+    B = x.shape[0]
+    if x.numel() == 0:
+        return
+    D = x.numel() // B
+    single, block, num_warps = _launch_config(D)
+    per_sample = eps_per_sample is not None
+    launcher(_l2_pgd_step_kernel)[(B,)](
+        x, x_orig, grad, out, eps_per_sample if per_sample else x,
+        D,
+        step_size, eps, lo, hi,
+        DIRECTION=direction,
+        PER_SAMPLE_EPS=per_sample,
+        CLAMP=use_clamp,
+        SINGLE_BLOCK=single,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+
+
+@_l2_pgd_step_triton.register_fake
+def _(x, x_orig, grad, out, eps_per_sample, step_size, eps, direction, lo, hi, use_clamp) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------- public entry point
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The layout the kernel runs in: x's own when it is channels-last dense, else contiguous.
+
+    Either way every sample is D consecutive values at offset i·D, which is all the kernel needs
+    (the per-sample reductions do not care about the order inside a sample), so channels-last
+    inputs (PGD under channels_last + autocast) are not copied.
+    """
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _check_eps(eps, batch: int, device: torch.device) -> Union[float, torch.Tensor]:
+    if isinstance(eps, torch.Tensor):
+        check_tensor("eps", eps)
+        if eps.dim() == 0:
+            eps = eps.reshape(1).expand(batch)
+        if eps.dim() != 1 or eps.shape[0] != batch:
+            raise ValueError(
+                f"eps must be a positive float or a 1-D tensor with one radius per sample "
+                f"(length {batch}), got shape {tuple(eps.shape)}"
+            )
+        if eps.device != device:
+            raise ValueError(f"eps is on {eps.device} but x is on {device}: the radii must share x's device")
+        # Checking the values needs their contents on the host: done for CPU tensors only, so a
+        # CUDA call never synchronises (documented in l2_pgd_step).
+        if eps.device.type == "cpu" and batch > 0 and not bool(torch.all(torch.isfinite(eps) & (eps > 0))):
+            raise ValueError(f"eps must hold finite radii > 0, got {eps.tolist()}")
+        return eps
+    return check_positive("eps", eps)
+
+
+def _check_clamp(clamp) -> Optional[Tuple[float, float]]:
+    if clamp is None:
+        return None
+    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+        raise TypeError(f"clamp must be None or a pair (lo, hi) of numbers, got {clamp!r}")
+    lo, hi = clamp
+    for name, v in (("clamp[0]", lo), ("clamp[1]", hi)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+        if math.isnan(v):
+            raise ValueError(f"{name} must not be NaN")
+    if not lo < hi:
+        raise ValueError(f"clamp must be a pair (lo, hi) with lo < hi, got {clamp!r}")
+    return float(lo), float(hi)
+
+
+def l2_pgd_step(
+    x: torch.Tensor,
+    x_orig: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    step_size: float,
+    eps: EpsArg,
+    targeted: bool = True,
+    clamp: Optional[Tuple[float, float]] = (0.0, 1.0),
+    out: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """One L2 PGD step per sample: step along the normalised gradient, project, clamp.
+
+    ``out_i = clamp(x0_i + δ_i, lo, hi)`` with ``δ_i = (x_i ∓ α g_i/‖g_i‖ − x0_i)·min(1, ε_i/‖·‖)``,
+    norms taken over each sample (first dimension) and accumulated in fp32.
+
+    Args:
+        x: current iterate, shape [B, ...] (any trailing shape, e.g. [B, C, H, W]), floating.
+        x_orig: the clean samples x0 the ball is centred on, same shape as ``x``.
+        grad: ∇_x of the attack loss, same shape as ``x`` (its dtype may differ, e.g. fp32 under
+            autocast); it is only used through its per-sample direction g/‖g‖.
+        step_size: α > 0.
+        eps: ball radius ε > 0, a float or a tensor of one radius per sample (shape [B], or 0-dim)
+            on x's device, e.g. for radius calibration. Radii of a CPU tensor are checked to be
+            finite and > 0; those of a CUDA tensor are not (that would synchronise the host).
+        targeted: True descends the loss (x − α ĝ, towards a target label), False ascends it.
+        clamp: ``(lo, hi)`` valid input range, ``None`` for no clamp.
+        out: optional output tensor of x's shape and dtype; may be ``x`` itself (in-place step).
+        backend: ``None`` (automatic), ``"triton"`` or ``"reference"``.
+
+    Returns:
+        The new iterate, of x's dtype and layout (``out`` when given). Not differentiable: PGD
+        steps outside the autograd graph, so no backward is defined.
+
+    A zero gradient gives a zero step and a zero δ gives δ, without NaN. B = 0 returns an empty
+    tensor.
+    """
+    check_tensor("x", x)
+    check_tensor("x_orig", x_orig)
+    check_tensor("grad", grad)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (the first one indexes samples), got a 0-dim tensor")
+    for name, t in (("x_orig", x_orig), ("grad", grad)):
+        if t.shape != x.shape:
+            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    device = check_same_device(x=x, x_orig=x_orig, grad=grad)
+    step_size = check_positive("step_size", step_size)
+    eps = _check_eps(eps, x.shape[0], device)
+    bounds = _check_clamp(clamp)
+    if not isinstance(targeted, bool):
+        raise TypeError(f"targeted must be a bool, got {type(targeted).__name__}")
+    if out is not None:
+        check_tensor("out", out)
+        if out.shape != x.shape or out.dtype != x.dtype or out.device != device:
+            raise ValueError(
+                f"out must match x (shape {tuple(x.shape)}, {x.dtype}, {device}), got shape "
+                f"{tuple(out.shape)}, {out.dtype}, {out.device}"
+            )
+    backend = resolve_backend(backend, device)
+
+    if backend == "reference":
+        result = l2_pgd_step_reference(x, x_orig, grad, step_size=step_size, eps=eps, targeted=targeted, clamp=bounds)
+        return result if out is None else out.copy_(result)
+
+    # Triton: bring the three inputs to one sample-major dense layout (a no-op when they share it).
+    mf = _memory_format(x)
+    xc, x0c, gc = (t.contiguous(memory_format=mf) for t in (x, x_orig, grad))
+    direct = out is not None and out.is_contiguous(memory_format=mf)
+    target = out if direct else torch.empty_like(xc, memory_format=mf)
+    eps_t = eps.contiguous() if isinstance(eps, torch.Tensor) else None
+    lo, hi = bounds if bounds is not None else (0.0, 0.0)
+    _l2_pgd_step_triton(
+        xc, x0c, gc, target, eps_t,
+        step_size, 0.0 if eps_t is not None else eps,
+        -1.0 if targeted else 1.0,
+        lo, hi, bounds is not None,
+    )
+    if out is not None and not direct:
+        return out.copy_(target)
+    return target

@@ -1,0 +1,237 @@
+"""Anchor similarity (the method's "structure", METHOD.md §4): S = normalize(X) · normalize(A)ᵀ.
+
+S_ij is the cosine between instance i (row of ``x``, [N, D]) and anchor j (row of ``anchors``,
+[K, D]); ``normalize`` is ``torch.nn.functional.normalize`` (L2, eps 1e-12).
+
+Layout of this file: the PyTorch reference (the specification), the Triton kernel, the
+torch.library registration with its autograd formula, and the public entry point.
+
+Triton design: one program per (BLOCK_N rows × BLOCK_K anchors) tile of S, a loop over D in
+BLOCK_D chunks accumulating X_tile·A_tileᵀ with ``tl.dot`` (fp32 accumulate) together with the
+row sums of squares of both operands. Normalisation is folded in at the end,
+S = (x·a) / (max(‖x‖, eps)·max(‖a‖, eps)), so no normalized copy of X (or A) is ever written; the
+only N×K tensor is the output itself. Bytes N·D·b_x + K·D·b_a + N·K·b_o, one launch.
+The backward is the row-local formula below, evaluated with torch ops in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fused._dispatch import (
+    HAS_TRITON,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    launcher,
+    resolve_backend,
+    triton_library_op,
+)
+
+NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def anchor_similarity_reference(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """S = normalize(x) @ normalize(anchors)ᵀ in plain PyTorch (fp32 accumulation; fp64 stays fp64).
+
+    Differentiable through autograd; the output has ``x``'s dtype.
+    """
+    ct = compute_dtype(torch.promote_types(x.dtype, anchors.dtype))
+    x_hat = F.normalize(x.to(ct), dim=1, eps=NORMALIZE_EPS)
+    a_hat = F.normalize(anchors.to(ct), dim=1, eps=NORMALIZE_EPS)
+    return (x_hat @ a_hat.T).to(x.dtype)
+
+
+def _normalize_backward(v: torch.Tensor, u: torch.Tensor, norm: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """Gradient of u = v/max(‖v‖, eps) given ∂/∂û projected: dv = (dû − û·(û·dû)·[‖v‖>eps]) / max(‖v‖, eps).
+
+    ``u`` is the normalized row, ``proj`` = û·dû per row (column vector). Matches autograd of
+    F.normalize, whose clamp_min passes no gradient below eps.
+    """
+    denom = norm.clamp_min(NORMALIZE_EPS)
+    return (v - u * (proj * (norm > NORMALIZE_EPS))) / denom
+
+
+def _similarity_backward_math(grad: torch.Tensor, x: torch.Tensor, anchors: torch.Tensor, S: torch.Tensor, need_x: bool, need_a: bool):
+    """Analytic backward of S = x̂ Âᵀ in fp32 (fp64 stays fp64).
+
+    dX̂ = G Â, and x̂·dx̂_i = Σ_k G_ik S_ik, so dX = (G Â − X̂ ⊙ rowsum(G⊙S)) / ‖x‖;
+    symmetrically dA = (Gᵀ X̂ − Â ⊙ colsum(G⊙S)) / ‖a‖.
+    """
+    ct = compute_dtype(torch.promote_types(x.dtype, anchors.dtype))
+    xf, af, G, Sf = x.to(ct), anchors.to(ct), grad.to(ct), S.to(ct)
+    nx = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
+    na = torch.linalg.vector_norm(af, dim=1, keepdim=True)
+    x_hat = xf / nx.clamp_min(NORMALIZE_EPS)
+    a_hat = af / na.clamp_min(NORMALIZE_EPS)
+    GS = G * Sf
+    dx = da = None
+    if need_x:
+        dx = _normalize_backward(G @ a_hat, x_hat, nx, GS.sum(dim=1, keepdim=True)).to(x.dtype)
+    if need_a:
+        da = _normalize_backward(G.T @ x_hat, a_hat, na, GS.sum(dim=0).unsqueeze(1)).to(anchors.dtype)
+    return dx, da
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _anchor_similarity_kernel(
+        x_ptr, a_ptr, s_ptr,
+        N, K, D,
+        stride_xn, stride_an, stride_sn,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EPS: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        row_ok = rows < N
+        col_ok = cols < K
+        # 64-bit offsets: N·D may exceed 2^31 for large proxy batches.
+        x_row = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
+        a_row = a_ptr + cols.to(tl.int64)[:, None] * stride_an
+
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        a_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            xt = tl.load(x_row + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            at = tl.load(a_row + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            xf = xt.to(tl.float32)
+            af = at.to(tl.float32)
+            x_sq += tl.sum(xf * xf, axis=1)
+            a_sq += tl.sum(af * af, axis=1)
+            acc = tl.dot(xt.to(DOT_DTYPE), tl.trans(at.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+
+        # Fold both normalisations: S = (x·a) / (max(‖x‖, eps) · max(‖a‖, eps)).
+        inv_x = 1.0 / tl.maximum(tl.sqrt(x_sq), EPS)
+        inv_a = 1.0 / tl.maximum(tl.sqrt(a_sq), EPS)
+        s = acc * inv_x[:, None] * inv_a[None, :]
+        s_ptrs = s_ptr + rows.to(tl.int64)[:, None] * stride_sn + cols[None, :]
+        tl.store(s_ptrs, s.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _similarity_blocks(N: int, K: int, D: int):
+    """Block sizes from the problem size.
+
+    Every block dim is >= 16 (tl.dot on a GPU) and is a power of two; tiles are masked.
+    BLOCK_N ≤ 64 and BLOCK_K ≤ 128 keep the fp32 accumulator at ≤ 64 registers a thread with
+    4 warps; BLOCK_D ≤ 64 keeps the two operand tiles (≤ 24 KiB in fp32) well inside shared memory.
+    """
+    block_n = min(64, max(16, _next_pow2(N)))
+    block_k = min(128, max(16, _next_pow2(K)))
+    block_d = min(64, max(16, _next_pow2(D)))
+    return block_n, block_k, block_d
+
+
+def _dot_config(a_dtype: torch.dtype, b_dtype: torch.dtype):
+    """Dot operand dtype and fp32 precision mode.
+
+    16-bit inputs of one dtype go to the tensor cores as they are (exact products, fp32
+    accumulate). Anything else is computed in fp32 with "tf32x3" (three tf32 products, ≈ fp32
+    accuracy on tensor cores; plain tf32 would lose ~3 decimal digits against torch's fp32 matmul).
+    """
+    if a_dtype == b_dtype and a_dtype in (torch.float16, torch.bfloat16):
+        return (tl.float16 if a_dtype == torch.float16 else tl.bfloat16), "ieee"
+    return tl.float32, "tf32x3"
+
+
+@triton_library_op("fused::anchor_similarity_fwd", mutates_args=())
+def _anchor_similarity_triton(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Triton forward: S [N, K] in x's dtype (one launch)."""
+    N, D = x.shape
+    K = anchors.shape[0]
+    x = x.contiguous()
+    anchors = anchors.contiguous()
+    S = torch.empty((N, K), dtype=x.dtype, device=x.device)
+    if N == 0 or K == 0:
+        return S
+    block_n, block_k, block_d = _similarity_blocks(N, K, D)
+    dot_dtype, precision = _dot_config(x.dtype, anchors.dtype)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    launcher(_anchor_similarity_kernel)[grid](
+        x, anchors, S,
+        N, K, D,
+        x.stride(0), anchors.stride(0), S.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+        DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, EPS=NORMALIZE_EPS,
+        num_warps=4,
+    )
+    return S
+
+
+@_anchor_similarity_triton.register_fake
+def _(x, anchors):
+    return x.new_empty((x.shape[0], anchors.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, anchors = inputs
+    ctx.save_for_backward(x, anchors, output)
+
+
+def _backward(ctx, grad):
+    x, anchors, S = ctx.saved_tensors
+    need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    return _similarity_backward_math(grad, x, anchors, S, need_x, need_a)
+
+
+_anchor_similarity_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def _check_inputs(x, anchors):
+    check_tensor("x", x, ndim=2)
+    check_tensor("anchors", anchors, ndim=2)
+    if anchors.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"anchors must have the feature dim D of x (anchors [K, D] with x [N, D]), "
+            f"got x {tuple(x.shape)} and anchors {tuple(anchors.shape)}"
+        )
+    return check_same_device(x=x, anchors=anchors)
+
+
+def anchor_similarity(x: torch.Tensor, anchors: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Structure matrix S = normalize(x) · normalize(anchors)ᵀ (METHOD.md §4).
+
+    Args:
+        x: [N, D] instance features (fp32, fp16, bf16; fp64 on the reference path).
+        anchors: [K, D] anchors; normalised here, so raw anchors are fine.
+        backend: None (Triton on CUDA / under the interpreter, else the reference), "triton" or
+            "reference".
+
+    Returns:
+        S [N, K] in ``x``'s dtype; accumulation is fp32 (fp64 for fp64 inputs). Differentiable
+        w.r.t. ``x`` and ``anchors``. ``normalize`` is F.normalize (eps 1e-12), so a zero row gives
+        a zero row of S.
+    """
+    device = _check_inputs(x, anchors)
+    resolved = resolve_backend(backend, device)
+    fp64 = torch.float64 in (x.dtype, anchors.dtype)
+    if resolved == "triton" and fp64:
+        if backend == "triton":
+            raise ValueError("backend='triton' does not support float64 x or anchors; use backend='reference'")
+        resolved = "reference"  # fp64 is a reference-only dtype
+    if resolved == "reference":
+        return anchor_similarity_reference(x, anchors)
+    return _anchor_similarity_triton(x, anchors)

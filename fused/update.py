@@ -1,0 +1,514 @@
+"""Fused masked, structure-regularised SGD step over a whole list of parameters (METHOD.md §6, §9).
+
+For every parameter tensor ψ (with gradient g, original weights ψ0, importance I, optional
+gradient mask m and momentum buffer b), elementwise and in fp32 (fp64 for fp64 parameters):
+
+    explicit:  d = m⊙g + wd·ψ + λ·I⊙(ψ − ψ0);   [b = μ·b + d;  d = b];   ψ ← ψ − lr·d
+    proximal:  u = m⊙g + wd·ψ;                 [b = μ·b + u;  u = b];   ψ ← (ψ − lr·u + a⊙ψ0) / (1 + a),
+               a = lr·λ·I
+
+The explicit form is one gradient step on L + λ·½ΣI(ψ−ψ0)² (the reference implementation of the
+method builds that sum with a Python loop and lets autograd differentiate it). It diverges once
+lr·λ·I > 2 for some weight; the proximal form takes the quadratic term implicitly (the exact
+minimiser of ½‖ψ − (ψ − lr·u)‖² + lr·λ·½ΣI(ψ−ψ0)²), which is stable for any lr·λ·I and agrees with
+the explicit form to first order in a. The step returns the SR value ½·Σ I⊙(ψ − ψ0)² over all
+parameters, measured *before* the update (the loss whose gradient the explicit step used).
+
+Kernel design (PERFORMANCE.md hot spot 4): always bandwidth-bound, so the kernel reads every
+operand once and writes ψ (and b) once: P·(2b_ψ + b_g + b_ψ0 + b_I) bytes, 20 B/param in fp32
+(17 with a uint8 mask), + 2·b_b with momentum. It is a multi-tensor kernel: one launch per group of
+tensors sharing the same dtypes, however many tensors. A small int64 device table gives, per tensor,
+the addresses of its operands, its numel and its first chunk; the grid is flat over the chunks of all
+tensors (no idle programs for small tensors), and each program finds its tensor through a chunk →
+tensor map. Tables are cached on (addresses, numels), so a steady training loop copies nothing to the
+device. The SR value is one fp32 partial sum per program, added by torch afterwards: deterministic,
+and no host synchronisation anywhere.
+
+torch.library: the Triton path is the custom op ``fused::masked_regularized_sgd_step`` with
+``mutates_args=("params", "momentum_buffers")``. It is registered as an opaque ``custom_op`` on every
+device, not through ``_dispatch.triton_library_op`` (``triton_op`` on a GPU): the kernel writes
+through addresses loaded from a table, which inductor's mutation analysis of user kernels cannot
+see, and ``triton_op`` traces the body with fake tensors, which have no addresses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from fused._dispatch import (
+    HAS_TRITON,
+    check_positive,
+    check_same_device,
+    check_same_shapes,
+    check_tensor,
+    check_tensor_list,
+    compute_dtype,
+    resolve_backend,
+)
+
+__all__ = [
+    "masked_regularized_sgd_step",
+    "masked_regularized_sgd_step_reference",
+    "multi_tensor_chunk_table",
+]
+
+# Elements per program. 2048 fp32 over 8 warps = 8 elements (two 16-byte vectors) per thread and
+# operand: enough bytes in flight per SM for bandwidth, and per-program overhead (one table row,
+# 64 B) is < 0.2 % of the 20 B/element it moves.
+BLOCK = 2048
+NUM_WARPS = 8
+BINARY_DTYPES = (torch.bool, torch.uint8)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    _TL_DTYPES = {
+        torch.float32: tl.float32,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+        torch.float64: tl.float64,
+        # bool storage is one byte holding 0/1: read it as uint8 and test != 0.
+        torch.bool: tl.uint8,
+        torch.uint8: tl.uint8,
+    }
+
+    @triton.jit
+    def _masked_sgd_kernel(
+        rows,  # int64 [T, 8]: addresses of ψ, g, ψ0, I, m, b; numel; first chunk
+        chunk_tensor,  # int64 [n_chunks]: the tensor each program works on
+        partials,  # fp32 [n_chunks]: ½ΣI(ψ−ψ0)² of each program's chunk
+        lr,
+        lam,
+        momentum,
+        weight_decay,
+        P_T: tl.constexpr,
+        G_T: tl.constexpr,
+        R_T: tl.constexpr,
+        I_T: tl.constexpr,
+        M_T: tl.constexpr,
+        B_T: tl.constexpr,
+        C_T: tl.constexpr,  # compute dtype: fp32 (fp64 for fp64 parameters)
+        HAS_GRAD: tl.constexpr,
+        HAS_IMP: tl.constexpr,
+        BINARY_IMP: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        BINARY_MASK: tl.constexpr,
+        HAS_DECAY: tl.constexpr,
+        HAS_MOMENTUM: tl.constexpr,
+        PROXIMAL: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        row = rows + tl.load(chunk_tensor + pid) * 8
+        numel = tl.load(row + 6)
+        offs = (pid - tl.load(row + 7)) * BLOCK + tl.arange(0, BLOCK)  # int64: tensors > 2^31 ok
+        inb = offs < numel
+
+        p_ptr = tl.load(row + 0).to(tl.pointer_type(P_T)) + offs
+        p = tl.load(p_ptr, mask=inb, other=0.0).to(C_T)
+
+        sr = tl.full([], 0.0, tl.float32)
+        if HAS_IMP:
+            ref = tl.load(tl.load(row + 2).to(tl.pointer_type(R_T)) + offs, mask=inb, other=0.0).to(C_T)
+            imp = tl.load(tl.load(row + 3).to(tl.pointer_type(I_T)) + offs, mask=inb, other=0)
+            if BINARY_IMP:
+                imp = (imp != 0).to(C_T)
+            else:
+                imp = imp.to(C_T)
+            diff = p - ref
+            sr = tl.sum(0.5 * imp * diff * diff).to(tl.float32)
+        tl.store(partials + pid, sr)
+
+        if HAS_GRAD:
+            u = tl.load(tl.load(row + 1).to(tl.pointer_type(G_T)) + offs, mask=inb, other=0.0).to(C_T)
+            if HAS_MASK:
+                m = tl.load(tl.load(row + 4).to(tl.pointer_type(M_T)) + offs, mask=inb, other=0)
+                if BINARY_MASK:
+                    m = m != 0
+                u = u * m.to(C_T)
+            if HAS_DECAY:
+                u = u + weight_decay * p
+            if HAS_IMP:
+                if not PROXIMAL:
+                    u = u + lam * imp * diff
+            if HAS_MOMENTUM:
+                b_ptr = tl.load(row + 5).to(tl.pointer_type(B_T)) + offs
+                u = momentum * tl.load(b_ptr, mask=inb, other=0.0).to(C_T) + u
+                tl.store(b_ptr, u.to(B_T), mask=inb)
+            new = p - lr * u
+            if HAS_IMP:
+                if PROXIMAL:
+                    a = (lr * lam) * imp
+                    new = (new + a * ref) / (1.0 + a)
+            tl.store(p_ptr, new.to(P_T), mask=inb)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _as_values(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Importance / mask entries as numbers: a bool or uint8 mask means 1 where nonzero."""
+    if t is None:
+        return None
+    if t.dtype in BINARY_DTYPES:
+        return (t != 0).to(dtype)
+    return t.to(dtype)
+
+
+def masked_regularized_sgd_step_reference(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[Optional[torch.Tensor]],
+    ref_params: Sequence[Optional[torch.Tensor]],
+    importance: Sequence[Optional[torch.Tensor]],
+    *,
+    lr: float,
+    lam: float = 1.0,
+    momentum: float = 0.0,
+    momentum_buffers: Optional[Sequence[torch.Tensor]] = None,
+    grad_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    weight_decay: float = 0.0,
+    proximal: bool = False,
+) -> torch.Tensor:
+    """Readable per-tensor PyTorch version of :func:`masked_regularized_sgd_step` (no checks).
+
+    The specification of the op, its CPU fallback and the test oracle. ``ref_params``,
+    ``importance`` and ``grad_masks`` are lists with ``None`` entries where absent.
+    """
+    n = len(params)
+    grad_masks = grad_masks if grad_masks is not None else [None] * n
+    sr = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for i, p in enumerate(params):
+        cd = compute_dtype(p.dtype)
+        w = p.detach().to(cd)
+        imp = _as_values(importance[i], cd)
+        if imp is not None:
+            ref = ref_params[i].to(cd)
+            diff = w - ref
+            sr = sr + (0.5 * imp * diff * diff).sum().to(torch.float32)  # ½ΣI(ψ−ψ0)², before the step
+        if grads[i] is None:  # no gradient: not updated, but its SR term counts above
+            continue
+        u = grads[i].to(cd)
+        mask = _as_values(grad_masks[i], cd)
+        if mask is not None:
+            u = u * mask
+        if weight_decay != 0:
+            u = u + weight_decay * w
+        if imp is not None and not proximal:
+            u = u + lam * imp * diff
+        if momentum != 0:
+            u = momentum * momentum_buffers[i].to(cd) + u  # b = μ·b + d (b = 0 on step 1 gives b = d)
+            momentum_buffers[i].copy_(u)
+        new = w - lr * u
+        if imp is not None and proximal:
+            a = (lr * lam) * imp
+            new = (new + a * ref) / (1 + a)  # argmin of the linearised loss + the exact quadratic
+        p.detach().copy_(new)
+    return sr
+
+
+# ----------------------------------------------------------------------------- multi-tensor tables
+
+_TABLE_CACHE: "OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+_TABLE_CACHE_SIZE = 64
+
+
+def multi_tensor_chunk_table(
+    operands: Sequence[Sequence[Optional[torch.Tensor]]], block: int, width: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Device tables for one multi-tensor launch over ``len(operands)`` tensors.
+
+    ``operands[t]`` lists the operand tensors of tensor ``t`` (``None`` = absent, address 0; the
+    kernel must not read it); all have ``operands[t][0]``'s numel and element order. Returns
+    ``rows``, int64 ``[T, width]`` = (addresses..., numel, first chunk), and ``chunk_tensor``, int64
+    ``[n_chunks]``: the tensor of every program, ``ceil(numel / block)`` programs per tensor.
+
+    The table depends only on addresses and numels, so it is cached on them: a training loop whose
+    tensors stay put reuses it without any host-to-device copy. (If memory is freed and reused, the
+    same key still describes the same addresses, so a hit is always correct.)
+    """
+    device = operands[0][0].device
+    numels = [ops[0].numel() for ops in operands]
+    addresses = [0 if t is None else t.data_ptr() for ops in operands for t in ops]
+    key = (device, block, width, *addresses, *numels)
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit
+    n_ops = width - 2
+    rows: List[int] = []
+    chunk_tensor: List[int] = []
+    for t, numel in enumerate(numels):
+        rows.extend(addresses[t * n_ops : (t + 1) * n_ops])
+        rows.extend((numel, len(chunk_tensor)))
+        chunk_tensor.extend([t] * -(-numel // block))
+    host = torch.tensor(rows + chunk_tensor, dtype=torch.int64)
+    if device.type == "cuda":  # pinned + non_blocking: no host synchronisation
+        host = host.pin_memory().to(device, non_blocking=True)
+    tables = (host[: len(rows)].view(-1, width), host[len(rows) :])
+    _TABLE_CACHE[key] = tables
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return tables
+
+
+def _tl_dtype(param_dtype: torch.dtype, dtype: Optional[torch.dtype]):
+    """Triton element type of an operand; an absent operand (never read) takes the param's."""
+    return _TL_DTYPES[dtype if dtype is not None else param_dtype]
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill numel() consecutive slots in some order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.size(d) != 1:
+            if t.stride(d) != expected:
+                return False
+            expected *= t.size(d)
+    return True
+
+
+def same_element_order(x: torch.Tensor, like: torch.Tensor) -> bool:
+    """``x`` lays out its elements in the same memory order as the dense tensor ``like``."""
+    return all(xs == ls for xs, ls, n in zip(x.stride(), like.stride(), like.shape) if n != 1)
+
+
+def in_element_order_of(x: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``x`` itself when it matches ``like``'s element order, else a copy in that order."""
+    if x is None or same_element_order(x, like):
+        return x
+    return torch.empty_like(like, dtype=x.dtype).copy_(x)
+
+
+def dense_work_tensor(t: torch.Tensor, write_back: list) -> torch.Tensor:
+    """``t`` if a kernel may write it linearly; else a contiguous copy to be copied back after."""
+    if _is_dense(t):
+        return t
+    work = t.contiguous()
+    write_back.append((t, work))
+    return work
+
+
+# ----------------------------------------------------------------------------- Triton path
+
+
+@torch.library.custom_op("fused::masked_regularized_sgd_step", mutates_args=("params", "momentum_buffers"))
+def _masked_regularized_sgd_step_triton(
+    params: List[torch.Tensor],
+    grads: List[Optional[torch.Tensor]],
+    ref_params: List[Optional[torch.Tensor]],
+    importance: List[Optional[torch.Tensor]],
+    momentum_buffers: List[torch.Tensor],
+    grad_masks: List[Optional[torch.Tensor]],
+    lr: float,
+    lam: float,
+    momentum: float,
+    weight_decay: float,
+    proximal: bool,
+) -> torch.Tensor:
+    """One kernel launch per group of tensors sharing their operand dtypes; returns ½ΣI(ψ−ψ0)².
+
+    ``momentum_buffers`` is empty when ``momentum == 0``; other lists have one entry per param.
+    """
+    device = params[0].device
+    has_momentum = momentum != 0
+    write_back: list = []
+    groups: Dict[tuple, list] = {}
+    for i, p in enumerate(params):
+        g, imp = grads[i], importance[i]
+        if g is None and imp is None:
+            continue  # nothing to update and no SR term
+        p = dense_work_tensor(p, write_back)
+        ref = ref_params[i] if imp is not None else None
+        mask = grad_masks[i] if g is not None else None
+        buf = None
+        if has_momentum and g is not None:
+            buf = momentum_buffers[i]
+            if not same_element_order(buf, p) or not _is_dense(buf):
+                work = torch.empty_like(p, dtype=buf.dtype).copy_(buf)
+                write_back.append((buf, work))
+                buf = work
+        ops = [p] + [in_element_order_of(x, p) for x in (g, ref, imp, mask)] + [buf]
+        key = tuple(None if x is None else x.dtype for x in ops)
+        groups.setdefault(key, []).append(ops)
+
+    # One fp32 partial SR sum per program of every launch, summed by torch at the end.
+    tables = [multi_tensor_chunk_table(ops, BLOCK, 8) for ops in groups.values()]
+    partials = torch.empty(sum(ct.numel() for _, ct in tables), dtype=torch.float32, device=device)
+    offset = 0
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for (key, ops), (rows, chunk_tensor) in zip(groups.items(), tables):
+            n_chunks = chunk_tensor.numel()
+            if n_chunks == 0:
+                continue
+            p_dt, g_dt, r_dt, i_dt, m_dt, b_dt = key
+            _masked_sgd_kernel[(n_chunks,)](
+                rows,
+                chunk_tensor,
+                partials[offset : offset + n_chunks],
+                lr,
+                lam,
+                momentum,
+                weight_decay,
+                P_T=_TL_DTYPES[p_dt],
+                G_T=_tl_dtype(p_dt, g_dt),
+                R_T=_tl_dtype(p_dt, r_dt),
+                I_T=_tl_dtype(p_dt, i_dt),
+                M_T=_tl_dtype(p_dt, m_dt),
+                B_T=_tl_dtype(p_dt, b_dt),
+                C_T=tl.float64 if p_dt == torch.float64 else tl.float32,
+                HAS_GRAD=g_dt is not None,
+                HAS_IMP=i_dt is not None,
+                BINARY_IMP=i_dt in BINARY_DTYPES,
+                HAS_MASK=m_dt is not None,
+                BINARY_MASK=m_dt in BINARY_DTYPES,
+                HAS_DECAY=weight_decay != 0,
+                HAS_MOMENTUM=b_dt is not None,
+                PROXIMAL=bool(proximal),
+                BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+            )
+            offset += n_chunks
+    for target, work in write_back:
+        target.copy_(work)
+    return partials.sum()
+
+
+@_masked_regularized_sgd_step_triton.register_fake
+def _(params, grads, ref_params, importance, momentum_buffers, grad_masks, lr, lam, momentum, weight_decay, proximal):
+    return params[0].new_empty((), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- public entry point
+
+
+def _optional_list(name: str, values, n: int, *, allow_bool: bool) -> List[Optional[torch.Tensor]]:
+    if values is None:
+        return [None] * n
+    values = check_tensor_list(name, values, length=n, allow_none=True)
+    for i, v in enumerate(values):
+        if v is not None:
+            check_tensor(f"{name}[{i}]", v, allow_bool=allow_bool)
+    return values
+
+
+def check_strided(name: str, values: Sequence[Optional[torch.Tensor]]) -> None:
+    """Kernels address memory directly: sparse or other non-strided layouts are refused."""
+    for i, v in enumerate(values):
+        if v is not None and v.layout != torch.strided:
+            raise TypeError(f"{name}[{i}] must be a dense (strided) tensor, got layout {v.layout}")
+
+
+def check_update_hyperparameters(lr, lam, momentum, weight_decay, proximal) -> None:
+    """lr > 0, lam >= 0, momentum in [0, 1), weight_decay >= 0 (all finite), proximal a bool."""
+    check_positive("lr", lr)
+    check_positive("lam", lam, allow_zero=True)
+    momentum = check_positive("momentum", momentum, allow_zero=True)
+    if momentum >= 1:
+        raise ValueError(f"momentum must be a finite number in [0, 1), got {momentum}")
+    check_positive("weight_decay", weight_decay, allow_zero=True)
+    if not isinstance(proximal, bool):
+        raise TypeError(f"proximal must be a bool, got {type(proximal).__name__}")
+
+
+def masked_regularized_sgd_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[Optional[torch.Tensor]],
+    ref_params: Optional[Sequence[Optional[torch.Tensor]]],
+    importance: Optional[Sequence[Optional[torch.Tensor]]],
+    *,
+    lr: float,
+    lam: float = 1.0,
+    momentum: float = 0.0,
+    momentum_buffers: Optional[Sequence[torch.Tensor]] = None,
+    grad_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    weight_decay: float = 0.0,
+    proximal: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """In-place masked SGD step with the structure-aware regulariser ½·λ·ΣI(ψ−ψ0)² (METHOD.md §6).
+
+    Per parameter ψ (gradient g, original ψ0 = ``ref_params[i]``, importance I, gradient mask m):
+
+    * explicit (default): ``d = m⊙g + weight_decay·ψ + lam·I⊙(ψ − ψ0)``; with momentum
+      ``b = momentum·b + d; d = b``; then ``ψ ← ψ − lr·d``.
+    * ``proximal=True``: the quadratic term is taken implicitly, stable for any lr·lam·I:
+      ``u = m⊙g + weight_decay·ψ`` (momentum applies to u), ``ψ ← (ψ − lr·u + a⊙ψ0) / (1 + a)``
+      with ``a = lr·lam·I``.
+
+    Args:
+        params: floating tensors (fp32/fp16/bf16/fp64), updated in place (under ``no_grad``).
+        grads: one per param; ``None`` skips the param (not updated, not decayed, no momentum
+            update), but its SR term still counts in the returned value.
+        ref_params: the original weights ψ0, one per param (``None`` entries only where
+            ``importance`` is ``None``); may be ``None`` when ``importance`` is ``None``.
+        importance: I per param: a floating tensor (dense importance) or a bool/uint8 binary mask
+            (I = 1 where nonzero, else 0). ``None`` (the list or an entry) = no SR term there.
+        lr: step size > 0. lam: λ >= 0. momentum: μ in [0, 1). weight_decay: >= 0 (L2, added
+            to the gradient as in ``torch.optim.SGD``).
+        momentum_buffers: required when ``momentum > 0``: one tensor per param, updated in place.
+            Zero-initialised buffers reproduce ``torch.optim.SGD`` (b = d on the first step).
+        grad_masks: m per param (``None`` entries = all ones): floating, or bool/uint8 (1 where
+            nonzero). Masks only g, not the decay or SR terms.
+        backend: ``None`` (Triton on CUDA / under the interpreter, else reference), "triton" or
+            "reference".
+
+    Returns:
+        0-dim fp32 tensor ½·Σ I⊙(ψ − ψ0)² over all params, measured before the update (without λ;
+        for logging; no host synchronisation).
+
+    Every operand is computed in fp32 (fp64 for fp64 params) and stored in its own dtype. On the
+    Triton path the whole list takes one kernel launch per group of tensors with identical operand
+    dtypes (and presence of grad / importance / mask), plus one torch sum of the SR partials.
+    """
+    params = check_tensor_list("params", params)
+    n = len(params)
+    if n == 0:
+        raise ValueError("params must contain at least one tensor")
+    for i, p in enumerate(params):
+        check_tensor(f"params[{i}]", p)
+    grads = _optional_list("grads", grads, n, allow_bool=False)
+    importance = _optional_list("importance", importance, n, allow_bool=True)
+    ref_params = _optional_list("ref_params", ref_params, n, allow_bool=False)
+    grad_masks = _optional_list("grad_masks", grad_masks, n, allow_bool=True)
+    for i, (imp, ref) in enumerate(zip(importance, ref_params)):
+        if imp is not None and ref is None:
+            raise ValueError(f"ref_params[{i}] must be a tensor because importance[{i}] is given")
+    check_update_hyperparameters(lr, lam, momentum, weight_decay, proximal)
+    if momentum > 0:
+        if momentum_buffers is None:
+            raise ValueError("momentum_buffers must be a list of tensors (one per param) when momentum > 0")
+        momentum_buffers = check_tensor_list("momentum_buffers", momentum_buffers, length=n)
+        for i, b in enumerate(momentum_buffers):
+            check_tensor(f"momentum_buffers[{i}]", b)
+    else:
+        momentum_buffers = []
+    named = {"grads": grads, "ref_params": ref_params, "importance": importance, "grad_masks": grad_masks}
+    if momentum_buffers:
+        named["momentum_buffers"] = momentum_buffers
+    for name, values in named.items():
+        check_same_shapes("params", params, name, values)
+    check_strided("params", params)
+    tensors = {f"params[{i}]": p for i, p in enumerate(params)}
+    for name, values in named.items():
+        check_strided(name, values)
+        tensors.update({f"{name}[{i}]": v for i, v in enumerate(values) if v is not None})
+    device = check_same_device(**tensors)
+
+    with torch.no_grad():
+        if resolve_backend(backend, device) == "reference":
+            return masked_regularized_sgd_step_reference(
+                params, grads, ref_params, importance, lr=float(lr), lam=float(lam),
+                momentum=float(momentum), momentum_buffers=momentum_buffers or None,
+                grad_masks=grad_masks, weight_decay=float(weight_decay), proximal=proximal,
+            )
+        return torch.ops.fused.masked_regularized_sgd_step(
+            params, grads, ref_params, importance, momentum_buffers, grad_masks,
+            float(lr), float(lam), float(momentum), float(weight_decay), proximal,
+        )

@@ -1,0 +1,384 @@
+"""``python -m fused validate``: every fused op, on every backend here, against an fp64 oracle.
+
+For each case (an op, a variant, a shape chosen not to be a multiple of any block size) and each
+dtype (fp32, fp16, and bf16 on CUDA only), the inputs are drawn once in float64 and rounded to the
+dtype; then
+
+* the truth is the op's PyTorch reference evaluated in float64 on those rounded inputs,
+* the baseline is the same reference evaluated in the dtype itself ("torch same-dtype"),
+* each backend's result passes when (PERFORMANCE.md's rule)
+
+      max |ours − truth| ≤ max |torch same-dtype − truth| + tol,  tol = fp32 5e-4, fp16 1e-3, bf16 1e-2
+
+  and it is finite. An op that cannot be imported or raises counts as a failure.
+
+In-place ops are run on fresh copies, and every output they write (updated parameters, momentum
+buffers, accumulated importance, the returned value) is compared. ``main`` returns 1 if any row
+fails, so the command can gate CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import math
+import platform
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from fused._dispatch import BACKENDS, interpreter_enabled, triton_available_for
+
+TOLERANCE = {torch.float32: 5e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclasses.dataclass
+class Case:
+    """One op variant on one shape.
+
+    ``make(gen)`` draws float64 CPU inputs (a dict; tensors, lists of tensors, or other values).
+    ``run(fn, inputs, backend)`` calls the op ``fn`` on inputs already cast to a dtype and moved to
+    the device (fresh copies, so in-place ops may write them) and returns the tensors to compare.
+    """
+
+    op: str
+    module: str
+    func: str
+    shape: str
+    make: Callable[[torch.Generator], dict]
+    run: Callable[[Callable, dict, str], List[torch.Tensor]]
+    # Inputs that keep their own dtype (e.g. masks) are not cast.
+    keep_dtype: Sequence[str] = ()
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    backend: str
+    error: Optional[float]
+    torch_error: Optional[float]
+    tol: float
+    status: str  # "pass", "FAIL", or "unavailable (...)" / "error (...)" (failures too)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+
+# ----------------------------------------------------------------------------- the cases
+
+
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def _rand(gen, *shape):
+    return torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+
+def _unit_rows(t):
+    return t / t.norm(dim=1, keepdim=True)
+
+
+# Parameter shapes for the per-parameter ops: odd sizes, a 4-D conv weight, a bias, a scalar-like.
+PARAM_SHAPES_A = [(33, 7), (129,), (5, 3, 3, 3), (1,)]
+PARAM_SHAPES_B = [(70, 19), (257,), (6, 5, 3, 3)]
+
+
+def _similarity_case(n, d, k):
+    def make(gen):
+        return {"x": _randn(gen, n, d), "anchors": _unit_rows(_randn(gen, k, d))}
+
+    def run(fn, inp, backend):
+        return [fn(inp["x"], inp["anchors"], backend=backend)]
+
+    return Case("anchor_similarity", "fused.similarity", "anchor_similarity", f"N={n} D={d} K={k}", make, run)
+
+
+def _alignment_case(n, d, k):
+    def make(gen):
+        x = _randn(gen, n, d)
+        # The unlearned features start near the original ones: a realistic, non-trivial loss.
+        return {"x": x, "x_ref": x + 0.5 * _randn(gen, n, d), "anchors": _unit_rows(_randn(gen, k, d))}
+
+    def run(fn, inp, backend):
+        x = inp["x"].requires_grad_(True)
+        loss = fn(x, inp["x_ref"], inp["anchors"], backend=backend)
+        (grad_x,) = torch.autograd.grad(loss, x)
+        return [loss.detach(), grad_x]
+
+    return Case(
+        "structure_alignment_loss fwd+bwd", "fused.alignment", "structure_alignment_loss",
+        f"N={n} D={d} K={k}", make, run,
+    )
+
+
+def _importance_case(shapes, weight):
+    def make(gen):
+        return {"importance": [_rand(gen, *s) for s in shapes], "grads": [_randn(gen, *s) for s in shapes]}
+
+    def run(fn, inp, backend):
+        fn(inp["importance"], inp["grads"], weight, backend=backend)
+        return list(inp["importance"])
+
+    return Case(
+        "accumulate_importance", "fused.importance", "accumulate_importance", _shapes_label(shapes), make, run,
+    )
+
+
+def _update_case(variant, shapes):
+    momentum = 0.9 if variant == "momentum" else 0.0
+    weight_decay = 1e-2 if variant in ("momentum", "mask") else 0.0
+
+    def make(gen):
+        inp = {
+            "params": [_randn(gen, *s) for s in shapes],
+            "grads": [_randn(gen, *s) for s in shapes],
+            "ref_params": [],
+            "importance": [_rand(gen, *s) * 2 for s in shapes],
+        }
+        inp["ref_params"] = [p + 0.1 * _randn(gen, *p.shape) for p in inp["params"]]
+        if momentum:
+            inp["momentum_buffers"] = [_randn(gen, *s) for s in shapes]
+        if variant == "mask":
+            inp["grad_masks"] = [_rand(gen, *s) < 0.5 for s in shapes]
+        return inp
+
+    def run(fn, inp, backend):
+        sr = fn(
+            inp["params"], inp["grads"], inp["ref_params"], inp["importance"],
+            lr=0.1, lam=1.0, momentum=momentum, momentum_buffers=inp.get("momentum_buffers"),
+            grad_masks=inp.get("grad_masks"), weight_decay=weight_decay, proximal=variant == "proximal",
+            backend=backend,
+        )
+        return [*inp["params"], *inp.get("momentum_buffers", []), sr]
+
+    return Case(
+        f"masked_regularized_sgd_step[{variant}]", "fused.update", "masked_regularized_sgd_step",
+        _shapes_label(shapes), make, run, keep_dtype=("grad_masks",),
+    )
+
+
+def _pgd_case(shape, per_sample_eps, targeted):
+    def make(gen):
+        x0 = _rand(gen, *shape)
+        x = (x0 + 0.2 * _randn(gen, *shape)).clamp(0, 1)
+        inp = {"x": x, "x_orig": x0, "grad": _randn(gen, *shape)}
+        # Radii below and above ‖x − x0‖ so that the projection binds for some samples only.
+        inp["eps"] = 0.5 + 4 * _rand(gen, shape[0]) if per_sample_eps else 2.0
+        return inp
+
+    def run(fn, inp, backend):
+        return [fn(inp["x"], inp["x_orig"], inp["grad"], step_size=0.3, eps=inp["eps"], targeted=targeted,
+                   backend=backend)]
+
+    variant = ("per-sample eps" if per_sample_eps else "float eps") + (", targeted" if targeted else ", untargeted")
+    return Case(f"l2_pgd_step[{variant}]", "fused.pgd", "l2_pgd_step", "x".join(map(str, shape)), make, run)
+
+
+def _shapes_label(shapes):
+    return "+".join("x".join(map(str, s)) for s in shapes)
+
+
+def build_cases(quick: bool = False) -> List[Case]:
+    """The validation cases; ``quick`` keeps one shape per op variant."""
+    cases = [
+        _similarity_case(37, 77, 13),
+        _alignment_case(37, 77, 13),
+        _importance_case(PARAM_SHAPES_A, 0.37),
+        *(_update_case(v, PARAM_SHAPES_A) for v in ("explicit", "proximal", "momentum", "mask")),
+        _pgd_case((6, 3, 11, 13), per_sample_eps=False, targeted=True),
+        _pgd_case((5, 2, 9, 7), per_sample_eps=True, targeted=False),
+    ]
+    if not quick:
+        cases += [
+            _similarity_case(70, 129, 33),
+            _alignment_case(70, 129, 33),
+            _importance_case(PARAM_SHAPES_B, 1.0),
+            *(_update_case(v, PARAM_SHAPES_B) for v in ("explicit", "proximal", "momentum", "mask")),
+            _pgd_case((2, 3, 61, 53), per_sample_eps=False, targeted=True),  # D = 9699: the looped kernel
+        ]
+    return cases
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _cast(value, dtype, device, keep=False):
+    """Fresh copy of an input (nested lists too): floating tensors to ``dtype`` unless ``keep``."""
+    if isinstance(value, torch.Tensor):
+        if keep or not value.is_floating_point():
+            return value.to(device=device, copy=True)
+        return value.to(device=device, dtype=dtype, copy=True)
+    if isinstance(value, (list, tuple)):
+        return [_cast(v, dtype, device, keep) for v in value]
+    return value
+
+
+def _max_abs_error(outputs: Sequence[torch.Tensor], truth: Sequence[torch.Tensor]) -> float:
+    if len(outputs) != len(truth):
+        raise RuntimeError(f"the op returned {len(outputs)} outputs, the reference {len(truth)}")
+    err = 0.0
+    for o, t in zip(outputs, truth):
+        if o.shape != t.shape:
+            raise RuntimeError(f"output shape {tuple(o.shape)} differs from the reference's {tuple(t.shape)}")
+        if o.numel():
+            d = (o.detach().double() - t.detach().double()).abs().max().item()
+            err = max(err, d if math.isfinite(d) else math.inf)
+    return err
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def available_backends(device: torch.device) -> List[str]:
+    """Backends that can run on ``device`` here: the reference always, Triton where it can."""
+    return ["reference"] + (["triton"] if triton_available_for(device) else [])
+
+
+def validation_dtypes(device: torch.device) -> List[torch.dtype]:
+    """fp32 and fp16 everywhere; bf16 on CUDA only (the interpreter's bf16 is wrong)."""
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+
+
+def run_validation(
+    *,
+    quick: bool = False,
+    backends: Optional[Sequence[str]] = None,
+    device: Optional[torch.device] = None,
+    progress: bool = False,
+    seed: int = 0,
+) -> List[Row]:
+    """Run every case on every requested backend and dtype; one :class:`Row` per result."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = list(backends) if backends else available_backends(device)
+    dtypes = validation_dtypes(device)
+    cases = build_cases(quick)
+    rows: List[Row] = []
+    work = [(c, dt) for c in cases for dt in dtypes]
+    if progress:
+        from tqdm import tqdm
+
+        work = tqdm(work, desc="validate", unit="case", file=sys.stderr)
+    for case, dtype in work:
+        dname, tol = DTYPE_NAMES[dtype], TOLERANCE[dtype]
+        try:
+            fn = getattr(importlib.import_module(case.module), case.func)
+        except Exception as exc:  # a missing module is a failure, reported per row
+            rows += [Row(case.op, case.shape, dname, b, None, None, tol, f"unavailable ({_short(exc)})") for b in backends]
+            continue
+
+        gen = torch.Generator().manual_seed(seed)
+        master = case.make(gen)
+        # Round the inputs to the dtype once; truth and baseline then see the same numbers.
+        rounded = {k: _cast(v, dtype, "cpu", keep=k in case.keep_dtype) for k, v in master.items()}
+
+        def inputs(as_dtype):
+            return {k: _cast(v, as_dtype, device, keep=k in case.keep_dtype) for k, v in rounded.items()}
+
+        try:
+            truth = case.run(fn, inputs(torch.float64), "reference")
+            torch_error = _max_abs_error(case.run(fn, inputs(dtype), "reference"), truth)
+        except Exception as exc:
+            rows += [Row(case.op, case.shape, dname, b, None, None, tol, f"error in reference ({_short(exc)})")
+                     for b in backends]
+            continue
+        for backend in backends:
+            try:
+                err = _max_abs_error(case.run(fn, inputs(dtype), backend), truth)
+            except Exception as exc:
+                rows.append(Row(case.op, case.shape, dname, backend, None, torch_error, tol, f"error ({_short(exc)})"))
+                continue
+            ok = math.isfinite(err) and err <= torch_error + tol
+            rows.append(Row(case.op, case.shape, dname, backend, err, torch_error, tol, "pass" if ok else "FAIL"))
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A plain-text table: op, shape, dtype, backend, max abs error, torch's error, tol, status."""
+
+    def num(v):
+        return "-" if v is None else f"{v:.2e}"
+
+    header = ("op", "shape", "dtype", "backend", "max abs err", "torch err", "tol", "status")
+    body = [(r.op, r.shape, r.dtype, r.backend, num(r.error), num(r.torch_error), f"{r.tol:.0e}", r.status) for r in rows]
+    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header) - 1)]
+    lines = []
+    for line in [header, *body]:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) + "  " + line[-1])
+        if line is header:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _environment(device: torch.device) -> Dict[str, object]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "triton_interpreter": interpreter_enabled(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="python -m fused validate", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one shape per op variant (a few seconds)")
+    parser.add_argument("--backend", choices=BACKENDS, action="append",
+                        help="validate only this backend (repeatable; default: every backend available here)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, *, note: Optional[str] = None) -> int:
+    """Command-line entry point; returns the exit code (0 all pass, 1 a failure, 2 bad usage)."""
+    args = build_parser().parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    available = available_backends(device)
+    if note:
+        print(note)
+    if "triton" not in available:
+        print("note: the triton backend is not available here (no CUDA device and TRITON_INTERPRET is off), "
+              "only the reference is validated")
+    if args.backend:
+        missing = [b for b in args.backend if b not in available]
+        if missing:
+            print(f"error: backend {missing[0]!r} is not available on this machine (available: {available})",
+                  file=sys.stderr)
+            return 2
+    start = time.perf_counter()
+    rows = run_validation(quick=args.quick, backends=args.backend, device=device,
+                          progress=not args.no_progress and sys.stderr.isatty(), seed=args.seed)
+    elapsed = time.perf_counter() - start
+    print(format_table(rows))
+    failed = [r for r in rows if not r.passed]
+    env = _environment(device)
+    print(f"\n{len(rows) - len(failed)}/{len(rows)} passed in {elapsed:.1f} s on {env['device']} "
+          f"(torch {env['torch']}, triton {env['triton']}, interpreter {'on' if env['triton_interpreter'] else 'off'})")
+    if failed:
+        print(f"{len(failed)} FAILED: " + ", ".join(sorted({f'{r.op} ({r.backend}, {r.dtype})' for r in failed})))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**env, "quick": args.quick, "seconds": elapsed, "passed": not failed,
+                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
+    return 1 if failed else 0

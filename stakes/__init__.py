@@ -1,0 +1,35 @@
+"""stakes: structure-faithful instance unlearning ("Stake the Points", CVPR 2026) on fused ops.
+
+Entry points:
+
+* :func:`stakes.unlearn` — remove a forget set from a pretrained classifier (StructGuard or a
+  baseline), returning an :class:`UnlearnResult` with the deployed model, metrics and trajectory.
+* :class:`stakes.UnlearnConfig` — every hyper-parameter in one object; presets ``"stable"``
+  (default) and ``"paper"``.
+* the ``stakes`` command line (``stakes --help``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "unlearn": "stakes.methods",
+    "UnlearnResult": "stakes.methods",
+    "METHODS": "stakes.methods",
+    "UnlearnConfig": "stakes.config",
+    "preset": "stakes.config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stakes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,377 @@
+"""The ``stakes`` command line.
+
+    stakes pretrain --dataset digits --out model.pt
+    stakes anchors  --dataset cifar10 --encoder minilm --out anchors.pt
+    stakes unlearn  --dataset digits --method structguard --k 8 --seed 0 --out result.json
+    stakes compare  --dataset digits --methods neggrad,adv,l2ul,salun,structguard --k 8,16 \
+                    --seeds 0,1,2,3,4 --out report/
+
+Errors in the user's input print one line ``stakes: error: ...`` and exit with status 2; a run
+that diverges (non-finite loss) exits with status 3 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import torch
+
+from stakes.config import PRESETS, UnlearnConfig, preset
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def write_json_atomic(path: str, payload) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically (temp file in the same folder + rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, default=_json_default, allow_nan=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist() if obj.numel() > 1 else float(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_deployed_model(path: str, model: torch.nn.Module, meta: dict) -> None:
+    """Save the deployed model (whole module + meta) atomically; never a non-finite one."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"refusing to save a model with non-finite parameter {name!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save({"model": model, "meta": meta}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def parse_overrides(items) -> dict:
+    """``--set key=value`` pairs; values are Python literals (numbers, None, True) or strings."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def make_config(args, method: str) -> UnlearnConfig:
+    overrides = parse_overrides(getattr(args, "set", None))
+    overrides.setdefault("seed", args.seed)
+    overrides.setdefault("device", args.device)
+    overrides.setdefault("progress", not args.no_progress)
+    return preset(args.preset, method=method, **overrides)
+
+
+def load_data(args):
+    from stakes.data import load_dataset
+
+    return load_dataset(args.dataset, root=args.root, seed=0)
+
+
+def load_model(args, data):
+    """The pretrained model: ``--model`` checkpoint, else the cached/pretrained default for the data set."""
+    from stakes.pretrain import load_checkpoint, pretrained_model
+
+    if args.model:
+        model, meta = load_checkpoint(args.model)
+        if model.num_classes != data.num_classes:
+            raise UsageError(f"--model has {model.num_classes} classes but data set {data.name!r} has "
+                             f"{data.num_classes}")
+        return model, meta
+    if args.dataset not in ("digits", "shapes"):
+        raise UsageError(f"--model is required for data set {args.dataset!r} (pretrain one with `stakes pretrain`)")
+    return pretrained_model(args.dataset, data=data, cache_dir=args.cache_dir, progress=not args.no_progress)
+
+
+def load_or_build_anchors(args, data, model=None):
+    from stakes.anchors import BUNDLED_DESCRIPTIONS, build_anchors, load_anchors, prototype_anchors
+
+    if getattr(args, "anchors", None):
+        anchors, meta = load_anchors(args.anchors)
+        if anchors.shape[0] != data.num_classes:
+            raise UsageError(f"--anchors has {anchors.shape[0]} anchors but data set {data.name!r} has "
+                             f"{data.num_classes} classes")
+        return anchors, {"source": args.anchors, **{k: v for k, v in meta.items() if k != "prompts"}}
+    if args.encoder == "prototype":
+        if model is None:
+            raise UsageError("--encoder prototype needs a model (class means of its features)")
+        return prototype_anchors(model, data.train_x, data.train_y, data.num_classes), {"encoder": "prototype"}
+    descriptions = args.descriptions
+    if descriptions is None and data.name in BUNDLED_DESCRIPTIONS:
+        descriptions = data.name
+    anchors = build_anchors(data.class_names, descriptions=descriptions, encoder=args.encoder,
+                            cache_dir=args.cache_dir, checkpoint=args.clip_checkpoint, arch=args.clip_arch,
+                            allow_random=args.clip_random)
+    return anchors, {"encoder": args.encoder, "descriptions": descriptions}
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_pretrain(args) -> int:
+    from stakes.models import build_model, default_arch
+    from stakes.pretrain import pretrain, save_checkpoint
+
+    data = load_data(args)
+    arch = args.arch or default_arch(data.name)
+    torch.manual_seed(args.seed)
+    c, h, _ = data.input_shape
+    model = build_model(arch, data.num_classes, in_channels=c, image_size=h)
+    kwargs = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size") if getattr(args, k) is not None}
+    stats = pretrain(model, data, seed=args.seed, progress=not args.no_progress, device=args.device, **kwargs)
+    meta = {"dataset": data.name, "arch": arch, "seed": args.seed, **stats}
+    save_checkpoint(args.out, model, meta)
+    print(f"pretrained {arch} on {data.name}: train {stats['train_accuracy']:.2f} %, "
+          f"test {stats['test_accuracy']:.2f} % in {stats['wall_time_s']:.1f} s -> {args.out}")
+    return 0
+
+
+def cmd_anchors(args) -> int:
+    from stakes.anchors import BUNDLED_DESCRIPTIONS, build_anchors, class_prompts, load_descriptions, save_anchors
+
+    if args.dataset in BUNDLED_DESCRIPTIONS and args.root is None and args.dataset != "digits" and args.dataset != "shapes":
+        # CIFAR class names come with the bundled descriptions: no data folder needed to build anchors
+        class_names = list(load_descriptions(args.dataset).keys())
+    else:
+        class_names = load_data(args).class_names
+    if args.encoder == "prototype":
+        raise UsageError("prototype anchors depend on a model: use `stakes unlearn --encoder prototype`")
+    descriptions = args.descriptions or (args.dataset if args.dataset in BUNDLED_DESCRIPTIONS else None)
+    anchors = build_anchors(class_names, descriptions=descriptions, encoder=args.encoder, cache_dir=args.cache_dir,
+                            checkpoint=args.clip_checkpoint, arch=args.clip_arch, allow_random=args.clip_random)
+    prompts = class_prompts(class_names, load_descriptions(descriptions) if descriptions else None)
+    save_anchors(args.out, anchors, {"class_names": class_names, "encoder": args.encoder, "prompts": prompts,
+                                     "dataset": args.dataset})
+    print(f"{anchors.shape[0]} anchors of dim {anchors.shape[1]} ({args.encoder}) -> {args.out}")
+    return 0
+
+
+def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxies=None, cfg=None,
+            checkpoint_path=None, resume=False):
+    """One unlearning run with the full evaluation; returns (record, result)."""
+    from stakes.data import sample_forget_indices
+    from stakes.methods import unlearn
+    from stakes.metrics import evaluate_model, membership_inference
+
+    forget_idx = sample_forget_indices(data.train_y, k, seed)
+    fx, fy = data.train_x[forget_idx], data.train_y[forget_idx]
+    keep = torch.ones(len(data.train_y), dtype=torch.bool)
+    keep[forget_idx] = False
+    cfg = cfg or make_config(args, method).replace(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    cap = cfg.eval_max_samples
+    retain_idx = keep.nonzero().squeeze(1)
+    if cap is not None and len(retain_idx) > cap:
+        retain_idx = retain_idx[torch.randperm(len(retain_idx), generator=g)[:cap]]
+    test_x, test_y = data.test_x, data.test_y
+    if cap is not None and len(test_y) > cap:
+        sel = torch.randperm(len(test_y), generator=g)[:cap]
+        test_x, test_y = test_x[sel], test_y[sel]
+    eval_sets = {"test": (test_x, test_y), "retain": (data.train_x[retain_idx], data.train_y[retain_idx])}
+    pre = evaluate_model(model, data, forget_idx)
+    result = unlearn(model, (fx, fy), method=method, anchors=anchors, config=cfg, eval_sets=eval_sets,
+                     proxies=proxies, retain_size=int(keep.sum()), checkpoint_path=checkpoint_path, resume=resume)
+    final = evaluate_model(result.model, data, forget_idx)
+    mia = membership_inference(result.model, fx, fy, data.test_x, data.test_y, seed=seed)
+    record = {
+        "method": method, "dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "k": k,
+        "seed": seed, **final,
+        "pretrained": pre,
+        "structure_drift": result.metrics.get("structure_drift"),
+        "mia": mia,
+        "steps": result.steps, "epochs": result.epochs, "stopped": result.stopped,
+        "wall_time_s": result.wall_time_s, "timings": result.timings, "proxies": result.proxies,
+        "config": result.config, "history": result.history,
+    }
+    return record, result
+
+
+def _summary_lines(rec: dict) -> list:
+    pre = rec["pretrained"]
+    px = rec.get("proxies") or {}
+    lines = [
+        f"stakes unlearn — {rec['method']} on {rec['dataset']}{' (synthetic)' if rec.get('synthetic') else ''}, "
+        f"k = {rec['k']}, seed = {rec['seed']}, preset = {rec['config']['preset']}",
+        f"  proxies: {px.get('n', 0)} at eps = {px.get('eps', float('nan')):.3f} "
+        f"(targeted attack success {100 * px.get('success_rate', float('nan')):.1f} %)",
+        f"  {'':22s}{'pretrained':>12s}{'unlearned':>12s}",
+        f"  {'forget accuracy %':22s}{pre['forget_accuracy']:12.2f}{rec['forget_accuracy']:12.2f}",
+        f"  {'retain accuracy %':22s}{pre['retain_accuracy']:12.2f}{rec['retain_accuracy']:12.2f}",
+        f"  {'test accuracy %':22s}{pre['test_accuracy']:12.2f}{rec['test_accuracy']:12.2f}",
+    ]
+    if rec.get("structure_drift") is not None:
+        lines.append(f"  structure drift (held-out): {rec['structure_drift']:.4f}")
+    mia = rec.get("mia") or {}
+    if mia:
+        lines.append(f"  membership inference (forget vs test): accuracy {mia.get('mia_accuracy', float('nan')):.1f} %, "
+                     f"AUC {mia.get('mia_auc', float('nan')):.3f}")
+    lines.append(f"  {rec['steps']} steps, {rec['epochs']} epochs, stopped: {rec['stopped']}, "
+                 f"{rec['wall_time_s']:.1f} s")
+    return lines
+
+
+def cmd_unlearn(args) -> int:
+    data = load_data(args)
+    if not 1 <= args.k <= len(data.train_y):
+        raise UsageError(f"--k must be between 1 and the training set size {len(data.train_y)}, got {args.k}")
+    model, _ = load_model(args, data)
+    anchors, anchor_meta = load_or_build_anchors(args, data, model)
+    cfg = make_config(args, args.method)
+    ckpt = args.checkpoint or (args.out + ".ckpt" if args.resume else None)
+    record, result = run_one(args, data, model, anchors, args.method, args.k, args.seed, cfg=cfg,
+                             checkpoint_path=ckpt, resume=args.resume)
+    record["anchors"] = anchor_meta
+    if args.save_model:
+        save_deployed_model(args.save_model, result.model, {"method": args.method, "k": args.k, "seed": args.seed,
+                                                            "dataset": data.name})
+    write_json_atomic(args.out, record)
+    print("\n".join(_summary_lines(record)))
+    print(f"  result -> {args.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from stakes.compare import run_compare
+
+    return run_compare(args)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _int_list(text: str) -> list:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stakes.data import DATASETS
+
+    p = argparse.ArgumentParser(prog="stakes", description="Structure-faithful instance unlearning on fused ops.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, model=True):
+        sp.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (default: digits, bundled)")
+        sp.add_argument("--root", default=None, help="data folder (CIFAR python-pickle folder, ImageFolder tree)")
+        sp.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        sp.add_argument("--cache-dir", default=None, help="cache for pretrained models and anchors "
+                                                          "(default: $STAKES_CACHE or ~/.cache/stakes)")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--seed", type=int, default=0)
+        if model:
+            sp.add_argument("--model", default=None, help="pretrained checkpoint (stakes pretrain); "
+                                                          "default: pretrain and cache one for digits/shapes")
+
+    def anchor_args(sp):
+        sp.add_argument("--encoder", default="minilm", choices=("minilm", "open_clip", "prototype"))
+        sp.add_argument("--descriptions", default=None, help="JSON {class: [attribute, ...]} (default: bundled)")
+        sp.add_argument("--anchors", default=None, help="anchors file from `stakes anchors`")
+        sp.add_argument("--clip-arch", default="ViT-B-32")
+        sp.add_argument("--clip-checkpoint", default=None, help="local open_clip checkpoint")
+        sp.add_argument("--clip-random", action="store_true", help="random-weight open_clip (testing only)")
+
+    sp = sub.add_parser("pretrain", help="train and save a model")
+    common(sp, model=False)
+    sp.add_argument("--arch", default=None)
+    sp.add_argument("--epochs", type=int, default=None)
+    sp.add_argument("--lr", type=float, default=None)
+    sp.add_argument("--batch-size", type=int, default=None)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_pretrain)
+
+    sp = sub.add_parser("anchors", help="build semantic anchors")
+    common(sp, model=False)
+    anchor_args(sp)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_anchors)
+
+    sp = sub.add_parser("unlearn", help="unlearn k training instances")
+    common(sp)
+    anchor_args(sp)
+    from stakes.methods import METHODS
+
+    sp.add_argument("--method", default="structguard", choices=[m for m in METHODS if m != "retrain"])
+    sp.add_argument("--k", type=int, default=8, help="forget set size")
+    sp.add_argument("--preset", default="stable", choices=PRESETS)
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    sp.add_argument("--out", default="result.json")
+    sp.add_argument("--checkpoint", default=None, help="resumable state file (default with --resume: OUT.ckpt)")
+    sp.add_argument("--resume", action="store_true", help="resume an interrupted run from its checkpoint")
+    sp.add_argument("--save-model", default=None, help="also save the deployed model here")
+    sp.set_defaults(func=cmd_unlearn)
+
+    sp = sub.add_parser("compare", help="run a grid of methods × k × seeds and write a report")
+    common(sp)
+    anchor_args(sp)
+    sp.add_argument("--methods", default="neggrad,adv,l2ul,salun,structguard")
+    sp.add_argument("--k", type=_int_list, default=[8, 16])
+    sp.add_argument("--seeds", type=_int_list, default=[0, 1, 2, 3, 4])
+    sp.add_argument("--preset", default="stable", choices=PRESETS)
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE")
+    sp.add_argument("--warm-start-variant", action="store_true",
+                    help="also run StructGuard with the deployed-model warm start (structguard+warm)")
+    sp.add_argument("--retrain", action="store_true", help="also run the retrain oracle")
+    sp.add_argument("--out", default="report")
+    sp.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from stakes.methods import NonFiniteError
+
+    try:
+        return args.func(args)
+    except NonFiniteError as err:
+        print(f"stakes: diverged: {err}", file=sys.stderr)
+        return 3
+    except (UsageError, ValueError, TypeError, FileNotFoundError, KeyError) as err:
+        if os.environ.get("STAKES_DEBUG"):
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"stakes: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

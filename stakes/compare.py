@@ -1,0 +1,289 @@
+"""``stakes compare``: every method under the same protocol, on a grid of k × seeds.
+
+One pretrained model per data set and one proxy set per (k, seed) shared by all methods whose
+proxy settings agree. A failing run is recorded with its error and the grid goes on. Writes
+
+* ``results.json`` — one record per run with every metric and its trajectory (rewritten after
+  every run, atomically, so an interrupted grid keeps what it finished);
+* ``summary.md`` — mean ± std per method and k, at the stop and at matched forgetting;
+* ``trajectories.png``, ``test_vs_k.png``, ``drift.png`` — drawn from ``results.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+
+import torch
+from tqdm.auto import tqdm
+
+from stakes.config import UnlearnConfig
+
+MATCHED = (25.0, 10.0, 0.0)
+
+
+def median_neighbour_distance(data, forget_idx: torch.Tensor) -> float:
+    """Median over forget images of the L2 distance to the nearest other training image of the same class."""
+    x = data.train_x.flatten(1)
+    y = data.train_y
+    dists = []
+    for i in forget_idx.tolist():
+        same = (y == y[i]).nonzero().squeeze(1)
+        same = same[same != i]
+        if len(same) == 0:
+            continue
+        dists.append(float(torch.cdist(x[i:i + 1], x[same]).min()))
+    return float(torch.tensor(dists).median()) if dists else float("nan")
+
+
+def retrain_oracle(data, forget_idx: torch.Tensor, seed: int, *, progress: bool = False, device: str = "cpu"):
+    """Train from scratch without the forget set (the data set's default recipe); returns the model."""
+    from stakes.data import ImageData
+    from stakes.models import build_model, default_arch
+    from stakes.pretrain import pretrain
+
+    keep = torch.ones(len(data.train_y), dtype=torch.bool)
+    keep[forget_idx] = False
+    retained = ImageData(name=data.name, class_names=data.class_names, train_x=data.train_x[keep],
+                         train_y=data.train_y[keep], test_x=data.test_x, test_y=data.test_y,
+                         synthetic=data.synthetic)
+    torch.manual_seed(seed)
+    c, h, _ = data.input_shape
+    model = build_model(default_arch(data.name), data.num_classes, in_channels=c, image_size=h)
+    pretrain(model, retained, seed=seed, progress=progress, device=device)
+    return model.eval()
+
+
+def _fmt(stats: dict, digits: int = 1) -> str:
+    if stats["n"] == 0:
+        return "—"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def write_summary(records: list, path: str, meta: dict) -> str:
+    """The mean ± std tables of ``records`` as Markdown (also returned)."""
+    from stakes.metrics import matched_forgetting, summarize
+
+    ok = [r for r in records if r.get("status") == "ok"]
+    failed = [r for r in records if r.get("status") != "ok"]
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    ks = sorted({r["k"] for r in records})
+    lines = [f"# stakes compare: {meta['dataset']}" + (" (SYNTHETIC data set)" if meta.get("synthetic") else ""), ""]
+    lines.append(f"Preset `{meta['preset']}`, seeds {meta['seeds']}, pretrained test accuracy "
+                 f"{meta.get('pretrained_test_accuracy', float('nan')):.2f} %. Accuracies in percent, through each "
+                 "method's deployed model; mean ± std over seeds.")
+    lines.append("")
+    for k in ks:
+        radius = meta.get("radius", {}).get(str(k))
+        lines.append(f"## k = {k}")
+        if radius:
+            lines.append(f"Calibrated PGD radius {radius['eps']}, median forget-to-nearest-same-class distance "
+                         f"{radius['neighbour_distance']}.")
+        lines.append("")
+        lines.append("| method | test @ stop | forget @ stop | retain @ stop | reached 0 % | test @ forget ≤ 25 % "
+                     "| test @ ≤ 10 % | test @ 0 % | MIA AUC | drift | steps | time s |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for m in methods:
+            rs = [r for r in ok if r["method"] == m and r["k"] == k]
+            n_all = len([r for r in records if r["method"] == m and r["k"] == k])
+            if not rs:
+                lines.append(f"| {m} | failed ({n_all} runs) | | | | | | | | | | |")
+                continue
+            reached = sum(1 for r in rs if r["forget_accuracy"] == 0.0)
+            matched = [matched_forgetting(r["history"], MATCHED) for r in rs]
+            cells = [
+                _fmt(summarize([r["test_accuracy"] for r in rs])),
+                _fmt(summarize([r["forget_accuracy"] for r in rs])),
+                _fmt(summarize([r["retain_accuracy"] for r in rs])),
+                f"{reached}/{len(rs)}",
+            ]
+            for t in MATCHED:
+                key = f"test_at_forget<={t:g}"
+                vals = [mf[key] for mf in matched if mf.get(key) is not None]
+                cells.append(f"{_fmt(summarize(vals))} ({len(vals)}/{len(rs)})" if vals else f"— (0/{len(rs)})")
+            cells.append(_fmt(summarize([(r.get("mia") or {}).get("mia_auc", float("nan")) for r in rs]), 3))
+            drifts = [r["structure_drift"] for r in rs if r.get("structure_drift") is not None]
+            cells.append(_fmt(summarize(drifts), 4) if drifts else "—")
+            cells.append(_fmt(summarize([r["steps"] for r in rs]), 0))
+            cells.append(_fmt(summarize([r["wall_time_s"] for r in rs]), 1))
+            if len(rs) < n_all:
+                cells[0] += f" ({n_all - len(rs)} failed)"
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if failed:
+        lines.append("## Failed runs")
+        for r in failed:
+            lines.append(f"- {r['method']} k={r['k']} seed={r['seed']}: {r.get('error', '?')}")
+        lines.append("")
+    text = "\n".join(lines)
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".md")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    os.replace(tmp, path)
+    return text
+
+
+def plot_report(records: list, out_dir: str) -> list:
+    """Draw the report's PNGs from ``records``; returns the paths written."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r.get("status") == "ok"]
+    if not ok:
+        return []
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    ks = sorted({r["k"] for r in ok})
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    paths = []
+
+    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for m in methods:
+            for j, r in enumerate(x for x in ok if x["method"] == m and x["k"] == k):
+                h = [e for e in r["history"] if "test_accuracy" in e]
+                ax.plot([e["forget_accuracy"] for e in h], [e["test_accuracy"] for e in h], "-", color=colors[m],
+                        alpha=0.6, lw=1, label=m if j == 0 else None)
+                ax.plot([h[-1]["forget_accuracy"]], [h[-1]["test_accuracy"]], "o", color=colors[m], ms=4)
+        ax.invert_xaxis()
+        ax.set_xlabel("forget accuracy % (trajectory →)")
+        ax.set_ylabel("test accuracy %")
+        ax.set_title(f"k = {k}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "trajectories.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for m in methods:
+        means, stds = [], []
+        for k in ks:
+            vals = torch.tensor([r["test_accuracy"] for r in ok if r["method"] == m and r["k"] == k])
+            means.append(float(vals.mean()) if len(vals) else float("nan"))
+            stds.append(float(vals.std()) if len(vals) > 1 else 0.0)
+        ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=m, color=colors[m])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (forget set size)")
+    ax.set_ylabel("test accuracy % at the stop")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "test_vs_k.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for m in methods:
+            for j, r in enumerate(x for x in ok if x["method"] == m and x["k"] == k):
+                h = [e for e in r["history"] if "structure_drift" in e]
+                ax.plot([e["step"] for e in h], [e["structure_drift"] for e in h], color=colors[m], alpha=0.7,
+                        label=m if j == 0 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("structure drift (held-out)")
+        ax.set_title(f"k = {k}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "drift.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def run_compare(args) -> int:
+    """The ``stakes compare`` command (see the module docstring)."""
+    import os
+
+    from stakes.cli import (UsageError, load_data, load_model, load_or_build_anchors, make_config, run_one,
+                            write_json_atomic)
+    from stakes.data import sample_forget_indices
+    from stakes.methods import METHODS, build_proxies
+    from stakes.metrics import evaluate_model, membership_inference
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    valid = [m for m in METHODS if m != "retrain"]
+    bad = [m for m in methods if m not in valid]
+    if bad or not methods:
+        raise UsageError(f"--methods: unknown {bad or 'empty list'}; expected a comma-separated subset of {valid}")
+    data = load_data(args)
+    for k in args.k:
+        if not 1 <= k <= len(data.train_y):
+            raise UsageError(f"--k must be between 1 and the training set size {len(data.train_y)}, got {k}")
+    os.makedirs(args.out, exist_ok=True)
+    model, model_meta = load_model(args, data)
+    anchors, anchor_meta = load_or_build_anchors(args, data, model)
+    variants = [(m, m, {}) for m in methods]
+    if args.warm_start_variant and "structguard" in methods:
+        variants.append(("structguard+warm", "structguard", {"warm_start": True}))
+    pre_test = evaluate_model(model, data, torch.zeros(0, dtype=torch.long))["test_accuracy"]
+    meta = {"dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "preset": args.preset,
+            "seeds": args.seeds, "ks": args.k, "methods": [v[0] for v in variants], "anchors": anchor_meta,
+            "pretrained_test_accuracy": pre_test, "radius": {}}
+    records: list = []
+    results_path = os.path.join(args.out, "results.json")
+    grid = [(k, s) for k in args.k for s in args.seeds]
+    total = len(grid) * (len(variants) + int(args.retrain))
+    bar = tqdm(total=total, desc="compare", disable=args.no_progress)
+    start = time.perf_counter()
+    for k, seed in grid:
+        proxy_cache: dict = {}
+        forget_idx = sample_forget_indices(data.train_y, k, seed)
+        for label, method, extra in variants:
+            bar.set_postfix(method=label, k=k, seed=seed)
+            try:
+                cfg: UnlearnConfig = make_config(args, method).replace(seed=seed, **extra)
+                key = (cfg.eps, cfg.repetitions, cfg.pgd_steps, cfg.pgd_step_size, cfg.target_success)
+                if key not in proxy_cache:
+                    proxy_cache[key] = build_proxies(model, data.train_x[forget_idx], data.train_y[forget_idx], cfg)
+                proxies, ptimes = proxy_cache[key]
+                record, _ = run_one(args, data, model, anchors, method, k, seed, proxies=proxies, cfg=cfg)
+                record["method"] = label
+                record["timings"].update({f"shared_{n}": v for n, v in ptimes.items()})
+                record["status"] = "ok"
+                if str(k) not in meta["radius"]:
+                    meta["radius"][str(k)] = {"eps": round(proxies.eps, 3),
+                                              "neighbour_distance": round(median_neighbour_distance(data, forget_idx), 3)}
+            except Exception as err:  # the grid goes on; the failure is recorded with its error
+                record = {"method": label, "k": k, "seed": seed, "status": "failed",
+                          "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=5)}
+            records.append(record)
+            write_json_atomic(results_path, {"meta": meta, "runs": records})
+            bar.update(1)
+        if args.retrain:
+            t0 = time.perf_counter()
+            try:
+                oracle = retrain_oracle(data, forget_idx, seed, device=args.device)
+                metrics = evaluate_model(oracle, data, forget_idx)
+                fx, fy = data.train_x[forget_idx], data.train_y[forget_idx]
+                record = {"method": "retrain", "k": k, "seed": seed, "status": "ok", **metrics,
+                          "mia": membership_inference(oracle, fx, fy, data.test_x, data.test_y, seed=seed),
+                          "structure_drift": None, "steps": 0, "wall_time_s": time.perf_counter() - t0,
+                          "history": [{"step": 0, **metrics}]}
+            except Exception as err:
+                record = {"method": "retrain", "k": k, "seed": seed, "status": "failed",
+                          "error": f"{type(err).__name__}: {err}"}
+            records.append(record)
+            write_json_atomic(results_path, {"meta": meta, "runs": records})
+            bar.update(1)
+    bar.close()
+    meta["wall_time_s"] = time.perf_counter() - start
+    write_json_atomic(results_path, {"meta": meta, "runs": records})
+    text = write_summary(records, os.path.join(args.out, "summary.md"), meta)
+    plots = plot_report(records, args.out)
+    print(text)
+    print(f"\nreport -> {args.out}/ (results.json, summary.md, {', '.join(os.path.basename(p) for p in plots)})")
+    n_failed = sum(1 for r in records if r.get("status") != "ok")
+    if n_failed:
+        print(f"{n_failed} of {len(records)} runs failed; see summary.md")
+    return 0

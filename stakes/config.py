@@ -1,0 +1,182 @@
+"""Every hyper-parameter of an unlearning run in one object, with the two presets.
+
+``paper``  — the values and recipe of METHOD.md §3-9 (CIFAR-10 numbers; PGD radius 3.0 pixels in
+             [0, 1] space, so scale ``eps`` for other image sizes or let it calibrate).
+``stable`` — the default: METHOD.md §12's measured stabilisers. The PGD radius is calibrated on the
+             forget set to a target attack success rate, deletion is bounded per sample, gradients
+             are clipped, and the SR term is taken as a proximal (implicit) step, which cannot
+             diverge whatever lr·λ·I is.
+
+Quirks of the reference code (skip the SR term on the first two steps of every epoch, keep
+BatchNorm in train mode while unlearning) are options that default to off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+PRESETS = ("stable", "paper")
+IMPORTANCE_KINDS = ("dense", "topq", "inverted")
+DELETION_KINDS = ("ascent", "bounded")
+
+
+@dataclass
+class UnlearnConfig:
+    """Hyper-parameters of :func:`stakes.unlearn` (names follow METHOD.md)."""
+
+    preset: str = "stable"
+    seed: int = 0
+
+    # Proxy set (METHOD.md §3): targeted L2 PGD around each forget image.
+    repetitions: int = 20            # R proxies per forget image
+    pgd_steps: int = 100
+    pgd_step_size: float = 0.1
+    eps: Optional[float] = None      # None -> calibrate to `target_success` (§12)
+    target_success: float = 0.9
+    pgd_batch_size: int = 1024       # repetitions are batched into batches this large [ours]
+
+    # Batches and optimisation (§8-9).
+    forget_batch_size: int = 128
+    proxy_batch_size: int = 128
+    lr: float = 0.005                # backbone + head
+    projector_lr: float = 0.009
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    max_epochs: int = 100
+    max_steps: Optional[int] = None  # hard cap on optimisation steps (None = epochs decide)
+
+    # Loss weights (§5, §6, §8).
+    align_weight: float = 1.0
+    lam: float = 1.0                 # SR weight λ
+    cr_weight: float = 0.001         # classifier elastic net weight
+    deletion: str = "ascent"         # "ascent" (−CE) or "bounded" (−mean min(CE_i, ln C + 1))
+    deletion_bound: Optional[float] = None  # None -> ln C + 1
+
+    # Importance (§6).
+    importance: str = "dense"        # "dense" | "topq" (binary top-q mask) | "inverted" (L2UL-style)
+    importance_topq: float = 0.5
+    importance_samples: Optional[int] = None  # N_tot; None -> |D_r| = train size − k when known
+
+    # Stabilisers (§12).
+    grad_clip: Optional[float] = None
+    proximal: bool = False
+
+    # Deployed-model warm start (§13): projector initialised so h∘p∘g == h∘g at step 0.
+    warm_start: bool = False
+    stop_warmup_steps: int = 0       # no stop check before this many steps
+
+    # Reference-code quirks, off by default [ours].
+    skip_sr_first_steps: bool = False
+    bn_train_mode: bool = False
+
+    # Bookkeeping.
+    log_every: int = 5               # trajectory entry every this many steps
+    eval_max_samples: Optional[int] = 2000  # cap on test / retain samples per trajectory entry
+    backend: Optional[str] = None    # fused backend; None = automatic
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "UnlearnConfig":
+        def positive(name, allow_zero=False, integer=False):
+            v = getattr(self, name)
+            ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+            if isinstance(v, bool) or not ok_type or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+                kind = "an integer" if integer else "a finite number"
+                bound = ">= 0" if allow_zero else "> 0"
+                raise ValueError(f"config.{name} must be {kind} {bound}, got {v!r}")
+
+        if self.preset not in PRESETS + ("custom",):
+            raise ValueError(f"config.preset must be one of {PRESETS}, got {self.preset!r}")
+        for name in ("repetitions", "pgd_steps", "pgd_batch_size", "forget_batch_size", "proxy_batch_size",
+                     "max_epochs", "log_every"):
+            positive(name, integer=True)
+        for name in ("pgd_step_size", "lr", "projector_lr"):
+            positive(name)
+        for name in ("weight_decay", "align_weight", "lam", "cr_weight"):
+            positive(name, allow_zero=True)
+        positive("stop_warmup_steps", allow_zero=True, integer=True)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"config.momentum must be in [0, 1), got {self.momentum!r}")
+        if self.eps is not None:
+            positive("eps")
+        if not 0.0 < self.target_success <= 1.0:
+            raise ValueError(f"config.target_success must be in (0, 1], got {self.target_success!r}")
+        if self.max_steps is not None:
+            positive("max_steps", integer=True)
+        if self.grad_clip is not None:
+            positive("grad_clip")
+        if self.deletion not in DELETION_KINDS:
+            raise ValueError(f"config.deletion must be one of {DELETION_KINDS}, got {self.deletion!r}")
+        if self.deletion_bound is not None:
+            positive("deletion_bound")
+        if self.importance not in IMPORTANCE_KINDS:
+            raise ValueError(f"config.importance must be one of {IMPORTANCE_KINDS}, got {self.importance!r}")
+        if not 0.0 < self.importance_topq <= 1.0:
+            raise ValueError(f"config.importance_topq must be in (0, 1], got {self.importance_topq!r}")
+        if self.importance_samples is not None:
+            positive("importance_samples", integer=True)
+        if self.eval_max_samples is not None:
+            positive("eval_max_samples", integer=True)
+        if self.backend not in (None, "triton", "reference"):
+            raise ValueError(f"config.backend must be None, 'triton' or 'reference', got {self.backend!r}")
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    def replace(self, **changes) -> "UnlearnConfig":
+        """A copy with ``changes`` applied (validated; unknown names are a clear error)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(self.to_dict())}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "UnlearnConfig":
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}")
+        return cls(**values)
+
+
+_PRESET_VALUES = {
+    # METHOD.md §3-9 as the reference code runs it (CIFAR-10 values).
+    "paper": dict(
+        eps=3.0, lr=0.005, projector_lr=0.009, lam=1.0, deletion="ascent", grad_clip=None, proximal=False,
+    ),
+    # METHOD.md §12: calibrated radius, bounded deletion, clipping at 2, proximal SR step.
+    "stable": dict(
+        eps=None, deletion="bounded", grad_clip=2.0, proximal=True,
+    ),
+}
+
+
+# The paper's baselines use their own optimiser settings (METHOD.md §10).
+_PAPER_BASELINE_VALUES = dict(lr=0.001, momentum=0.9, weight_decay=1e-4, eps=4.0)
+
+
+def preset(name: str = "stable", method: str = "structguard", **overrides) -> UnlearnConfig:
+    """The config of preset ``name`` ("stable" or "paper") for ``method``, with ``overrides``.
+
+    Under ``paper`` the baselines get the paper's baseline optimiser (SGD lr 0.001, momentum 0.9,
+    weight decay 1e-4, PGD ε 4.0); under ``stable`` every method shares the same values.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
+    values = dict(_PRESET_VALUES[name])
+    if name == "paper" and method != "structguard":
+        values.update(_PAPER_BASELINE_VALUES)
+    values.update(overrides)
+    values["preset"] = name
+    try:
+        return UnlearnConfig(**values)
+    except TypeError as err:  # unknown keyword
+        raise ValueError(f"bad config override: {err}") from None

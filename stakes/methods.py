@@ -1,0 +1,621 @@
+"""The unlearner: StructGuard (METHOD.md §4-9) and the baselines of §10, under one API and one
+stopping rule.
+
+    result = stakes.unlearn(model, (forget_x, forget_y), method="structguard", anchors=A)
+
+Every method runs the same loop: an epoch zips the proxy batches with a cycled forget loader; the
+update is :class:`fused.optim.StructureSGD` (the fused masked, regularised step) for every method,
+so L2UL's inverted importance, SalUn's saliency mask and StructGuard's structure importance all go
+through the same kernel; the run stops at the end of the first epoch where the deployed model
+misclassifies every forget image (forget accuracy 0 %), after at most ``max_epochs``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import fused
+from fused.optim import StructureSGD
+from stakes.config import UnlearnConfig, preset
+from stakes.proxy import ProxySet, calibrate_radius, generate_proxies
+
+METHODS = ("structguard", "neggrad", "adv", "l2ul", "salun", "finetune", "retrain")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or parameter became NaN/inf; the run is stopped and nothing is written."""
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+
+class Projector(nn.Module):
+    """p_ω: Linear(d_f, d_a) → BatchNorm1d → ReLU → Linear(d_a, d_f) (METHOD.md §7).
+
+    ``forward`` returns ``(out, z)``: the d_f-dimensional output fed to the head and the
+    d_a-dimensional representation z whose anchor structure is aligned (§4). For d_f == d_a, z is
+    the output; otherwise z is the first linear layer's output (the hidden layer of width d_a,
+    before BatchNorm) [ours]: with the deployed-model warm start this makes z = g(x)·R_p exactly,
+    the same space as the original branch's v^ori.
+    """
+
+    def __init__(self, feature_dim: int, anchor_dim: int):
+        super().__init__()
+        self.feature_dim, self.anchor_dim = feature_dim, anchor_dim
+        self.fc1 = nn.Linear(feature_dim, anchor_dim)
+        self.bn = nn.BatchNorm1d(anchor_dim)
+        self.fc2 = nn.Linear(anchor_dim, feature_dim)
+        self.frozen_bn = False   # warm start keeps BatchNorm statistics fixed
+
+    def forward(self, h: torch.Tensor):
+        hidden = self.fc1(h)
+        out = self.fc2(F.relu(self.bn(hidden)))
+        z = out if self.feature_dim == self.anchor_dim else hidden
+        return out, z
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_bn:
+            self.bn.eval()
+        return self
+
+    @torch.no_grad()
+    def warm_start(self, random_projection: torch.Tensor, features: torch.Tensor) -> None:
+        """Initialise so that ``out == h`` on the features seen (METHOD.md §13 [ours]).
+
+        fc1 = R_pᵀ (so z = h·R_p = v^ori's pre-normalised vector when g = g0); BatchNorm frozen as
+        a pure shift by c, large enough that ReLU passes every hidden unit of ``features``;
+        fc2 = pinv(R_pᵀ) with bias −fc2·c. Exact when d_a ≥ d_f (R_pᵀ has full column rank).
+        """
+        r = random_projection.to(self.fc1.weight)                  # [d_f, d_a]
+        self.fc1.weight.copy_(r.t())
+        self.fc1.bias.zero_()
+        hidden = features.to(r) @ r
+        c = float(hidden.abs().max()) * 2.0 + 1.0 if hidden.numel() else 1.0
+        self.bn.reset_running_stats()
+        self.bn.running_var.fill_(1.0 - self.bn.eps)               # (x − 0)/sqrt(1 − eps + eps) = x
+        self.bn.weight.fill_(1.0)
+        self.bn.bias.fill_(c)
+        self.frozen_bn = True
+        self.bn.eval()
+        pinv = torch.linalg.pinv(r.t().double()).to(r)             # [d_f, d_a]
+        self.fc2.weight.copy_(pinv)
+        self.fc2.bias.copy_(-(pinv @ torch.full((r.shape[1],), c, dtype=r.dtype, device=r.device)))
+
+
+class DeployedModel(nn.Module):
+    """The model after unlearning: h_φ ∘ p_ω ∘ g_ψ (or h ∘ g for methods without a projector)."""
+
+    def __init__(self, features: nn.Module, head: nn.Linear, projector: Optional[Projector] = None):
+        super().__init__()
+        self.features, self.head, self.projector = features, head, projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        if self.projector is not None:
+            h = self.projector(h)[0]
+        return self.head(h)
+
+
+def random_projection(feature_dim: int, anchor_dim: int, seed: int) -> torch.Tensor:
+    """R_p ∈ R^{d_f×d_a}: Gaussian with L2-normalised columns, fixed per run; identity if d_f == d_a."""
+    if feature_dim == anchor_dim:
+        return torch.eye(feature_dim)
+    g = torch.Generator().manual_seed(seed + 104729)
+    r = torch.randn(feature_dim, anchor_dim, generator=g)
+    return r / r.norm(dim=0, keepdim=True)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class UnlearnResult:
+    """What :func:`unlearn` returns."""
+
+    method: str
+    model: nn.Module                  # the deployed model
+    metrics: dict                     # final forget / retain / test accuracy etc. (percent)
+    history: list                     # trajectory entries (step, accuracies, losses, drift)
+    config: dict
+    proxies: Optional[dict] = None    # n, eps, success_rate
+    steps: int = 0
+    epochs: int = 0
+    stopped: str = ""                 # why the run ended
+    wall_time_s: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _as_parts(model):
+    from stakes.models import as_classifier
+
+    if isinstance(model, (tuple, list)) and len(model) == 2:
+        return as_classifier(model[0], model[1])
+    return as_classifier(model)
+
+
+def _check_forget_set(forget_set, num_classes: int, device):
+    if not isinstance(forget_set, (tuple, list)) or len(forget_set) != 2:
+        raise TypeError("forget_set must be a pair (images [k, C, H, W], labels [k])")
+    x, y = forget_set
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise ValueError("forget_set images must be a floating tensor [k, C, H, W] in [0, 1]")
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32) or y.shape != (x.shape[0],):
+        raise ValueError(f"forget_set labels must be an integer tensor of shape [{x.shape[0]}]")
+    if x.shape[0] == 0:
+        raise ValueError("forget_set is empty: nothing to unlearn")
+    if not torch.isfinite(x).all():
+        raise ValueError("forget_set images contain NaN or inf")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"forget_set labels must lie in [0, {num_classes}) (the model's classes), got [{lo}, {hi}]")
+    return x.to(device), y.long().to(device)
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    from stakes.metrics import accuracy
+
+    return accuracy(model, x, y, batch_size=batch_size)
+
+
+def _ce_bounded(logits: torch.Tensor, y: torch.Tensor, bound: float) -> torch.Tensor:
+    """mean_i min(CE_i, B): a sample with CE > ln C is already misclassified, so stop pushing it (§12)."""
+    return F.cross_entropy(logits, y, reduction="none").clamp(max=bound).mean()
+
+
+def _minmax_invert(t: torch.Tensor) -> torch.Tensor:
+    """L2UL's Ω̂ = 1 − (Ω − min)/(max − min), per tensor (a constant tensor gets Ω̂ = 1)."""
+    lo, hi = t.min(), t.max()
+    span = hi - lo
+    return torch.where(span > 0, 1.0 - (t - lo) / span.clamp_min(1e-30), torch.ones_like(t))
+
+
+def _topq_mask(tensors: Sequence[torch.Tensor], q: float) -> list:
+    """Binary mask of the global top-q fraction of the entries of ``tensors`` (SalUn-style)."""
+    flat = torch.cat([t.flatten().float() for t in tensors])
+    if flat.numel() == 0:
+        return [torch.zeros_like(t, dtype=torch.bool) for t in tensors]
+    n_keep = max(1, int(round(q * flat.numel())))
+    threshold = torch.topk(flat, n_keep, sorted=False).values.min()
+    return [t >= threshold for t in tensors]
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- proxies
+
+
+def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tensor,
+                  cfg: UnlearnConfig) -> tuple[ProxySet, dict]:
+    """The proxy set of a run with config ``cfg`` (radius calibrated when ``cfg.eps`` is None).
+
+    Exposed so that a comparison can build it once per (k, seed) and share it between methods.
+    Returns the proxies and the time spent (``calibration_s``, ``proxies_s``).
+    """
+    clf = _as_parts(model)
+    n_classes = clf.head.out_features
+    t0 = time.perf_counter()
+    eps, calibrated = cfg.eps, None
+    if eps is None:
+        eps, calibrated = calibrate_radius(clf, forget_x, forget_y, num_classes=n_classes,
+                                           target_success=cfg.target_success, steps=cfg.pgd_steps,
+                                           step_size=cfg.pgd_step_size, batch_size=cfg.pgd_batch_size,
+                                           seed=cfg.seed, backend=cfg.backend, progress=cfg.progress)
+    t1 = time.perf_counter()
+    proxies = generate_proxies(clf, forget_x, forget_y, num_classes=n_classes, repetitions=cfg.repetitions,
+                               steps=cfg.pgd_steps, step_size=cfg.pgd_step_size, eps=eps,
+                               batch_size=cfg.pgd_batch_size, seed=cfg.seed, backend=cfg.backend,
+                               progress=cfg.progress)
+    timings = {"calibration_s": t1 - t0 if calibrated is not None else 0.0, "proxies_s": time.perf_counter() - t1}
+    return proxies, timings
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """State of one unlearning run; the loop lives in :meth:`fit`."""
+
+    def __init__(self, model, forget_set, method, anchors, cfg: UnlearnConfig, eval_sets, proxies, callbacks,
+                 checkpoint_path, retain_size):
+        self.method, self.cfg = method, cfg
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        clf = _as_parts(model)
+        self.num_classes = clf.head.out_features
+        self.fx, self.fy = _check_forget_set(forget_set, self.num_classes, self.device)
+        self.k = self.fx.shape[0]
+        # frozen original, and the copy that is unlearned (the user's model is never modified)
+        self.orig = copy.deepcopy(clf).to(self.device).eval()
+        for p in self.orig.parameters():
+            p.requires_grad_(False)
+        work = copy.deepcopy(clf).to(self.device)
+        self.features, self.head = work.features, work.head
+        for p in work.parameters():
+            p.requires_grad_(True)
+        self.feature_dim = self.head.in_features
+        self.eval_sets = {name: (x.to(self.device), y.to(self.device)) for name, (x, y) in (eval_sets or {}).items()}
+        self.callbacks = list(callbacks or ())
+        self.checkpoint_path = checkpoint_path
+        self.retain_size = retain_size
+        self.history: list = []
+        self.timings: dict = {}
+        self.step = 0
+        self.epoch = 0
+
+        # anchors and random projection (needed by StructGuard, and by every method for drift logging)
+        if anchors is None:
+            if method == "structguard":
+                raise ValueError("method 'structguard' needs anchors: pass anchors=stakes.anchors.build_anchors(...)")
+        else:
+            if not isinstance(anchors, torch.Tensor) or anchors.dim() != 2 or not anchors.is_floating_point():
+                raise ValueError("anchors must be a floating tensor [num_classes, d_a]")
+            if anchors.shape[0] != self.num_classes:
+                raise ValueError(f"anchors has {anchors.shape[0]} rows but the model has {self.num_classes} classes")
+            if not torch.isfinite(anchors).all():
+                raise ValueError("anchors contain NaN or inf")
+        self.anchors = None if anchors is None else F.normalize(anchors.detach().float(), dim=1).to(self.device)
+        self.anchor_dim = self.anchors.shape[1] if self.anchors is not None else self.feature_dim
+        self.rp = random_projection(self.feature_dim, self.anchor_dim, cfg.seed).to(self.device)
+
+        self.projector = None
+        if method == "structguard":
+            self.projector = Projector(self.feature_dim, self.anchor_dim).to(self.device)
+        self.deployed = DeployedModel(self.features, self.head, self.projector)
+
+        self.proxies = proxies
+        self.opt: Optional[StructureSGD] = None
+
+    # ------------------------------------------------------------------ set-up pieces
+    def make_proxies(self) -> ProxySet:
+        proxies, timings = build_proxies(self.orig, self.fx, self.fy, self.cfg)
+        self.timings.update(timings)
+        return proxies
+
+    def _orig_structure_input(self, x: torch.Tensor) -> torch.Tensor:
+        """v^ori before normalisation: g_ψ0(x)·R_p (the op normalises rows)."""
+        with torch.no_grad():
+            return self.orig.features(x) @ self.rp
+
+    def param_groups(self) -> list:
+        cfg = self.cfg
+        groups = [
+            {"params": list(self.features.parameters()), "name": "features", "lr": cfg.lr},
+            {"params": list(self.head.parameters()), "name": "head", "lr": cfg.lr},
+        ]
+        if self.projector is not None:
+            groups.append({"params": list(self.projector.parameters()), "name": "projector", "lr": cfg.projector_lr})
+        return groups
+
+    def _importance_structguard(self) -> dict:
+        """I_p = (1/N_tot) Σ_B |B|·|∂L_align(B)/∂ψ_p| over proxy batches cycled to N_tot (§6)."""
+        cfg = self.cfg
+        params = list(self.features.parameters())
+        imp = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        n_tot = cfg.importance_samples or self.retain_size or len(self.proxies)
+        n_tot = max(n_tot, 1)
+        seen = 0
+        g = torch.Generator().manual_seed(cfg.seed + 31)
+        self._set_train()
+        while seen < n_tot:
+            order = torch.randperm(len(self.proxies), generator=g).to(self.device)
+            for i in range(0, len(order), cfg.proxy_batch_size):
+                idx = order[i:i + cfg.proxy_batch_size]
+                if seen >= n_tot:
+                    break
+                xb = self.proxies.x[idx]
+                _, z = self.projector(self.features(xb))
+                loss = fused.structure_alignment_loss(z, self._orig_structure_input(xb), self.anchors,
+                                                      backend=cfg.backend)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                fused.accumulate_importance(imp, list(grads), weight=len(idx) / n_tot, backend=cfg.backend)
+                seen += len(idx)
+        return self._finish_importance(dict(zip(params, imp)))
+
+    def _finish_importance(self, imp: dict) -> dict:
+        kind = self.cfg.importance
+        if kind == "topq":
+            masks = _topq_mask(list(imp.values()), self.cfg.importance_topq)
+            return {p: m.float() for p, m in zip(imp, masks)}
+        if kind == "inverted":
+            return {p: _minmax_invert(v) for p, v in imp.items()}
+        return imp
+
+    def _importance_l2ul(self) -> dict:
+        """Ω = |∂ mean_x ‖f(x_f)‖₂ / ∂θ| on the forget set, min-max normalised per tensor, inverted (§10)."""
+        params = [p for p in self.deployed.parameters()]
+        self._set_train()
+        out = self.deployed(self.fx).norm(dim=1).mean()
+        grads = torch.autograd.grad(out, params, allow_unused=True)
+        return {p: _minmax_invert(g.abs() if g is not None else torch.zeros_like(p)) for p, g in zip(params, grads)}
+
+    def _salun_masks(self) -> dict:
+        """Top-q of |∇θ CE(f(x_f), y_f)| over all parameters, as a binary gradient mask (§10)."""
+        params = [p for p in self.deployed.parameters()]
+        self._set_train()
+        loss = F.cross_entropy(self.deployed(self.fx), self.fy)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        mags = [g.abs() if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
+        return dict(zip(params, _topq_mask(mags, self.cfg.importance_topq)))
+
+    def build_optimizer(self) -> StructureSGD:
+        cfg = self.cfg
+        opt = StructureSGD(self.param_groups(), lr=cfg.lr, lam=cfg.lam, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, proximal=cfg.proximal, backend=cfg.backend)
+        t0 = time.perf_counter()
+        if self.method == "structguard":
+            opt.set_importance(self._importance_structguard())
+        elif self.method == "l2ul":
+            opt.set_importance(self._importance_l2ul())
+        elif self.method == "salun":
+            opt.set_grad_masks(self._salun_masks())
+        self.timings["importance_s"] = time.perf_counter() - t0
+        return opt
+
+    # ------------------------------------------------------------------ modes and evaluation
+    def _set_train(self):
+        self.deployed.train()
+        if not self.cfg.bn_train_mode:   # backbone BatchNorm statistics stay as pretrained [ours]
+            self.features.eval()
+
+    @torch.no_grad()
+    def log_entry(self, losses: dict) -> dict:
+        entry = {"step": self.step, "epoch": self.epoch}
+        self.deployed.eval()
+        entry["forget_accuracy"] = _accuracy(self.deployed, self.fx, self.fy)
+        for name, (x, y) in self.eval_sets.items():
+            entry[f"{name}_accuracy"] = _accuracy(self.deployed, x, y)
+        if self.anchors is not None and "test" in self.eval_sets:
+            x = self.eval_sets["test"][0]
+            entry["structure_drift"] = float(fused.structure_alignment_loss(
+                self.features(x) @ self.rp, self._orig_structure_input(x), self.anchors, backend="reference"))
+        entry.update({k: float(v) for k, v in losses.items()})
+        self._set_train()
+        self.history.append(entry)
+        for cb in self.callbacks:
+            cb(entry)
+        return entry
+
+    def check_finite(self, where: str):
+        for name, module in (("features", self.features), ("head", self.head), ("projector", self.projector)):
+            if module is None:
+                continue
+            for pname, p in module.named_parameters():
+                if not torch.isfinite(p).all():
+                    raise NonFiniteError(f"{self.method}: parameter {name}.{pname} became non-finite at step "
+                                         f"{self.step} ({where}); the run was stopped and no model was written")
+
+    # ------------------------------------------------------------------ checkpoints (resume)
+    def state(self) -> dict:
+        return {
+            "method": self.method, "config": self.cfg.to_dict(), "step": self.step, "epoch": self.epoch,
+            "features": self.features.state_dict(), "head": self.head.state_dict(),
+            "projector": None if self.projector is None else self.projector.state_dict(),
+            "projector_frozen_bn": None if self.projector is None else self.projector.frozen_bn,
+            "optimizer": self.opt.state_dict(), "history": self.history,
+            "proxies": self.proxies, "timings": self.timings, "rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self):
+        if self.checkpoint_path:
+            self.check_finite("before writing the checkpoint")
+            _atomic_save(self.state(), self.checkpoint_path)
+
+    def load_checkpoint(self, state: dict):
+        if state.get("method") != self.method:
+            raise ValueError(f"checkpoint is for method {state.get('method')!r}, not {self.method!r}")
+        self.features.load_state_dict(state["features"])
+        self.head.load_state_dict(state["head"])
+        if self.projector is not None:
+            self.projector.load_state_dict(state["projector"])
+            self.projector.frozen_bn = bool(state.get("projector_frozen_bn"))
+        self.proxies = state["proxies"]
+        self.opt = StructureSGD(self.param_groups(), lr=self.cfg.lr, lam=self.cfg.lam, momentum=self.cfg.momentum,
+                                weight_decay=self.cfg.weight_decay, proximal=self.cfg.proximal,
+                                backend=self.cfg.backend)
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.history = list(state["history"])
+        self.timings = dict(state["timings"])
+        torch.set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ the loss of one step
+    def loss_terms(self, xf, yf, xa, ya) -> dict:
+        cfg, m = self.cfg, self.method
+        n_f, n_a = xf.shape[0], xa.shape[0]
+        w_f, w_a = n_f / (n_f + n_a), n_a / (n_f + n_a)
+        bound = cfg.deletion_bound or (math.log(self.num_classes) + 1.0)
+        terms = {}
+
+        def deletion(logits):
+            if cfg.deletion == "bounded":
+                return -_ce_bounded(logits, yf, bound)
+            return -F.cross_entropy(logits, yf)
+
+        if m == "neggrad":
+            terms["deletion"] = deletion(self.deployed(xf))
+        elif m in ("adv", "l2ul"):
+            terms["deletion"] = w_f * deletion(self.deployed(xf))
+            terms["retention"] = w_a * F.cross_entropy(self.deployed(xa), ya)
+        elif m == "finetune":
+            terms["retention"] = F.cross_entropy(self.deployed(xa), ya)
+        elif m == "salun":
+            g = torch.Generator().manual_seed(cfg.seed * 100003 + self.step)
+            from stakes.proxy import random_targets
+
+            yr = random_targets(yf, self.num_classes, g)
+            terms["random_label"] = w_f * F.cross_entropy(self.deployed(xf), yr)
+            terms["retention"] = w_a * F.cross_entropy(self.deployed(xa), ya)
+        elif m == "structguard":
+            # deletion through h∘g (no projector); retention and alignment through the projector (§7-8)
+            terms["deletion"] = w_f * deletion(self.head(self.features(xf)))
+            out, z = self.projector(self.features(xa))
+            terms["retention"] = w_a * F.cross_entropy(self.head(out), ya)
+            terms["alignment"] = cfg.align_weight * fused.structure_alignment_loss(
+                z, self._orig_structure_input(xa), self.anchors, backend=cfg.backend)
+            w = self.head.weight
+            terms["classifier_reg"] = cfg.cr_weight * (0.99 * w.abs().sum() + 0.5 * 0.01 * w.pow(2).sum())
+        else:  # pragma: no cover - guarded in unlearn()
+            raise ValueError(m)
+        return terms
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> tuple[str, float]:
+        cfg = self.cfg
+        n_s = len(self.proxies)
+        steps_per_epoch = max(1, math.ceil(n_s / cfg.proxy_batch_size))
+        total = cfg.max_epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        g = torch.Generator().manual_seed(cfg.seed + 1 + self.epoch)
+        bar = tqdm(total=total, initial=min(self.step, total), desc=f"unlearn [{self.method}]",
+                   disable=not cfg.progress, leave=False)
+        stopped = "max_epochs"
+        t0 = time.perf_counter()
+        self._set_train()
+        if not self.history:
+            self.log_entry({})
+        f_order = torch.randperm(self.k, generator=g).to(self.device)
+        f_pos = 0
+        while self.epoch < cfg.max_epochs and self.step < total:
+            order = torch.randperm(n_s, generator=g).to(self.device)
+            for i in range(0, n_s, cfg.proxy_batch_size):
+                if self.step >= total:
+                    break
+                ia = order[i:i + cfg.proxy_batch_size]
+                # cycled forget loader
+                nf = min(cfg.forget_batch_size, self.k)
+                if f_pos + nf > self.k:
+                    f_order, f_pos = torch.randperm(self.k, generator=g).to(self.device), 0
+                jf = f_order[f_pos:f_pos + nf]
+                f_pos += nf
+                xf, yf, xa, ya = self.fx[jf], self.fy[jf], self.proxies.x[ia], self.proxies.y[ia]
+
+                terms = self.loss_terms(xf, yf, xa, ya)
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                    raise NonFiniteError(f"{self.method}: non-finite loss at step {self.step} ({detail}); "
+                                         "the run was stopped and no model was written")
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]],
+                                                   cfg.grad_clip)
+                skip_sr = cfg.skip_sr_first_steps and (i // cfg.proxy_batch_size) < 2
+                if skip_sr:
+                    saved = [grp["lam"] for grp in self.opt.param_groups]
+                    for grp in self.opt.param_groups:
+                        grp["lam"] = 0.0
+                self.opt.step()
+                if skip_sr:
+                    for grp, lam in zip(self.opt.param_groups, saved):
+                        grp["lam"] = lam
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0:
+                    sr = self.opt.last_sr_loss
+                    entry = self.log_entry({**terms, "loss": loss, "sr": sr if sr is not None else 0.0})
+                    self.check_finite("trajectory log")
+                    bar.set_postfix(forget=f"{entry['forget_accuracy']:.1f}",
+                                    test=f"{entry.get('test_accuracy', float('nan')):.1f}")
+            self.epoch += 1
+            self.check_finite(f"end of epoch {self.epoch}")
+            # stop rule: forget accuracy through the deployed model, checked after every epoch (§9)
+            if self.step >= cfg.stop_warmup_steps:
+                self.deployed.eval()
+                acc = _accuracy(self.deployed, self.fx, self.fy)
+                self._set_train()
+                if acc == 0.0:
+                    stopped = "forget_accuracy_zero"
+                    break
+            self.save_checkpoint()
+        else:
+            stopped = "max_steps" if self.step >= total and self.epoch < cfg.max_epochs else "max_epochs"
+        bar.close()
+        if not self.history or self.history[-1]["step"] != self.step:
+            self.log_entry({})
+        return stopped, time.perf_counter() - t0
+
+
+def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional[torch.Tensor] = None,
+            config: Optional[UnlearnConfig] = None, eval_sets: Optional[dict] = None,
+            proxies: Optional[ProxySet] = None, retain_size: Optional[int] = None,
+            callbacks: Iterable[Callable[[dict], None]] = (), checkpoint_path: Optional[str] = None,
+            resume: bool = False) -> UnlearnResult:
+    """Unlearn ``forget_set`` from ``model``.
+
+    Args:
+        model: a :class:`stakes.models.Classifier`, a ``(features, head)`` pair, or a
+            torchvision-style ResNet (split at ``fc``). It is not modified.
+        forget_set: ``(images [k, C, H, W] in [0, 1], labels [k])``.
+        method: one of :data:`METHODS` except ``"retrain"`` (see :func:`stakes.methods.retrain`).
+        anchors: ``[num_classes, d_a]`` semantic anchors (required by StructGuard; used by every
+            method for structure-drift logging when given).
+        config: an :class:`UnlearnConfig`; default ``preset("stable")``.
+        eval_sets: ``{"test": (x, y), "retain": (x, y), ...}`` evaluated along the trajectory
+            (evaluation only: never used for training).
+        proxies: a precomputed :class:`ProxySet` (shared between methods of one comparison).
+        retain_size: |D_r| for the importance sample count N_tot (METHOD.md §6).
+        callbacks: called with every trajectory entry (a dict).
+        checkpoint_path: where to write the resumable state after every epoch (atomically).
+        resume: continue from ``checkpoint_path`` if it exists.
+    """
+    if method not in METHODS or method == "retrain":
+        valid = [m for m in METHODS if m != "retrain"]
+        raise ValueError(f"unknown method {method!r}; expected one of {valid} (retrain: stakes.methods.retrain)")
+    cfg = config if config is not None else preset("stable")
+    if not isinstance(cfg, UnlearnConfig):
+        raise TypeError(f"config must be a stakes.UnlearnConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    start = time.perf_counter()
+    run = _Run(model, forget_set, method, anchors, cfg, eval_sets, proxies, callbacks, checkpoint_path, retain_size)
+    state = None
+    if resume:
+        if not checkpoint_path:
+            raise ValueError("resume=True needs checkpoint_path")
+        if os.path.exists(checkpoint_path):
+            try:
+                state = torch.load(checkpoint_path, map_location=run.device, weights_only=False)
+            except Exception as err:
+                raise ValueError(f"cannot read checkpoint {checkpoint_path!r}: {err}") from None
+    if state is not None:
+        run.load_checkpoint(state)
+    else:
+        if run.proxies is None:
+            run.proxies = run.make_proxies()
+        if run.projector is not None and cfg.warm_start:
+            with torch.no_grad():
+                run.projector.warm_start(run.rp, run.orig.features(run.proxies.x[:2048]))
+        run.opt = run.build_optimizer()
+    stopped, loop_s = run.fit()
+    run.timings["loop_s"] = loop_s
+    run.timings["step_ms"] = 1000.0 * loop_s / max(run.step, 1)
+    run.check_finite("end of run")
+    last = run.history[-1]
+    metrics = {k: v for k, v in last.items() if k.endswith("_accuracy") or k == "structure_drift"}
+    result = UnlearnResult(
+        method=method, model=run.deployed.eval(), metrics=metrics, history=run.history, config=cfg.to_dict(),
+        proxies=run.proxies.summary(), steps=run.step, epochs=run.epoch, stopped=stopped,
+        wall_time_s=time.perf_counter() - start, timings=run.timings,
+    )
+    if checkpoint_path and os.path.exists(checkpoint_path) and stopped != "interrupted":
+        os.remove(checkpoint_path)  # the run finished: the resumable state is no longer needed
+    return result

@@ -1,0 +1,190 @@
+"""Proxy set: targeted L2 PGD adversarial examples of the forget images (METHOD.md §3).
+
+Each forget image gets R repetitions, each with a fresh random target label ỹ ≠ y. All
+repetitions are batched together (``batch_size`` images per forward/backward), and the per-sample
+step + projection is one launch of :func:`fused.l2_pgd_step`. The radius is given, or calibrated
+on the forget set to a target attack success rate (METHOD.md §12): every radius of the grid
+ε_i = base·2^(i/4) is tried at once (``l2_pgd_step`` takes a per-sample ε), and the smallest one
+whose success rate reaches the target wins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import fused
+
+
+@dataclass
+class ProxySet:
+    """N_s = R·k proxy pairs (x̃, ỹ)."""
+
+    x: torch.Tensor            # [N_s, C, H, W] in [0, 1]
+    y: torch.Tensor            # [N_s] target labels, never the true label
+    source: torch.Tensor       # [N_s] index of the forget image each proxy comes from
+    eps: float                 # radius used
+    success_rate: float        # fraction of proxies the pretrained model classifies as ỹ
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def summary(self) -> dict:
+        return {"n": len(self), "eps": self.eps, "success_rate": self.success_rate}
+
+
+def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform random labels ≠ y: y + U{1..C−1} mod C."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 for targeted proxies, got {num_classes}")
+    shift = torch.randint(1, num_classes, y.shape, generator=generator, device="cpu").to(y.device)
+    return (y + shift) % num_classes
+
+
+def _random_start(x0: torch.Tensor, eps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random point inside each sample's ε-ball (uniform direction, uniform radius fraction)."""
+    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
+    norms = noise.flatten(1).norm(dim=1).clamp_min(1e-12)
+    frac = torch.rand(x0.shape[0], generator=generator, device="cpu").to(x0.device)
+    scale = (eps * frac / norms).view(-1, *([1] * (x0.dim() - 1)))
+    return (x0 + noise * scale).clamp(0.0, 1.0)
+
+
+def _attack(model: nn.Module, x0: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, *, steps: int,
+            step_size: float, generator: torch.Generator, backend: Optional[str]) -> torch.Tensor:
+    """Targeted L2 PGD on one batch; ``eps`` is per sample."""
+    x = _random_start(x0, eps, generator)
+    for _ in range(steps):
+        x.requires_grad_(True)
+        loss = F.cross_entropy(model(x), target, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+        x = fused.l2_pgd_step(x.detach(), x0, grad, step_size=step_size, eps=eps, targeted=True,
+                              backend=backend)
+    return x.detach()
+
+
+def _check_inputs(model, x, y, num_classes):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+        raise ValueError("x must be a floating tensor [k, C, H, W] of forget images in [0, 1]")
+    if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
+        raise ValueError(f"y must be a label tensor of shape [{x.shape[0]}], got "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if x.shape[0] == 0:
+        raise ValueError("the forget set is empty: need at least one image to make proxies")
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise ValueError(f"forget labels must lie in [0, {num_classes}), got range "
+                         f"[{int(y.min())}, {int(y.max())}]")
+
+
+@torch.no_grad()
+def _success(model: nn.Module, x: torch.Tensor, target: torch.Tensor, batch_size: int) -> torch.Tensor:
+    hits = [model(x[i:i + batch_size]).argmax(1) == target[i:i + batch_size] for i in range(0, len(x), batch_size)]
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=x.device)
+
+
+def _eval_mode(model: nn.Module):
+    """Context: model in eval mode with frozen parameters; restores both after."""
+
+    class _Ctx:
+        def __enter__(self_):
+            self_.training = model.training
+            self_.flags = [p.requires_grad for p in model.parameters()]
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+
+        def __exit__(self_, *exc):
+            model.train(self_.training)
+            for p, f in zip(model.parameters(), self_.flags):
+                p.requires_grad_(f)
+
+    return _Ctx()
+
+
+def radius_grid(base: float = 0.25, max_eps: float = 64.0) -> list[float]:
+    """ε_i = base·2^(i/4), i = 0, 1, … up to ``max_eps`` (METHOD.md §12)."""
+    n = int(math.floor(4 * math.log2(max_eps / base))) + 1
+    return [base * 2 ** (i / 4) for i in range(n)]
+
+
+def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
+                     target_success: float = 0.9, steps: int = 100, step_size: float = 0.1,
+                     grid: Optional[list[float]] = None, max_images: int = 64, repetitions: int = 2,
+                     batch_size: int = 1024, seed: int = 0, backend: Optional[str] = None,
+                     progress: bool = False) -> tuple[float, float]:
+    """Smallest radius of ``grid`` whose targeted PGD success rate on the forget set reaches
+    ``target_success``; returns ``(eps, achieved_success)``. If no radius reaches it, the largest
+    radius is returned with its success rate (the caller reports it).
+
+    Every grid radius is attacked in the same batches (per-sample ε), on at most ``max_images``
+    forget images × ``repetitions`` random targets.
+    """
+    _check_inputs(model, x, y, num_classes)
+    grid = list(grid) if grid is not None else radius_grid(max_eps=max(8.0, 1.2 * math.sqrt(x[0].numel())))
+    g = torch.Generator().manual_seed(seed + 7919)
+    if x.shape[0] > max_images:
+        keep = torch.randperm(x.shape[0], generator=g)[:max_images].to(x.device)
+        x, y = x[keep], y[keep]
+    n_img, n_eps = x.shape[0], len(grid)
+    # layout: [eps][repetition][image]
+    x0 = x.repeat(n_eps * repetitions, *([1] * (x.dim() - 1)))
+    y0 = y.repeat(n_eps * repetitions)
+    eps = torch.tensor(grid, dtype=torch.float32, device=x.device).repeat_interleave(n_img * repetitions)
+    target = random_targets(y0, num_classes, g)
+    hits = torch.empty(len(x0), dtype=torch.bool, device=x.device)
+    with _eval_mode(model):
+        chunks = range(0, len(x0), batch_size)
+        for i in tqdm(chunks, desc="calibrate radius", disable=not progress, leave=False):
+            sl = slice(i, i + batch_size)
+            adv = _attack(model, x0[sl], target[sl], eps[sl], steps=steps, step_size=step_size, generator=g,
+                          backend=backend)
+            hits[sl] = _success(model, adv, target[sl], batch_size)
+    rates = hits.view(n_eps, -1).float().mean(1).tolist()
+    for e, r in zip(grid, rates):
+        if r >= target_success:
+            return float(e), float(r)
+    return float(grid[-1]), float(rates[-1])
+
+
+def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
+                     repetitions: int = 20, steps: int = 100, step_size: float = 0.1, eps: float = 3.0,
+                     batch_size: int = 1024, seed: int = 0, backend: Optional[str] = None,
+                     progress: bool = True) -> ProxySet:
+    """The proxy set of METHOD.md §3: R targeted PGD examples per forget image, batched.
+
+    Deterministic for a given ``seed`` (on one device). The target of every proxy differs from the
+    true label of its source image.
+    """
+    _check_inputs(model, x, y, num_classes)
+    if not isinstance(repetitions, int) or repetitions < 1:
+        raise ValueError(f"repetitions must be a positive integer, got {repetitions!r}")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    for name, v in (("step_size", step_size), ("eps", eps)):
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    g = torch.Generator().manual_seed(seed)
+    k = x.shape[0]
+    source = torch.arange(k, device=x.device).repeat(repetitions)       # [R·k]: repetition-major
+    target = random_targets(y[source], num_classes, g)
+    out = torch.empty((len(source), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    hits = torch.empty(len(source), dtype=torch.bool, device=x.device)
+    with _eval_mode(model):
+        chunks = range(0, len(source), batch_size)
+        for i in tqdm(chunks, desc=f"proxies (R={repetitions}, k={k}, eps={eps:.3g})", disable=not progress,
+                      leave=False):
+            sl = slice(i, i + batch_size)
+            x0 = x[source[sl]]
+            e = torch.full((x0.shape[0],), float(eps), dtype=torch.float32, device=x.device)
+            out[sl] = _attack(model, x0, target[sl], e, steps=steps, step_size=step_size, generator=g,
+                              backend=backend)
+            hits[sl] = _success(model, out[sl], target[sl], batch_size)
+    return ProxySet(x=out, y=target, source=source, eps=float(eps), success_rate=float(hits.float().mean()))
