@@ -17,7 +17,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m fused", description="fused kernel library tools")
     parser.add_argument("command", choices=["validate"], help="validate: every op vs an fp64 oracle")
-    args, rest = parser.parse_known_args(argv[:1])
+    args = parser.parse_args(argv[:1])
     note = None
     if args.command == "validate":
         import torch
@@ -32,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "CPU interpreter (a correctness check, not a speed one)")
         from fused.validate import main as validate_main
 
-        return validate_main(rest + argv[1:], note=note)
+        return validate_main(argv[1:], note=note)
     return 2  # pragma: no cover - argparse rejects other commands
 
 

@@ -26,9 +26,11 @@ Triton design ("gradient in forward", one launch for forward + backward):
   accumulates ∂ℓ/∂x̂ = g Â into a [BLOCK_N, D_PAD] fp32 register accumulator; then the row-local
   normalisation backward writes dx (per row, not yet scaled by the upstream gradient).
   Pass 3 does the same for x_ref when it needs a gradient.
-* No N×K tensor is ever stored; HBM traffic is N·D·(b_x + b_x0 + b_dx) + (passes)·K·D·b_a
-  (anchor tiles are re-read per row block, from L2 in practice). The autograd backward is a
-  single elementwise scale dx·grad_row (with grad_row = grad/N for "mean").
+* No N×K tensor is ever stored; HBM traffic is N·D·(b_x + b_x0 + b_dx) + K·D·b_a (each row
+  block re-reads Â once per pass, from L2 in practice). FLOPs 4NKD (pass 1) + 6NKD per
+  gradient pass, i.e. 10NKD for the usual x-only gradient (the recompute costs 4NKD over the
+  6NKD minimum). The autograd backward is a single elementwise scale dx·grad_row (with
+  grad_row = grad/N for "mean").
 Forming g from the exact per-row scalars (two passes) instead of accumulating S·Â and S_ref·Â
 in one pass avoids catastrophic cancellation when x ≈ x_ref, the common case early in
 unlearning.
@@ -98,10 +100,10 @@ def _reference_chunk_backward(x, x_ref, a_hat, grad_rows, need_x, need_ref, need
     dx = dxr = da_hat = None
     g = g_ref = None
     if need_x or need_a:
-        beta = grad_rows * torch.where(n_s > 0, cos / (n_s * nc), zero)
+        beta = grad_rows * torch.where(n_s > 0, cos / (torch.where(n_s > 0, n_s, 1.0) * nc), zero)
         g = alpha.unsqueeze(1) * S_ref + beta.unsqueeze(1) * S
     if need_ref or need_a:
-        beta_ref = grad_rows * torch.where(n_r > 0, cos / (n_r * nrc), zero)
+        beta_ref = grad_rows * torch.where(n_r > 0, cos / (torch.where(n_r > 0, n_r, 1.0) * nrc), zero)
         g_ref = alpha.unsqueeze(1) * S + beta_ref.unsqueeze(1) * S_ref
     if need_x:
         dx = _normalize_backward(g @ a_hat, x_hat, nx, (S * g).sum(dim=1)).to(x.dtype)
@@ -176,38 +178,58 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _dot_operand(v, DOT_KIND: tl.constexpr):
+        """Cast to the tensor-core operand dtype: 0 fp32, 1 fp16, 2 bf16."""
+        if DOT_KIND == 1:
+            return v.to(tl.float16)
+        elif DOT_KIND == 2:
+            return v.to(tl.bfloat16)
+        else:
+            return v.to(tl.float32)
+
+    @triton.jit
+    def _mma(a, b, acc, DOT_KIND: tl.constexpr):
+        """acc + a·b with fp32 accumulation; fp32 operands use tf32x3 (≈ fp32 accuracy, tensor cores)."""
+        if DOT_KIND == 0:
+            return tl.dot(a, b, acc, input_precision="tf32x3")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
     def _structure_tiles(x, x_ref, inv_x, inv_xr, a_ptr, k0, K, D, stride_an,
-                         BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
+                         DOT_KIND: tl.constexpr):
         """One anchor tile Â_k [BLOCK_K, D_PAD] and the matching S, S_ref tiles [BLOCK_N, BLOCK_K] (fp32)."""
         cols = k0 + tl.arange(0, BLOCK_K)
         offs_d = tl.arange(0, D_PAD)
         a = tl.load(
             a_ptr + cols.to(tl.int64)[:, None] * stride_an + offs_d[None, :],
             mask=(cols < K)[:, None] & (offs_d < D)[None, :], other=0.0,
-        ).to(DOT_DTYPE)
+        )
+        a = _dot_operand(a, DOT_KIND)
         a_t = tl.trans(a)
-        s = tl.dot(x, a_t, input_precision=DOT_PRECISION) * inv_x[:, None]
-        s_ref = tl.dot(x_ref, a_t, input_precision=DOT_PRECISION) * inv_xr[:, None]
+        zero = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        s = _mma(x, a_t, zero, DOT_KIND) * inv_x[:, None]
+        s_ref = _mma(x_ref, a_t, zero, DOT_KIND) * inv_xr[:, None]
         return a, s, s_ref
 
     @triton.jit
     def _normalized_gradient(x, x_ref, inv_x, inv_xr, alpha, beta, a_ptr, K, D, stride_an,
                              FOR_REF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             D_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                             D_PAD: tl.constexpr, DOT_KIND: tl.constexpr):
         """∂ℓ/∂x̂ = Σ_k g_k Â_k [BLOCK_N, D_PAD] and s·g per row, g = α·s_other + β·s_own (fp32)."""
         dxh = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
         proj = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a, s, s_ref = _structure_tiles(x, x_ref, inv_x, inv_xr, a_ptr, k0, K, D, stride_an,
-                                           BLOCK_K, D_PAD, DOT_DTYPE, DOT_PRECISION)
+                                           BLOCK_N, BLOCK_K, D_PAD, DOT_KIND)
             if FOR_REF:
                 g = alpha[:, None] * s + beta[:, None] * s_ref
                 proj += tl.sum(s_ref * g, axis=1)
             else:
                 g = alpha[:, None] * s_ref + beta[:, None] * s
                 proj += tl.sum(s * g, axis=1)
-            dxh = tl.dot(g.to(DOT_DTYPE), a, dxh, input_precision=DOT_PRECISION)
+            dxh = _mma(_dot_operand(g, DOT_KIND), a, dxh, DOT_KIND)
         return dxh, proj
 
     @triton.jit
@@ -217,7 +239,7 @@ if HAS_TRITON:
         stride_xn, stride_xrn, stride_an, stride_dxn, stride_dxrn,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
         NEED_DX: tl.constexpr, NEED_DXR: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_KIND: tl.constexpr,
         NORM_EPS: tl.constexpr, COS_EPS: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -234,16 +256,16 @@ if HAS_TRITON:
         nxr = tl.sqrt(tl.sum(xrf * xrf, axis=1))
         inv_x = 1.0 / tl.maximum(nx, NORM_EPS)
         inv_xr = 1.0 / tl.maximum(nxr, NORM_EPS)
-        x = xf.to(DOT_DTYPE)  # exact: DOT_DTYPE is the input dtype or fp32
-        x_ref = xrf.to(DOT_DTYPE)
+        x = _dot_operand(xf, DOT_KIND)  # exact: the operand dtype is the input dtype or fp32
+        x_ref = _dot_operand(xrf, DOT_KIND)
 
         # Pass 1: the three per-row scalars ‖s‖², ‖s0‖², s·s0.
         ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
         rr = tl.zeros((BLOCK_N,), dtype=tl.float32)
         sr = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            a, s, s_ref = _structure_tiles(x, x_ref, inv_x, inv_xr, a_ptr, k0, K, D, stride_an,
-                                           BLOCK_K, D_PAD, DOT_DTYPE, DOT_PRECISION)
+            _, s, s_ref = _structure_tiles(x, x_ref, inv_x, inv_xr, a_ptr, k0, K, D, stride_an,
+                                           BLOCK_N, BLOCK_K, D_PAD, DOT_KIND)
             ss += tl.sum(s * s, axis=1)
             rr += tl.sum(s_ref * s_ref, axis=1)
             sr += tl.sum(s * s_ref, axis=1)
@@ -256,20 +278,21 @@ if HAS_TRITON:
 
         alpha = -1.0 / (nc * nrc)
         if NEED_DX:
-            beta = tl.where(n_s > 0.0, cos / (n_s * nc), 0.0)
+            beta = tl.where(n_s > 0.0, cos / (tl.where(n_s > 0.0, n_s, 1.0) * nc), 0.0)
             dxh, proj = _normalized_gradient(x, x_ref, inv_x, inv_xr, alpha, beta, a_ptr, K, D, stride_an,
-                                             False, BLOCK_N, BLOCK_K, D_PAD, DOT_DTYPE, DOT_PRECISION)
+                                             False, BLOCK_N, BLOCK_K, D_PAD, DOT_KIND)
             # Row-local normalisation backward: dx = (dx̂ − x̂ (x̂·dx̂)) / ‖x‖, x̂·dx̂ = s·g.
             proj = tl.where(nx > NORM_EPS, proj, 0.0)
-            dx = (dxh - (xf * inv_x[:, None]) * proj[:, None]) * inv_x[:, None]
+            # x.to(fp32) is exact (x is the input dtype or fp32): keeps only the 16-bit rows live.
+            dx = (dxh - (x.to(tl.float32) * inv_x[:, None]) * proj[:, None]) * inv_x[:, None]
             tl.store(dx_ptr + rows64[:, None] * stride_dxn + offs_d[None, :],
                      dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
         if NEED_DXR:
-            beta_r = tl.where(n_r > 0.0, cos / (n_r * nrc), 0.0)
+            beta_r = tl.where(n_r > 0.0, cos / (tl.where(n_r > 0.0, n_r, 1.0) * nrc), 0.0)
             dxh, proj = _normalized_gradient(x, x_ref, inv_x, inv_xr, alpha, beta_r, a_ptr, K, D, stride_an,
-                                             True, BLOCK_N, BLOCK_K, D_PAD, DOT_DTYPE, DOT_PRECISION)
+                                             True, BLOCK_N, BLOCK_K, D_PAD, DOT_KIND)
             proj = tl.where(nxr > NORM_EPS, proj, 0.0)
-            dxr = (dxh - (xrf * inv_xr[:, None]) * proj[:, None]) * inv_xr[:, None]
+            dxr = (dxh - (x_ref.to(tl.float32) * inv_xr[:, None]) * proj[:, None]) * inv_xr[:, None]
             tl.store(dxr_ptr + rows64[:, None] * stride_dxrn + offs_d[None, :],
                      dxr.to(dxr_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -294,14 +317,15 @@ def _alignment_config(N: int, K: int, D: int, dot_bytes: int):
 
 
 def _dot_config(x_dtype: torch.dtype, x_ref_dtype: torch.dtype):
-    """(torch dtype of Â, Triton dot dtype, fp32 precision mode).
+    """(torch dtype of Â, DOT_KIND: 0 fp32, 1 fp16, 2 bf16) — plain ints/dtypes, so inductor can
+    codegen the launch.
 
     x and x_ref of one 16-bit dtype: tensor cores in that dtype (Â rounded to it, fp32 accumulate).
     Otherwise fp32 with "tf32x3" (≈ fp32 accuracy on tensor cores; plain tf32 loses ~3 digits).
     """
     if x_dtype == x_ref_dtype and x_dtype in (torch.float16, torch.bfloat16):
-        return x_dtype, (tl.float16 if x_dtype == torch.float16 else tl.bfloat16), "ieee"
-    return torch.float32, tl.float32, "tf32x3"
+        return x_dtype, (1 if x_dtype == torch.float16 else 2)
+    return torch.float32, 0
 
 
 @triton_library_op("fused::structure_alignment_fwd", mutates_args=())
@@ -312,7 +336,7 @@ def _structure_alignment_triton(
     inputs' dtypes; an empty [0] placeholder when not asked). Anchors are constants here."""
     N, D = x.shape
     K = anchors.shape[0]
-    a_dtype, dot_dtype, precision = _dot_config(x.dtype, x_ref.dtype)
+    a_dtype, dot_kind = _dot_config(x.dtype, x_ref.dtype)
     # Â once on the host side: K×D is small, and the kernel then needs no anchor norms.
     a_hat = F.normalize(anchors.to(torch.float32), dim=1, eps=NORMALIZE_EPS).to(a_dtype).contiguous()
     x = x.contiguous()
@@ -330,7 +354,7 @@ def _structure_alignment_triton(
         x.stride(0), x_ref.stride(0), a_hat.stride(0), dx.stride(0), dxr.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, D_PAD=d_pad,
         NEED_DX=need_dx, NEED_DXR=need_dx_ref,
-        DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        DOT_KIND=dot_kind,
         NORM_EPS=NORMALIZE_EPS, COS_EPS=COSINE_EPS,
         num_warps=num_warps, num_stages=1,  # one anchor tile in flight: shared memory stays bounded
     )

@@ -16,14 +16,13 @@ with ``mutates_args=("importance",)`` for the reason given in ``fused.update``.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from fused._dispatch import (
     HAS_TRITON,
     check_positive,
-    check_same_device,
     check_same_shapes,
     check_tensor,
     check_tensor_list,
@@ -33,9 +32,8 @@ from fused._dispatch import (
 from fused.update import (
     BLOCK,
     NUM_WARPS,
-    check_strided,
-    dense_work_tensor,
-    in_element_order_of,
+    MultiTensorGroups,
+    check_layout_and_device,
     multi_tensor_chunk_table,
 )
 
@@ -45,7 +43,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from fused.update import _TL_DTYPES
+    from fused.update import _TL_DTYPES, load_tile, operand_pointer, store_tile
+
+    @triton.jit
+    def _accumulate_importance_tile(row, offs, inb, weight, I_T: tl.constexpr, G_T: tl.constexpr,
+                                    C_T: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+        i_ptr = operand_pointer(row, 0, I_T, ALIGNED) + offs
+        g = load_tile(operand_pointer(row, 1, G_T, ALIGNED) + offs, inb, MASKED).to(C_T)
+        imp = load_tile(i_ptr, inb, MASKED).to(C_T)
+        store_tile(i_ptr, (imp + weight * tl.abs(g)).to(I_T), inb, MASKED)
 
     @triton.jit
     def _accumulate_importance_kernel(
@@ -55,16 +61,19 @@ if HAS_TRITON:
         I_T: tl.constexpr,
         G_T: tl.constexpr,
         C_T: tl.constexpr,
+        ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         row = rows + tl.load(chunk_tensor + pid) * 4
-        offs = (pid - tl.load(row + 3)) * BLOCK + tl.arange(0, BLOCK)
-        inb = offs < tl.load(row + 2)
-        i_ptr = tl.load(row + 0).to(tl.pointer_type(I_T)) + offs
-        g = tl.load(tl.load(row + 1).to(tl.pointer_type(G_T)) + offs, mask=inb, other=0.0).to(C_T)
-        imp = tl.load(i_ptr, mask=inb, other=0.0).to(C_T)
-        tl.store(i_ptr, (imp + weight * tl.abs(g)).to(I_T), mask=inb)
+        numel = tl.load(row + 2)
+        start = (pid - tl.load(row + 3)) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < numel
+        if start + BLOCK <= numel:  # full tile: no bounds mask, vectorisable (see fused.update)
+            _accumulate_importance_tile(row, offs, inb, weight, I_T, G_T, C_T, ALIGNED, False)
+        else:
+            _accumulate_importance_tile(row, offs, inb, weight, I_T, G_T, C_T, ALIGNED, True)
 
 
 def accumulate_importance_reference(
@@ -83,16 +92,13 @@ def _accumulate_importance_triton(
 ) -> None:
     """One kernel launch per (importance dtype, gradient dtype) group."""
     device = importance[0].device
-    write_back: list = []
-    groups: Dict[tuple, list] = {}
+    groups = MultiTensorGroups(written=(0,))  # operands: I, g
     for imp, g in zip(importance, grads):
-        if g is None:
-            continue
-        imp = dense_work_tensor(imp, write_back)
-        groups.setdefault((imp.dtype, g.dtype), []).append([imp, in_element_order_of(g, imp)])
+        if g is not None:
+            groups.add((imp, g))
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for (i_dt, g_dt), ops in groups.items():
-            rows, chunk_tensor = multi_tensor_chunk_table(ops, BLOCK, 4)
+        for (i_dt, g_dt, aligned), (addresses, numels) in groups.groups.items():
+            rows, chunk_tensor = multi_tensor_chunk_table(addresses, numels, device, BLOCK)
             if chunk_tensor.numel() == 0:
                 continue
             _accumulate_importance_kernel[(chunk_tensor.numel(),)](
@@ -102,11 +108,11 @@ def _accumulate_importance_triton(
                 I_T=_TL_DTYPES[i_dt],
                 G_T=_TL_DTYPES[g_dt],
                 C_T=tl.float64 if i_dt == torch.float64 else tl.float32,
+                ALIGNED=aligned,
                 BLOCK=BLOCK,
                 num_warps=NUM_WARPS,
             )
-    for target, work in write_back:
-        target.copy_(work)
+    groups.write_back()
 
 
 @_accumulate_importance_triton.register_fake
@@ -142,13 +148,8 @@ def accumulate_importance(
         if g is not None:
             check_tensor(f"grads[{i}]", g)
     check_same_shapes("importance", importance, "grads", grads)
-    check_strided("importance", importance)
-    check_strided("grads", grads)
     weight = check_positive("weight", weight, allow_zero=True)
-    device = check_same_device(
-        **{f"importance[{i}]": t for i, t in enumerate(importance)},
-        **{f"grads[{i}]": g for i, g in enumerate(grads) if g is not None},
-    )
+    device = check_layout_and_device(importance=importance, grads=grads)
     with torch.no_grad():
         if resolve_backend(backend, device) == "reference":
             accumulate_importance_reference(importance, grads, weight)

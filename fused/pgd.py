@@ -285,7 +285,8 @@ def l2_pgd_step(
             finite and > 0; those of a CUDA tensor are not (that would synchronise the host).
         targeted: True descends the loss (x − α ĝ, towards a target label), False ascends it.
         clamp: ``(lo, hi)`` valid input range, ``None`` for no clamp.
-        out: optional output tensor of x's shape and dtype; may be ``x`` itself (in-place step).
+        out: optional output tensor of x's shape and dtype; may be ``x`` (an in-place step), or
+            any input exactly, but must not partially overlap one.
         backend: ``None`` (automatic), ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -317,7 +318,11 @@ def l2_pgd_step(
                 f"{tuple(out.shape)}, {out.dtype}, {out.device}"
             )
     backend = resolve_backend(backend, device)
+    with torch.no_grad():
+        return _dispatch_step(x, x_orig, grad, out, step_size, eps, targeted, bounds, backend)
 
+
+def _dispatch_step(x, x_orig, grad, out, step_size, eps, targeted, bounds, backend) -> torch.Tensor:
     if backend == "reference":
         result = l2_pgd_step_reference(x, x_orig, grad, step_size=step_size, eps=eps, targeted=targeted, clamp=bounds)
         return result if out is None else out.copy_(result)

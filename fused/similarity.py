@@ -86,12 +86,30 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _dot_operand(v, DOT_KIND: tl.constexpr):
+        """Cast to the tensor-core operand dtype: 0 fp32, 1 fp16, 2 bf16."""
+        if DOT_KIND == 1:
+            return v.to(tl.float16)
+        elif DOT_KIND == 2:
+            return v.to(tl.bfloat16)
+        else:
+            return v.to(tl.float32)
+
+    @triton.jit
+    def _mma(a, b, acc, DOT_KIND: tl.constexpr):
+        """acc + a·b with fp32 accumulation; fp32 operands use tf32x3 (≈ fp32 accuracy, tensor cores)."""
+        if DOT_KIND == 0:
+            return tl.dot(a, b, acc, input_precision="tf32x3")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
     def _anchor_similarity_kernel(
         x_ptr, a_ptr, s_ptr,
         N, K, D,
         stride_xn, stride_an, stride_sn,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EPS: tl.constexpr,
+        DOT_KIND: tl.constexpr, EPS: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -115,7 +133,7 @@ if HAS_TRITON:
             af = at.to(tl.float32)
             x_sq += tl.sum(xf * xf, axis=1)
             a_sq += tl.sum(af * af, axis=1)
-            acc = tl.dot(xt.to(DOT_DTYPE), tl.trans(at.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+            acc = _mma(_dot_operand(xt, DOT_KIND), tl.trans(_dot_operand(at, DOT_KIND)), acc, DOT_KIND)
 
         # Fold both normalisations: S = (x·a) / (max(‖x‖, eps) · max(‖a‖, eps)).
         inv_x = 1.0 / tl.maximum(tl.sqrt(x_sq), EPS)
@@ -142,16 +160,16 @@ def _similarity_blocks(N: int, K: int, D: int):
     return block_n, block_k, block_d
 
 
-def _dot_config(a_dtype: torch.dtype, b_dtype: torch.dtype):
-    """Dot operand dtype and fp32 precision mode.
+def _dot_kind(a_dtype: torch.dtype, b_dtype: torch.dtype) -> int:
+    """Tensor-core operand dtype as a plain int (inductor codegens it): 0 fp32, 1 fp16, 2 bf16.
 
     16-bit inputs of one dtype go to the tensor cores as they are (exact products, fp32
     accumulate). Anything else is computed in fp32 with "tf32x3" (three tf32 products, ≈ fp32
     accuracy on tensor cores; plain tf32 would lose ~3 decimal digits against torch's fp32 matmul).
     """
     if a_dtype == b_dtype and a_dtype in (torch.float16, torch.bfloat16):
-        return (tl.float16 if a_dtype == torch.float16 else tl.bfloat16), "ieee"
-    return tl.float32, "tf32x3"
+        return 1 if a_dtype == torch.float16 else 2
+    return 0
 
 
 @triton_library_op("fused::anchor_similarity_fwd", mutates_args=())
@@ -165,14 +183,14 @@ def _anchor_similarity_triton(x: torch.Tensor, anchors: torch.Tensor) -> torch.T
     if N == 0 or K == 0:
         return S
     block_n, block_k, block_d = _similarity_blocks(N, K, D)
-    dot_dtype, precision = _dot_config(x.dtype, anchors.dtype)
+    dot_kind = _dot_kind(x.dtype, anchors.dtype)
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     launcher(_anchor_similarity_kernel)[grid](
         x, anchors, S,
         N, K, D,
         x.stride(0), anchors.stride(0), S.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-        DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, EPS=NORMALIZE_EPS,
+        DOT_KIND=dot_kind, EPS=NORMALIZE_EPS,
         num_warps=4,
     )
     return S

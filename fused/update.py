@@ -21,8 +21,9 @@ tensors sharing the same dtypes, however many tensors. A small int64 device tabl
 the addresses of its operands, its numel and its first chunk; the grid is flat over the chunks of all
 tensors (no idle programs for small tensors), and each program finds its tensor through a chunk →
 tensor map. Tables are cached on (addresses, numels), so a steady training loop copies nothing to the
-device. The SR value is one fp32 partial sum per program, added by torch afterwards: deterministic,
-and no host synchronisation anywhere.
+device. The SR value is one fp32 partial sum per program, added by one torch sum afterwards
+(deterministic, unlike float atomics). A call is thus one Triton launch per dtype group (one in the
+usual single-dtype model) + one reduction, with no host synchronisation anywhere.
 
 torch.library: the Triton path is the custom op ``fused::masked_regularized_sgd_step`` with
 ``mutates_args=("params", "momentum_buffers")``. It is registered as an opaque ``custom_op`` on every
@@ -42,7 +43,6 @@ import torch
 from fused._dispatch import (
     HAS_TRITON,
     check_positive,
-    check_same_device,
     check_same_shapes,
     check_tensor,
     check_tensor_list,
@@ -78,6 +78,75 @@ if HAS_TRITON:
     }
 
     @triton.jit
+    def operand_pointer(row, column, T: tl.constexpr, ALIGNED: tl.constexpr):
+        """Address ``row[column]`` as a ``T*``. Addresses come from memory, so the compiler knows
+        nothing of their alignment; ALIGNED (checked on the host) tells it they are 16-byte
+        multiples, which lets it vectorise the loads (128-bit accesses)."""
+        address = tl.load(row + column)
+        if ALIGNED:
+            address = tl.multiple_of(address, 16)
+        return address.to(tl.pointer_type(T))
+
+    @triton.jit
+    def load_tile(ptr, inb, MASKED: tl.constexpr):
+        if MASKED:
+            return tl.load(ptr, mask=inb, other=0)
+        else:
+            return tl.load(ptr)
+
+    @triton.jit
+    def store_tile(ptr, value, inb, MASKED: tl.constexpr):
+        if MASKED:
+            tl.store(ptr, value, mask=inb)
+        else:
+            tl.store(ptr, value)
+
+    @triton.jit
+    def _masked_sgd_tile(
+        row, offs, inb, lr, lam, momentum, weight_decay,
+        P_T: tl.constexpr, G_T: tl.constexpr, R_T: tl.constexpr, I_T: tl.constexpr,
+        M_T: tl.constexpr, B_T: tl.constexpr, C_T: tl.constexpr,
+        HAS_GRAD: tl.constexpr, HAS_IMP: tl.constexpr, BINARY_IMP: tl.constexpr,
+        HAS_MASK: tl.constexpr, BINARY_MASK: tl.constexpr, HAS_DECAY: tl.constexpr,
+        HAS_MOMENTUM: tl.constexpr, PROXIMAL: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    ):
+        """The step on one tile of one tensor; returns the tile's ½ΣI(ψ−ψ0)² (fp32)."""
+        p_ptr = operand_pointer(row, 0, P_T, ALIGNED) + offs
+        p = load_tile(p_ptr, inb, MASKED).to(C_T)
+        sr = tl.full([], 0.0, tl.float32)
+        if HAS_IMP:
+            ref = load_tile(operand_pointer(row, 2, R_T, ALIGNED) + offs, inb, MASKED).to(C_T)
+            imp = load_tile(operand_pointer(row, 3, I_T, ALIGNED) + offs, inb, MASKED)
+            if BINARY_IMP:
+                imp = imp != 0  # bool / uint8 mask: I = 1 where nonzero
+            imp = imp.to(C_T)
+            diff = p - ref
+            sr = tl.sum(0.5 * imp * diff * diff).to(tl.float32)
+        if HAS_GRAD:
+            u = load_tile(operand_pointer(row, 1, G_T, ALIGNED) + offs, inb, MASKED).to(C_T)
+            if HAS_MASK:
+                m = load_tile(operand_pointer(row, 4, M_T, ALIGNED) + offs, inb, MASKED)
+                if BINARY_MASK:
+                    m = m != 0
+                u = u * m.to(C_T)
+            if HAS_DECAY:
+                u = u + weight_decay * p
+            if HAS_IMP:
+                if not PROXIMAL:
+                    u = u + lam * imp * diff  # explicit: gradient of ½λΣI(ψ−ψ0)²
+            if HAS_MOMENTUM:
+                b_ptr = operand_pointer(row, 5, B_T, ALIGNED) + offs
+                u = momentum * load_tile(b_ptr, inb, MASKED).to(C_T) + u
+                store_tile(b_ptr, u.to(B_T), inb, MASKED)
+            new = p - lr * u
+            if HAS_IMP:
+                if PROXIMAL:
+                    a = (lr * lam) * imp  # implicit: ψ = (ψ − lr·u + a·ψ0)/(1 + a)
+                    new = (new + a * ref) / (1.0 + a)
+            store_tile(p_ptr, new.to(P_T), inb, MASKED)
+        return sr
+
+    @triton.jit
     def _masked_sgd_kernel(
         rows,  # int64 [T, 8]: addresses of ψ, g, ψ0, I, m, b; numel; first chunk
         chunk_tensor,  # int64 [n_chunks]: the tensor each program works on
@@ -101,51 +170,30 @@ if HAS_TRITON:
         HAS_DECAY: tl.constexpr,
         HAS_MOMENTUM: tl.constexpr,
         PROXIMAL: tl.constexpr,
+        ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         row = rows + tl.load(chunk_tensor + pid) * 8
         numel = tl.load(row + 6)
-        offs = (pid - tl.load(row + 7)) * BLOCK + tl.arange(0, BLOCK)  # int64: tensors > 2^31 ok
+        start = (pid - tl.load(row + 7)) * BLOCK  # int64: tensors > 2^31 elements are fine
+        offs = start + tl.arange(0, BLOCK)
         inb = offs < numel
-
-        p_ptr = tl.load(row + 0).to(tl.pointer_type(P_T)) + offs
-        p = tl.load(p_ptr, mask=inb, other=0.0).to(C_T)
-
-        sr = tl.full([], 0.0, tl.float32)
-        if HAS_IMP:
-            ref = tl.load(tl.load(row + 2).to(tl.pointer_type(R_T)) + offs, mask=inb, other=0.0).to(C_T)
-            imp = tl.load(tl.load(row + 3).to(tl.pointer_type(I_T)) + offs, mask=inb, other=0)
-            if BINARY_IMP:
-                imp = (imp != 0).to(C_T)
-            else:
-                imp = imp.to(C_T)
-            diff = p - ref
-            sr = tl.sum(0.5 * imp * diff * diff).to(tl.float32)
+        # Only a tensor's last tile needs the bounds mask; a mask the compiler cannot prove
+        # constant over 16 B (numel comes from memory) would keep it from vectorising.
+        if start + BLOCK <= numel:
+            sr = _masked_sgd_tile(
+                row, offs, inb, lr, lam, momentum, weight_decay, P_T, G_T, R_T, I_T, M_T, B_T, C_T,
+                HAS_GRAD, HAS_IMP, BINARY_IMP, HAS_MASK, BINARY_MASK, HAS_DECAY, HAS_MOMENTUM,
+                PROXIMAL, ALIGNED, False,
+            )
+        else:
+            sr = _masked_sgd_tile(
+                row, offs, inb, lr, lam, momentum, weight_decay, P_T, G_T, R_T, I_T, M_T, B_T, C_T,
+                HAS_GRAD, HAS_IMP, BINARY_IMP, HAS_MASK, BINARY_MASK, HAS_DECAY, HAS_MOMENTUM,
+                PROXIMAL, ALIGNED, True,
+            )
         tl.store(partials + pid, sr)
-
-        if HAS_GRAD:
-            u = tl.load(tl.load(row + 1).to(tl.pointer_type(G_T)) + offs, mask=inb, other=0.0).to(C_T)
-            if HAS_MASK:
-                m = tl.load(tl.load(row + 4).to(tl.pointer_type(M_T)) + offs, mask=inb, other=0)
-                if BINARY_MASK:
-                    m = m != 0
-                u = u * m.to(C_T)
-            if HAS_DECAY:
-                u = u + weight_decay * p
-            if HAS_IMP:
-                if not PROXIMAL:
-                    u = u + lam * imp * diff
-            if HAS_MOMENTUM:
-                b_ptr = tl.load(row + 5).to(tl.pointer_type(B_T)) + offs
-                u = momentum * tl.load(b_ptr, mask=inb, other=0.0).to(C_T) + u
-                tl.store(b_ptr, u.to(B_T), mask=inb)
-            new = p - lr * u
-            if HAS_IMP:
-                if PROXIMAL:
-                    a = (lr * lam) * imp
-                    new = (new + a * ref) / (1.0 + a)
-            tl.store(p_ptr, new.to(P_T), mask=inb)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -218,28 +266,25 @@ _TABLE_CACHE_SIZE = 64
 
 
 def multi_tensor_chunk_table(
-    operands: Sequence[Sequence[Optional[torch.Tensor]]], block: int, width: int
+    addresses: Sequence[int], numels: Sequence[int], device: torch.device, block: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Device tables for one multi-tensor launch over ``len(operands)`` tensors.
+    """Device tables for one multi-tensor launch over ``len(numels)`` tensors.
 
-    ``operands[t]`` lists the operand tensors of tensor ``t`` (``None`` = absent, address 0; the
-    kernel must not read it); all have ``operands[t][0]``'s numel and element order. Returns
-    ``rows``, int64 ``[T, width]`` = (addresses..., numel, first chunk), and ``chunk_tensor``, int64
-    ``[n_chunks]``: the tensor of every program, ``ceil(numel / block)`` programs per tensor.
+    ``addresses`` holds, tensor after tensor, the same number of operand addresses for each tensor
+    (0 = absent; the kernel must not read it). Returns ``rows``, int64 ``[T, n_operands + 2]`` =
+    (addresses..., numel, first chunk), and ``chunk_tensor``, int64 ``[n_chunks]``: the tensor of
+    every program, ``ceil(numel / block)`` programs per tensor.
 
-    The table depends only on addresses and numels, so it is cached on them: a training loop whose
-    tensors stay put reuses it without any host-to-device copy. (If memory is freed and reused, the
-    same key still describes the same addresses, so a hit is always correct.)
+    A table depends only on addresses and numels, so it is cached on them: a training loop whose
+    tensors stay put reuses it with no host-to-device copy, which also makes the step CUDA-graph
+    capturable. (If memory is freed and reused, a hit still describes those same addresses.)
     """
-    device = operands[0][0].device
-    numels = [ops[0].numel() for ops in operands]
-    addresses = [0 if t is None else t.data_ptr() for ops in operands for t in ops]
-    key = (device, block, width, *addresses, *numels)
+    key = (device, block, tuple(addresses), tuple(numels))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
         return hit
-    n_ops = width - 2
+    n_ops = len(addresses) // max(len(numels), 1)
     rows: List[int] = []
     chunk_tensor: List[int] = []
     for t, numel in enumerate(numels):
@@ -249,7 +294,7 @@ def multi_tensor_chunk_table(
     host = torch.tensor(rows + chunk_tensor, dtype=torch.int64)
     if device.type == "cuda":  # pinned + non_blocking: no host synchronisation
         host = host.pin_memory().to(device, non_blocking=True)
-    tables = (host[: len(rows)].view(-1, width), host[len(rows) :])
+    tables = (host[: len(rows)].view(-1, n_ops + 2), host[len(rows) :])
     _TABLE_CACHE[key] = tables
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
@@ -274,25 +319,60 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def same_element_order(x: torch.Tensor, like: torch.Tensor) -> bool:
+def _same_element_order(x: torch.Tensor, like: torch.Tensor) -> bool:
     """``x`` lays out its elements in the same memory order as the dense tensor ``like``."""
     return all(xs == ls for xs, ls, n in zip(x.stride(), like.stride(), like.shape) if n != 1)
 
 
-def in_element_order_of(x: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """``x`` itself when it matches ``like``'s element order, else a copy in that order."""
-    if x is None or same_element_order(x, like):
-        return x
-    return torch.empty_like(like, dtype=x.dtype).copy_(x)
+class MultiTensorGroups:
+    """Tensors sorted into multi-tensor launches: one group per tuple of operand dtypes.
 
+    Each :meth:`add` takes one tensor's operands (``ops[0]`` the one that sets the element order;
+    ``None`` = absent). The kernel walks all operands linearly in memory, so they must be dense and
+    in one element order. Contiguous operands (the usual case) are used as they are; otherwise the
+    first operand, if not dense, and any operand in another order are replaced by copies in a
+    common order, and the copies of written operands are copied back by :meth:`write_back`.
+    """
 
-def dense_work_tensor(t: torch.Tensor, write_back: list) -> torch.Tensor:
-    """``t`` if a kernel may write it linearly; else a contiguous copy to be copied back after."""
-    if _is_dense(t):
-        return t
-    work = t.contiguous()
-    write_back.append((t, work))
-    return work
+    def __init__(self, written: Sequence[int]):
+        self.written = frozenset(written)
+        self.groups: Dict[tuple, Tuple[List[int], List[int]]] = {}  # key -> (addresses, numels)
+        self._keep_alive: List[torch.Tensor] = []  # copies whose addresses are in a table
+        self._write_back: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add(self, ops: Sequence[Optional[torch.Tensor]]) -> None:
+        if not all(x is None or x.is_contiguous() for x in ops):
+            ops = self._in_common_order(ops)
+        addresses = [0 if x is None else x.data_ptr() for x in ops]
+        # 16-byte aligned operands let the kernel vectorise (fresh allocations are; views may not be)
+        key = (*(None if x is None else x.dtype for x in ops), not any(a % 16 for a in addresses))
+        entry = self.groups.get(key)
+        if entry is None:
+            entry = self.groups[key] = ([], [])
+        entry[0].extend(addresses)
+        entry[1].append(ops[0].numel())
+
+    def _in_common_order(self, ops):
+        first = ops[0]
+        if not _is_dense(first):
+            first = self._copy(0, ops[0], ops[0].contiguous())
+        out = [first]
+        for j, x in enumerate(ops[1:], 1):
+            if x is not None and not _same_element_order(x, first):
+                x = self._copy(j, x, torch.empty_like(first, dtype=x.dtype).copy_(x))
+            out.append(x)
+        return out
+
+    def _copy(self, j: int, original: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+        self._keep_alive.append(copy)
+        if j in self.written:
+            self._write_back.append((original, copy))
+        return copy
+
+    def write_back(self) -> None:
+        """Copy the results in temporary copies back into the caller's tensors."""
+        for original, copy in self._write_back:
+            original.copy_(copy)
 
 
 # ----------------------------------------------------------------------------- Triton path
@@ -318,36 +398,28 @@ def _masked_regularized_sgd_step_triton(
     """
     device = params[0].device
     has_momentum = momentum != 0
-    write_back: list = []
-    groups: Dict[tuple, list] = {}
+    groups = MultiTensorGroups(written=(0, 5))  # operands: ψ, g, ψ0, I, m, b
     for i, p in enumerate(params):
         g, imp = grads[i], importance[i]
-        if g is None and imp is None:
-            continue  # nothing to update and no SR term
-        p = dense_work_tensor(p, write_back)
-        ref = ref_params[i] if imp is not None else None
-        mask = grad_masks[i] if g is not None else None
-        buf = None
-        if has_momentum and g is not None:
-            buf = momentum_buffers[i]
-            if not same_element_order(buf, p) or not _is_dense(buf):
-                work = torch.empty_like(p, dtype=buf.dtype).copy_(buf)
-                write_back.append((buf, work))
-                buf = work
-        ops = [p] + [in_element_order_of(x, p) for x in (g, ref, imp, mask)] + [buf]
-        key = tuple(None if x is None else x.dtype for x in ops)
-        groups.setdefault(key, []).append(ops)
+        if g is None:
+            if imp is not None:  # not updated, but its SR term counts
+                groups.add((p, None, ref_params[i], imp, None, None))
+        else:
+            groups.add((
+                p, g, ref_params[i] if imp is not None else None, imp, grad_masks[i],
+                momentum_buffers[i] if has_momentum else None,
+            ))
 
     # One fp32 partial SR sum per program of every launch, summed by torch at the end.
-    tables = [multi_tensor_chunk_table(ops, BLOCK, 8) for ops in groups.values()]
+    tables = [multi_tensor_chunk_table(a, n, device, BLOCK) for a, n in groups.groups.values()]
     partials = torch.empty(sum(ct.numel() for _, ct in tables), dtype=torch.float32, device=device)
     offset = 0
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for (key, ops), (rows, chunk_tensor) in zip(groups.items(), tables):
+        for key, (rows, chunk_tensor) in zip(groups.groups, tables):
             n_chunks = chunk_tensor.numel()
             if n_chunks == 0:
                 continue
-            p_dt, g_dt, r_dt, i_dt, m_dt, b_dt = key
+            p_dt, g_dt, r_dt, i_dt, m_dt, b_dt, aligned = key
             _masked_sgd_kernel[(n_chunks,)](
                 rows,
                 chunk_tensor,
@@ -371,12 +443,12 @@ def _masked_regularized_sgd_step_triton(
                 HAS_DECAY=weight_decay != 0,
                 HAS_MOMENTUM=b_dt is not None,
                 PROXIMAL=bool(proximal),
+                ALIGNED=aligned,
                 BLOCK=BLOCK,
                 num_warps=NUM_WARPS,
             )
             offset += n_chunks
-    for target, work in write_back:
-        target.copy_(work)
+    groups.write_back()
     return partials.sum()
 
 
@@ -398,11 +470,25 @@ def _optional_list(name: str, values, n: int, *, allow_bool: bool) -> List[Optio
     return values
 
 
-def check_strided(name: str, values: Sequence[Optional[torch.Tensor]]) -> None:
-    """Kernels address memory directly: sparse or other non-strided layouts are refused."""
-    for i, v in enumerate(values):
-        if v is not None and v.layout != torch.strided:
-            raise TypeError(f"{name}[{i}] must be a dense (strided) tensor, got layout {v.layout}")
+def check_layout_and_device(**lists: Sequence[Optional[torch.Tensor]]) -> torch.device:
+    """All tensors of the named lists are strided (kernels address memory directly; sparse ones are
+    refused) and share one device, which is returned. Like ``_dispatch.check_same_device`` but over
+    lists, formatting names only on failure (this runs on every optimizer step)."""
+    device, first = None, None
+    for name, values in lists.items():
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            if v.layout != torch.strided:
+                raise TypeError(f"{name}[{i}] must be a dense (strided) tensor, got layout {v.layout}")
+            if device is None:
+                device, first = v.device, (name, i)
+            elif v.device != device:
+                raise ValueError(
+                    f"{name}[{i}] is on {v.device} but {first[0]}[{first[1]}] is on {device}: "
+                    "all tensors must share one device"
+                )
+    return device
 
 
 def check_update_hyperparameters(lr, lam, momentum, weight_decay, proximal) -> None:
@@ -494,12 +580,7 @@ def masked_regularized_sgd_step(
         named["momentum_buffers"] = momentum_buffers
     for name, values in named.items():
         check_same_shapes("params", params, name, values)
-    check_strided("params", params)
-    tensors = {f"params[{i}]": p for i, p in enumerate(params)}
-    for name, values in named.items():
-        check_strided(name, values)
-        tensors.update({f"{name}[{i}]": v for i, v in enumerate(values) if v is not None})
-    device = check_same_device(**tensors)
+    device = check_layout_and_device(params=params, **named)
 
     with torch.no_grad():
         if resolve_backend(backend, device) == "reference":

@@ -103,7 +103,7 @@ def _similarity_case(n, d, k):
     return Case("anchor_similarity", "fused.similarity", "anchor_similarity", f"N={n} D={d} K={k}", make, run)
 
 
-def _alignment_case(n, d, k):
+def _alignment_case(n, d, k, reduction="mean"):
     def make(gen):
         x = _randn(gen, n, d)
         # The unlearned features start near the original ones: a realistic, non-trivial loss.
@@ -111,12 +111,14 @@ def _alignment_case(n, d, k):
 
     def run(fn, inp, backend):
         x = inp["x"].requires_grad_(True)
-        loss = fn(x, inp["x_ref"], inp["anchors"], backend=backend)
-        (grad_x,) = torch.autograd.grad(loss, x)
+        loss = fn(x, inp["x_ref"], inp["anchors"], reduction=reduction, backend=backend)
+        # Per-row losses get unequal upstream weights, so a row mix-up in the backward shows.
+        upstream = torch.linspace(0.5, 1.5, n, dtype=loss.dtype, device=loss.device) if reduction == "none" else None
+        (grad_x,) = torch.autograd.grad(loss, x, grad_outputs=upstream)
         return [loss.detach(), grad_x]
 
     return Case(
-        "structure_alignment_loss fwd+bwd", "fused.alignment", "structure_alignment_loss",
+        f"structure_alignment_loss[{reduction}] fwd+bwd", "fused.alignment", "structure_alignment_loss",
         f"N={n} D={d} K={k}", make, run,
     )
 
@@ -188,6 +190,10 @@ def _shapes_label(shapes):
     return "+".join("x".join(map(str, s)) for s in shapes)
 
 
+OP_NAMES = ("anchor_similarity", "structure_alignment_loss", "accumulate_importance",
+            "masked_regularized_sgd_step", "l2_pgd_step")
+
+
 def build_cases(quick: bool = False) -> List[Case]:
     """The validation cases; ``quick`` keeps one shape per op variant."""
     cases = [
@@ -201,7 +207,10 @@ def build_cases(quick: bool = False) -> List[Case]:
     if not quick:
         cases += [
             _similarity_case(70, 129, 33),
-            _alignment_case(70, 129, 33),
+            _alignment_case(70, 129, 33, "sum"),
+            _alignment_case(70, 129, 33, "none"),
+            _similarity_case(150, 300, 75),  # several tiles along N, K and D
+            _alignment_case(150, 300, 75),
             _importance_case(PARAM_SHAPES_B, 1.0),
             *(_update_case(v, PARAM_SHAPES_B) for v in ("explicit", "proximal", "momentum", "mask")),
             _pgd_case((2, 3, 61, 53), per_sample_eps=False, targeted=True),  # D = 9699: the looped kernel
@@ -237,7 +246,8 @@ def _max_abs_error(outputs: Sequence[torch.Tensor], truth: Sequence[torch.Tensor
 
 
 def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    kind = "ImportError" if isinstance(exc, ImportError) else type(exc).__name__  # incl. ModuleNotFoundError
+    text = f"{kind}: {exc}".splitlines()[0]
     return text if len(text) <= 90 else text[:87] + "..."
 
 
@@ -256,14 +266,23 @@ def run_validation(
     quick: bool = False,
     backends: Optional[Sequence[str]] = None,
     device: Optional[torch.device] = None,
+    ops: Optional[Sequence[str]] = None,
     progress: bool = False,
     seed: int = 0,
 ) -> List[Row]:
-    """Run every case on every requested backend and dtype; one :class:`Row` per result."""
+    """Run every case on every requested backend and dtype; one :class:`Row` per result.
+
+    ``ops`` restricts the run to ops of those public names (e.g. ``["l2_pgd_step"]``).
+    """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = list(backends) if backends else available_backends(device)
     dtypes = validation_dtypes(device)
     cases = build_cases(quick)
+    if ops:
+        unknown = sorted(set(ops) - set(OP_NAMES))
+        if unknown:
+            raise ValueError(f"ops must be names among {OP_NAMES}, got {unknown}")
+        cases = [c for c in cases if c.func in ops]
     rows: List[Row] = []
     work = [(c, dt) for c in cases for dt in dtypes]
     if progress:
@@ -344,6 +363,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--quick", action="store_true", help="one shape per op variant (a few seconds)")
     parser.add_argument("--backend", choices=BACKENDS, action="append",
                         help="validate only this backend (repeatable; default: every backend available here)")
+    parser.add_argument("--op", choices=OP_NAMES, action="append",
+                        help="validate only this op (repeatable; default: every op)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -367,7 +388,7 @@ def main(argv: Optional[Sequence[str]] = None, *, note: Optional[str] = None) ->
                   file=sys.stderr)
             return 2
     start = time.perf_counter()
-    rows = run_validation(quick=args.quick, backends=args.backend, device=device,
+    rows = run_validation(quick=args.quick, backends=args.backend, device=device, ops=args.op,
                           progress=not args.no_progress and sys.stderr.isatty(), seed=args.seed)
     elapsed = time.perf_counter() - start
     print(format_table(rows))

@@ -136,8 +136,8 @@ def class_prompts(class_names: Sequence[str], descriptions=None, *,
     a class without one gives the template ``"a photo of a {class}"``. Underscores in class names
     become spaces. Descriptions are matched by exact name, then case-, space- and
     underscore-insensitively. ``descriptions`` is anything :func:`load_descriptions` accepts, or
-    None (template for every class). Description keys matching no class raise a warning (likely a
-    typo or the wrong data set).
+    None (template for every class). Keys matching no class while some class has no description
+    raise a warning (likely a typo or the wrong data set); a superset of the classes is fine.
     """
     if isinstance(class_names, str) or not isinstance(class_names, Sequence):
         raise TypeError(f"class_names: expected a list of class-name strings, "
@@ -154,16 +154,19 @@ def class_prompts(class_names: Sequence[str], descriptions=None, *,
 
     desc = {} if descriptions is None else load_descriptions(descriptions)
     by_key = {_normalise_key(k): v for k, v in desc.items()}
-    unmatched = set(desc) - set(names)
-    unmatched = sorted(k for k in unmatched if _normalise_key(k) not in
-                       {_normalise_key(n) for n in names})
-    if unmatched:
-        warnings.warn(f"descriptions for {len(unmatched)} name(s) match no class and are unused: "
-                      f"{unmatched[:10]}", stacklevel=2)
+    lookup = {n: desc.get(n) or by_key.get(_normalise_key(n)) for n in names}
+    # Keys matching no class while some class falls back to the template: most likely a typo.
+    class_keys = {_normalise_key(n) for n in names}
+    unmatched = sorted(k for k in desc if _normalise_key(k) not in class_keys)
+    uncovered = [n for n in names if lookup[n] is None]
+    if unmatched and uncovered:
+        warnings.warn(f"descriptions for {unmatched[:10]} match no class while classes "
+                      f"{uncovered[:10]} have none and use the template; check the names",
+                      stacklevel=2)
 
     prompts = []
     for name in names:
-        attrs = desc.get(name) or by_key.get(_normalise_key(name))
+        attrs = lookup[name]
         head = _TEMPLATE.format(_readable(name))
         if attrs is None:
             prompts.append(head)
@@ -312,7 +315,6 @@ class OpenCLIPEncoder(TextEncoder):
 
     def _build_model(self):
         import open_clip
-        from open_clip.factory import load_checkpoint
 
         # create_model logs "No pretrained weights loaded ... initialized randomly" on purpose
         # here; hide it (we load the weights next or warn ourselves). Seeded for reproducibility.
@@ -321,23 +323,12 @@ class OpenCLIPEncoder(TextEncoder):
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_RANDOM_SEED)
-                model = open_clip.create_model(self.arch, pretrained=None, device="cpu")
+                model = open_clip.create_model(self.arch, pretrained=None, device="cpu",
+                                               **_offline_create_kwargs())
         finally:
             logging.disable(previous)
         if self.checkpoint is not None:
-            try:
-                incompatible = load_checkpoint(model, str(self.checkpoint), strict=False)
-            except Exception as exc:
-                raise ValueError(f"open_clip checkpoint {self.checkpoint} could not be loaded "
-                                 f"into {self.arch!r}: {exc}") from exc
-            missing = [k for k in getattr(incompatible, "missing_keys", [])
-                       if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")]
-            unexpected = list(getattr(incompatible, "unexpected_keys", []))
-            if missing or unexpected:
-                raise ValueError(
-                    f"open_clip checkpoint {self.checkpoint} does not match {self.arch!r}: "
-                    f"missing text weights {missing[:5]}, unexpected keys {unexpected[:5]} "
-                    f"(expected an open_clip/OpenAI state dict of that architecture)")
+            _load_text_weights(model, self.checkpoint, self.arch)
         # Only the text tower is used: drop the image tower to free its memory.
         model.visual = torch.nn.Identity()
         return model.to(self.device).eval().requires_grad_(False)
@@ -351,6 +342,37 @@ class OpenCLIPEncoder(TextEncoder):
             for chunk in tokens.split(256):
                 out.append(model.encode_text(chunk.to(self.device)).float())
         return torch.cat(out).clone()  # clone: a normal tensor, not an inference tensor
+
+
+def _offline_create_kwargs() -> dict:
+    """open_clip >= 3 would fetch base tower weights (e.g. an HF text model) when no CLIP
+    weights are given; switch that off where the installed version has the flags."""
+    import inspect
+
+    import open_clip
+
+    params = inspect.signature(open_clip.create_model).parameters
+    return {k: False for k in ("pretrained_image", "pretrained_text") if k in params}
+
+
+def _load_text_weights(model, checkpoint: Path, arch: str) -> None:
+    """Load ``checkpoint`` into ``model`` in place with open_clip's converters; every weight of
+    the text tower must be present (``visual.*`` may be absent), no key may be foreign."""
+    from open_clip.factory import load_checkpoint
+
+    try:
+        incompatible = load_checkpoint(model, str(checkpoint), strict=False)
+    except Exception as exc:
+        raise ValueError(f"open_clip checkpoint {checkpoint} could not be loaded into "
+                         f"{arch!r}: {exc}") from exc
+    missing = [k for k in incompatible.missing_keys
+               if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")]
+    unexpected = list(incompatible.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(
+            f"open_clip checkpoint {checkpoint} does not match {arch!r}: missing text weights "
+            f"{missing[:5]}, unexpected keys {unexpected[:5]} (expected an open_clip/OpenAI "
+            f"state dict of that architecture)")
 
 
 def _check_texts(texts) -> list[str]:
@@ -559,5 +581,6 @@ def load_anchors(path: str | os.PathLike) -> tuple[Tensor, dict[str, Any]]:
             and isinstance(blob.get("anchors"), Tensor) and blob["anchors"].dim() == 2
             and isinstance(blob.get("meta"), dict)):
         raise ValueError(f"anchors file {path} is not a {_ANCHORS_FORMAT} file (expected "
-                         f"{{'format', 'anchors': Tensor[b, d_a], 'meta': dict}} from save_anchors)")
+                         f"{{'format', 'anchors': Tensor[b, d_a], 'meta': dict}} from "
+                         f"save_anchors)")
     return blob["anchors"].requires_grad_(False), blob["meta"]

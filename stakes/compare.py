@@ -209,7 +209,7 @@ def run_compare(args) -> int:
                             write_json_atomic)
     from stakes.data import sample_forget_indices
     from stakes.methods import METHODS, build_proxies
-    from stakes.metrics import evaluate_model, membership_inference
+    from stakes.metrics import accuracy, evaluate_model, membership_inference
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     valid = [m for m in METHODS if m != "retrain"]
@@ -226,7 +226,7 @@ def run_compare(args) -> int:
     variants = [(m, m, {}) for m in methods]
     if args.warm_start_variant and "structguard" in methods:
         variants.append(("structguard+warm", "structguard", {"warm_start": True}))
-    pre_test = evaluate_model(model, data, torch.zeros(0, dtype=torch.long))["test_accuracy"]
+    pre_test = accuracy(model, data.test_x, data.test_y)
     meta = {"dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "preset": args.preset,
             "seeds": args.seeds, "ks": args.k, "methods": [v[0] for v in variants], "anchors": anchor_meta,
             "pretrained_test_accuracy": pre_test, "radius": {}}

@@ -20,7 +20,9 @@ from typing import Optional
 
 PRESETS = ("stable", "paper")
 IMPORTANCE_KINDS = ("dense", "topq", "inverted")
-DELETION_KINDS = ("ascent", "bounded")
+DELETION_KINDS = ("ascent", "bounded", "margin")
+DELETION_PATHS = ("features_head", "deployed")
+LOSS_WEIGHTINGS = ("batch_fraction", "equal")
 
 
 @dataclass
@@ -52,8 +54,11 @@ class UnlearnConfig:
     align_weight: float = 1.0
     lam: float = 1.0                 # SR weight λ
     cr_weight: float = 0.001         # classifier elastic net weight
-    deletion: str = "ascent"         # "ascent" (−CE) or "bounded" (−mean min(CE_i, ln C + 1))
+    deletion: str = "ascent"         # "ascent" (−CE), "bounded" (−mean min(CE_i, ln C + 1)) or "margin" [ours]
     deletion_bound: Optional[float] = None  # None -> ln C + 1
+    deletion_margin: float = 1.0     # "margin": mean_i relu(z_y − max_{j≠y} z_j + m)
+    deletion_path: str = "features_head"  # StructGuard: delete through h∘g (§7) or the deployed h∘p∘g [ours]
+    loss_weighting: str = "batch_fraction"  # "batch_fraction" (n_f/(n_f+n_a), §8) or "equal" (1 and 1) [ours]
 
     # Importance (§6).
     importance: str = "dense"        # "dense" | "topq" (binary top-q mask) | "inverted" (L2UL-style)
@@ -114,6 +119,11 @@ class UnlearnConfig:
             positive("grad_clip")
         if self.deletion not in DELETION_KINDS:
             raise ValueError(f"config.deletion must be one of {DELETION_KINDS}, got {self.deletion!r}")
+        if self.deletion_path not in DELETION_PATHS:
+            raise ValueError(f"config.deletion_path must be one of {DELETION_PATHS}, got {self.deletion_path!r}")
+        positive("deletion_margin", allow_zero=True)
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"config.loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.deletion_bound is not None:
             positive("deletion_bound")
         if self.importance not in IMPORTANCE_KINDS:

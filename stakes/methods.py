@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 import fused
 from fused.optim import StructureSGD
 from stakes.config import UnlearnConfig, preset
+from stakes.metrics import accuracy, structure_drift
 from stakes.proxy import ProxySet, calibrate_radius, generate_proxies
 
 METHODS = ("structguard", "neggrad", "adv", "l2ul", "salun", "finetune", "retrain")
@@ -45,22 +46,22 @@ class Projector(nn.Module):
     ``forward`` returns ``(out, z)``: the d_f-dimensional output fed to the head and the
     d_a-dimensional representation z whose anchor structure is aligned (§4). For d_f == d_a, z is
     the output; otherwise z is the first linear layer's output (the hidden layer of width d_a,
-    before BatchNorm) [ours]: with the deployed-model warm start this makes z = g(x)·R_p exactly,
-    the same space as the original branch's v^ori.
+    before BatchNorm) [ours].
     """
 
-    def __init__(self, feature_dim: int, anchor_dim: int):
+    def __init__(self, feature_dim: int, anchor_dim: int, hidden_dim: Optional[int] = None):
         super().__init__()
-        self.feature_dim, self.anchor_dim = feature_dim, anchor_dim
-        self.fc1 = nn.Linear(feature_dim, anchor_dim)
-        self.bn = nn.BatchNorm1d(anchor_dim)
-        self.fc2 = nn.Linear(anchor_dim, feature_dim)
+        hidden_dim = anchor_dim if hidden_dim is None else hidden_dim
+        self.feature_dim, self.anchor_dim, self.hidden_dim = feature_dim, anchor_dim, hidden_dim
+        self.fc1 = nn.Linear(feature_dim, hidden_dim)
+        self.bn = nn.BatchNorm1d(hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, feature_dim)
         self.frozen_bn = False   # warm start keeps BatchNorm statistics fixed
 
     def forward(self, h: torch.Tensor):
         hidden = self.fc1(h)
         out = self.fc2(F.relu(self.bn(hidden)))
-        z = out if self.feature_dim == self.anchor_dim else hidden
+        z = out if self.feature_dim == self.hidden_dim else hidden
         return out, z
 
     def train(self, mode: bool = True):
@@ -70,27 +71,33 @@ class Projector(nn.Module):
         return self
 
     @torch.no_grad()
-    def warm_start(self, random_projection: torch.Tensor, features: torch.Tensor) -> None:
-        """Initialise so that ``out == h`` on the features seen (METHOD.md §13 [ours]).
+    def warm_start(self, init_std: float = 0.01, generator: Optional[torch.Generator] = None) -> None:
+        """Initialise so that ``out == h`` for every h ≥ 0 (METHOD.md §13 [ours]).
 
-        fc1 = R_pᵀ (so z = h·R_p = v^ori's pre-normalised vector when g = g0); BatchNorm frozen as
-        a pure shift by c, large enough that ReLU passes every hidden unit of ``features``;
-        fc2 = pinv(R_pᵀ) with bias −fc2·c. Exact when d_a ≥ d_f (R_pᵀ has full column rank).
+        Pooled CNN features are non-negative (they come out of a ReLU), so an identity embedding
+        passes them through: fc1 = [I; W'] (the extra d_a − d_f hidden units get small random rows W'
+        and zero outgoing weights, so they start silent but can learn), BatchNorm frozen as the
+        identity (eval mode, zero mean, unit variance), fc2 = [I, 0]. Needs a hidden width ≥ d_f
+        (the unlearner builds the projector with width max(d_a, d_f) when warm-starting).
         """
-        r = random_projection.to(self.fc1.weight)                  # [d_f, d_a]
-        self.fc1.weight.copy_(r.t())
+        d_f, d_a = self.feature_dim, self.hidden_dim
+        if d_a < d_f:
+            raise ValueError(f"warm start needs hidden width >= feature dim, got {d_a} < {d_f}")
+        w1 = torch.zeros(d_a, d_f)
+        w1[:d_f] = torch.eye(d_f)
+        w1[d_f:] = torch.randn(d_a - d_f, d_f, generator=generator) * init_std
+        self.fc1.weight.copy_(w1)
         self.fc1.bias.zero_()
-        hidden = features.to(r) @ r
-        c = float(hidden.abs().max()) * 2.0 + 1.0 if hidden.numel() else 1.0
         self.bn.reset_running_stats()
-        self.bn.running_var.fill_(1.0 - self.bn.eps)               # (x − 0)/sqrt(1 − eps + eps) = x
+        self.bn.running_var.fill_(1.0 - self.bn.eps)   # (x − 0) / sqrt(1 − eps + eps) = x
         self.bn.weight.fill_(1.0)
-        self.bn.bias.fill_(c)
+        self.bn.bias.zero_()
         self.frozen_bn = True
         self.bn.eval()
-        pinv = torch.linalg.pinv(r.t().double()).to(r)             # [d_f, d_a]
-        self.fc2.weight.copy_(pinv)
-        self.fc2.bias.copy_(-(pinv @ torch.full((r.shape[1],), c, dtype=r.dtype, device=r.device)))
+        w2 = torch.zeros(d_f, d_a)
+        w2[:, :d_f] = torch.eye(d_f)
+        self.fc2.weight.copy_(w2)
+        self.fc2.bias.zero_()
 
 
 class DeployedModel(nn.Module):
@@ -166,14 +173,24 @@ def _check_forget_set(forget_set, num_classes: int, device):
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    from stakes.metrics import accuracy
-
     return accuracy(model, x, y, batch_size=batch_size)
 
 
 def _ce_bounded(logits: torch.Tensor, y: torch.Tensor, bound: float) -> torch.Tensor:
     """mean_i min(CE_i, B): a sample with CE > ln C is already misclassified, so stop pushing it (§12)."""
     return F.cross_entropy(logits, y, reduction="none").clamp(max=bound).mean()
+
+
+def _margin_deletion(logits: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
+    """mean_i relu(z_{y_i} − max_{j≠y_i} z_j + m) [ours]: the smallest push that misclassifies.
+
+    A forget sample stops contributing once another class beats its true class by ``margin``;
+    unlike −CE its gradient does not vanish on a saturated model, and unlike ascent it never
+    pushes a sample further than needed.
+    """
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return F.relu(true - others + margin).mean()
 
 
 def _minmax_invert(t: torch.Tensor) -> torch.Tensor:
@@ -277,7 +294,8 @@ class _Run:
 
         self.projector = None
         if method == "structguard":
-            self.projector = Projector(self.feature_dim, self.anchor_dim).to(self.device)
+            hidden = max(self.anchor_dim, self.feature_dim) if cfg.warm_start else self.anchor_dim
+            self.projector = Projector(self.feature_dim, self.anchor_dim, hidden).to(self.device)
         self.deployed = DeployedModel(self.features, self.head, self.projector)
 
         self.proxies = proxies
@@ -293,6 +311,18 @@ class _Run:
         """v^ori before normalisation: g_ψ0(x)·R_p (the op normalises rows)."""
         with torch.no_grad():
             return self.orig.features(x) @ self.rp
+
+    def unlearned_structure_input(self, x: torch.Tensor):
+        """(projector output, v^unl before normalisation).
+
+        Paper: v^unl = z, the projector's d_a-dim representation (§4). With the deployed-model warm
+        start [ours], v^unl = p(g(x))·R_p instead: the structure of what the head actually sees, read
+        through the same fixed R_p as the original branch, so both structures coincide at step 0.
+        """
+        out, z = self.projector(self.features(x))
+        if self.cfg.warm_start:
+            z = out @ self.rp
+        return out, z
 
     def param_groups(self) -> list:
         cfg = self.cfg
@@ -321,7 +351,7 @@ class _Run:
                 if seen >= n_tot:
                     break
                 xb = self.proxies.x[idx]
-                _, z = self.projector(self.features(xb))
+                _, z = self.unlearned_structure_input(xb)
                 loss = fused.structure_alignment_loss(z, self._orig_structure_input(xb), self.anchors,
                                                       backend=cfg.backend)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -384,8 +414,8 @@ class _Run:
             entry[f"{name}_accuracy"] = _accuracy(self.deployed, x, y)
         if self.anchors is not None and "test" in self.eval_sets:
             x = self.eval_sets["test"][0]
-            entry["structure_drift"] = float(fused.structure_alignment_loss(
-                self.features(x) @ self.rp, self._orig_structure_input(x), self.anchors, backend="reference"))
+            entry["structure_drift"] = structure_drift(self._orig_structure_input(x), self.features(x) @ self.rp,
+                                                       self.anchors)
         entry.update({k: float(v) for k, v in losses.items()})
         self._set_train()
         self.history.append(entry)
@@ -440,13 +470,18 @@ class _Run:
     def loss_terms(self, xf, yf, xa, ya) -> dict:
         cfg, m = self.cfg, self.method
         n_f, n_a = xf.shape[0], xa.shape[0]
-        w_f, w_a = n_f / (n_f + n_a), n_a / (n_f + n_a)
+        if cfg.loss_weighting == "equal":
+            w_f = w_a = 1.0
+        else:  # the batch fractions of METHOD.md §8
+            w_f, w_a = n_f / (n_f + n_a), n_a / (n_f + n_a)
         bound = cfg.deletion_bound or (math.log(self.num_classes) + 1.0)
         terms = {}
 
         def deletion(logits):
             if cfg.deletion == "bounded":
                 return -_ce_bounded(logits, yf, bound)
+            if cfg.deletion == "margin":
+                return _margin_deletion(logits, yf, cfg.deletion_margin)
             return -F.cross_entropy(logits, yf)
 
         if m == "neggrad":
@@ -465,8 +500,9 @@ class _Run:
             terms["retention"] = w_a * F.cross_entropy(self.deployed(xa), ya)
         elif m == "structguard":
             # deletion through h∘g (no projector); retention and alignment through the projector (§7-8)
-            terms["deletion"] = w_f * deletion(self.head(self.features(xf)))
-            out, z = self.projector(self.features(xa))
+            del_model = self.deployed if cfg.deletion_path == "deployed" else (lambda x: self.head(self.features(x)))
+            terms["deletion"] = w_f * deletion(del_model(xf))
+            out, z = self.unlearned_structure_input(xa)
             terms["retention"] = w_a * F.cross_entropy(self.head(out), ya)
             terms["alignment"] = cfg.align_weight * fused.structure_alignment_loss(
                 z, self._orig_structure_input(xa), self.anchors, backend=cfg.backend)
@@ -484,7 +520,6 @@ class _Run:
         total = cfg.max_epochs * steps_per_epoch
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
-        g = torch.Generator().manual_seed(cfg.seed + 1 + self.epoch)
         bar = tqdm(total=total, initial=min(self.step, total), desc=f"unlearn [{self.method}]",
                    disable=not cfg.progress, leave=False)
         stopped = "max_epochs"
@@ -492,10 +527,11 @@ class _Run:
         self._set_train()
         if not self.history:
             self.log_entry({})
-        f_order = torch.randperm(self.k, generator=g).to(self.device)
-        f_pos = 0
         while self.epoch < cfg.max_epochs and self.step < total:
+            # one generator per epoch, so a resumed run draws exactly what an uninterrupted one would
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch)
             order = torch.randperm(n_s, generator=g).to(self.device)
+            f_order, f_pos = torch.randperm(self.k, generator=g).to(self.device), 0
             for i in range(0, n_s, cfg.proxy_batch_size):
                 if self.step >= total:
                     break
@@ -602,8 +638,7 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
         if run.proxies is None:
             run.proxies = run.make_proxies()
         if run.projector is not None and cfg.warm_start:
-            with torch.no_grad():
-                run.projector.warm_start(run.rp, run.orig.features(run.proxies.x[:2048]))
+            run.projector.warm_start(generator=torch.Generator().manual_seed(cfg.seed + 17))
         run.opt = run.build_optimizer()
     stopped, loop_s = run.fit()
     run.timings["loop_s"] = loop_s

@@ -111,14 +111,26 @@ def test_empty_batch(device):
     assert out.shape == x.shape and out.dtype == x.dtype
 
 
-def test_out_and_in_place(device):
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_out_and_in_place(backend, device):
     x, x0, g = _inputs((4, 300), torch.float32, device)
-    expected = l2_pgd_step(x, x0, g, step_size=0.1, eps=0.2)
+    kw = dict(step_size=0.1, eps=0.2, backend=backend)
+    expected = l2_pgd_step(x, x0, g, **kw)
     buf = torch.empty_like(x)
-    assert l2_pgd_step(x, x0, g, step_size=0.1, eps=0.2, out=buf) is buf
+    assert l2_pgd_step(x, x0, g, out=buf, **kw) is buf
     torch.testing.assert_close(buf, expected, atol=0, rtol=0)
-    assert l2_pgd_step(x, x0, g, step_size=0.1, eps=0.2, out=x) is x  # in-place step
+    assert l2_pgd_step(x, x0, g, out=x, **kw) is x  # in-place step
     torch.testing.assert_close(x, expected, atol=0, rtol=0)
+    strided = torch.empty(300, 4, device=device).T  # an out of another layout is written through a copy
+    l2_pgd_step(x0, x0, g, out=strided, **kw)
+    torch.testing.assert_close(strided, l2_pgd_step(x0, x0, g, **kw), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_not_differentiated(backend, device):
+    x, x0, g = _inputs((2, 30), torch.float32, device)
+    out = l2_pgd_step(x.requires_grad_(), x0, g, step_size=0.1, eps=0.2, backend=backend)
+    assert not out.requires_grad and out.grad_fn is None
 
 
 def test_channels_last_and_mixed_dtypes(device):

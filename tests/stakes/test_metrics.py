@@ -40,34 +40,6 @@ class Raises(nn.Module):
         raise AssertionError("the model was called")
 
 
-# ----------------------------------------------------------------------------- fused structure ops
-
-
-def _reference_anchor_similarity(x, anchors, *, backend=None):
-    return nn.functional.normalize(x, dim=1) @ nn.functional.normalize(anchors, dim=1).T
-
-
-def _reference_alignment_loss(x, x_ref, anchors, *, reduction="mean", backend=None):
-    s = _reference_anchor_similarity(x, anchors)
-    s0 = _reference_anchor_similarity(x_ref, anchors)
-    per_row = 1 - nn.functional.cosine_similarity(s, s0, dim=1)
-    return per_row.mean() if reduction == "mean" else per_row
-
-
-@pytest.fixture
-def structure_ops(monkeypatch):
-    """The fused ops when their modules exist (normally); a plain-torch stand-in only while
-    fused.similarity / fused.alignment are not written yet (they are developed in parallel)."""
-    import fused
-
-    for name, ref in (("anchor_similarity", _reference_anchor_similarity),
-                      ("structure_alignment_loss", _reference_alignment_loss)):
-        try:
-            getattr(fused, name)
-        except ImportError:
-            monkeypatch.setitem(vars(fused), name, ref)
-
-
 # ----------------------------------------------------------------------------- classification
 
 
@@ -183,7 +155,7 @@ def test_mia_non_finite_losses_give_nan_with_reason():
 # ----------------------------------------------------------------------------- structures
 
 
-def test_anchor_structure_hand_case(structure_ops):
+def test_anchor_structure_hand_case():
     anchors = torch.tensor([[2.0, 0.0], [0.0, 0.5]])  # not unit: the structure normalises them
     v = torch.tensor([[3.0, 4.0], [-1.0, 0.0]])
     torch.testing.assert_close(anchor_structure(v, anchors), torch.tensor([[0.6, 0.8], [-1.0, 0.0]]))
@@ -191,7 +163,7 @@ def test_anchor_structure_hand_case(structure_ops):
         anchor_structure(v, torch.ones(2, 3))
 
 
-def test_structure_drift_zero_for_identical_and_hand_case(structure_ops):
+def test_structure_drift_zero_for_identical_and_hand_case():
     torch.manual_seed(0)
     v, anchors = torch.randn(6, 5), torch.randn(3, 5)
     assert structure_drift(v, v.clone(), anchors) == pytest.approx(0.0, abs=1e-6)

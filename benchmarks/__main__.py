@@ -1,0 +1,81 @@
+"""Command line: ``python -m benchmarks run [...]`` and ``python -m benchmarks plot [...]``.
+
+Run from the repository root (``benchmarks`` is not an installed package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchmarks.ops import OPS, PROVIDERS, REGIMES
+
+
+def _csv_list(allowed):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(allowed)}, got {text!r}")
+        return items
+
+    return parse
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run_p = sub.add_parser("run", help="time the ops (and the end-to-end runs); write results.json/.csv")
+    run_p.add_argument("--quick", action="store_true", help="small CPU-friendly sizes; compile only for each op's first case")
+    run_p.add_argument("--ops", type=_csv_list(OPS), default=list(OPS), help=f"subset of {','.join(OPS)}")
+    run_p.add_argument("--regimes", type=_csv_list(REGIMES), default=list(REGIMES), help="paper,large")
+    run_p.add_argument("--providers", type=_csv_list(PROVIDERS), default=None,
+                       help=f"subset of {','.join(PROVIDERS)} (default: all that apply)")
+    run_p.add_argument("--no-e2e", action="store_true", help="skip proxy generation and StructGuard steps/s")
+    run_p.add_argument("--max-minutes", type=float, default=None,
+                       help="skip the remaining cases once this much time is spent (results so far are kept)")
+    run_p.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice). On a shared CPU, 1 avoids the "
+                            "OpenMP oversubscription that makes multi-threaded timings meaningless")
+    run_p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/)")
+    run_p.add_argument("--plot", action="store_true", help="draw the plots into the output folder afterwards")
+
+    plot_p = sub.add_parser("plot", help="draw PNGs from results.json")
+    plot_p.add_argument("--in", dest="in_dir", default=None, help="folder with results.json (default benchmarks/results/<device>/)")
+    plot_p.add_argument("--out", default=None, help="folder for the PNGs (default: the input folder)")
+
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        if args.threads is not None:
+            import torch
+
+            if args.threads < 1:
+                parser.error(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        from benchmarks.run import run
+
+        out = run(args.ops, args.regimes, args.out, quick=args.quick, providers=args.providers,
+                  e2e=not args.no_e2e, max_minutes=args.max_minutes)
+        if args.plot:
+            from benchmarks.plot import plot
+
+            for path in plot(out):
+                print(f"wrote {path}")
+        return 0
+    from benchmarks.plot import plot
+
+    in_dir = args.in_dir
+    if in_dir is None:
+        import torch
+
+        from benchmarks.run import default_out_dir
+
+        in_dir = default_out_dir(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    for path in plot(in_dir, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+import pytest
+
+from stakes.config import UnlearnConfig, preset
+
+
+def test_presets_differ_where_the_method_says():
+    stable, paper = preset("stable"), preset("paper")
+    assert stable.eps is None and stable.deletion == "bounded" and stable.proximal and stable.grad_clip == 2.0
+    assert paper.eps == 3.0 and paper.deletion == "ascent" and not paper.proximal and paper.grad_clip is None
+    assert (paper.lr, paper.projector_lr, paper.lam) == (0.005, 0.009, 1.0)
+    # the paper's baselines use their own optimiser (METHOD.md §10)
+    adv = preset("paper", method="adv")
+    assert (adv.lr, adv.momentum, adv.weight_decay, adv.eps) == (0.001, 0.9, 1e-4, 4.0)
+    # stable applies to every method alike
+    assert preset("stable", method="adv").lr == stable.lr
+
+
+def test_overrides_and_round_trip():
+    cfg = preset("stable", lam=10.0, seed=3)
+    assert cfg.lam == 10.0 and cfg.seed == 3 and cfg.preset == "stable"
+    again = UnlearnConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert cfg.replace(lr=0.1).lr == 0.1
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("lr", 0.0, "config.lr"),
+    ("lr", float("nan"), "config.lr"),
+    ("momentum", 1.0, "config.momentum"),
+    ("repetitions", 0, "config.repetitions"),
+    ("repetitions", 2.5, "config.repetitions"),
+    ("deletion", "sideways", "config.deletion"),
+    ("importance", "random", "config.importance"),
+    ("backend", "cuda", "config.backend"),
+    ("target_success", 1.5, "config.target_success"),
+    ("eps", -1.0, "config.eps"),
+])
+def test_bad_values_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        preset("stable", **{field: value})
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="preset"):
+        preset("fast")
+    with pytest.raises(ValueError, match="unknown config field"):
+        preset("stable").replace(learning_rate=0.1)
+    with pytest.raises(ValueError, match="bad config override"):
+        preset("stable", learning_rate=0.1)

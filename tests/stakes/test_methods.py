@@ -1,0 +1,159 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from stakes.methods import METHODS, NonFiniteError, Projector, build_proxies, random_projection, unlearn
+from stakes.proxy import ProxySet
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "retrain"])
+def test_every_method_runs_and_leaves_the_users_model_alone(method, digits, digits_model, digits_anchors,
+                                                            forget_set, fast_config):
+    before = _params(digits_model)
+    ev = {"test": (digits.test_x[:100], digits.test_y[:100])}
+    res = unlearn(digits_model, forget_set, method=method, anchors=digits_anchors, config=fast_config(),
+                  eval_sets=ev)
+    assert res.method == method and res.steps == 4
+    assert res.proxies["n"] == 16 and res.proxies["eps"] == 1.0
+    steps = [h["step"] for h in res.history]
+    assert steps[0] == 0 and steps[-1] == 4 and steps == sorted(steps)
+    assert all(0.0 <= h["test_accuracy"] <= 100.0 for h in res.history)
+    assert res.history[0]["test_accuracy"] > 90.0 or method == "structguard"  # untrained projector at step 0
+    for p, q in zip(before, digits_model.parameters()):
+        assert torch.equal(p, q)
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+    logits = res.model(forget_set[0])
+    assert logits.shape == (8, 10)
+    # the deployed model of StructGuard contains the projector (METHOD.md §7)
+    assert (res.model.projector is not None) == (method == "structguard")
+
+
+def test_projector_warm_start_reproduces_the_pretrained_model(digits, digits_model):
+    feats = digits_model.features(digits.test_x[:64]).detach()
+    assert (feats >= 0).all()
+    rp = random_projection(feats.shape[1], 384, seed=0)
+    assert torch.allclose(rp.norm(dim=0), torch.ones(384), atol=1e-5)
+    proj = Projector(feats.shape[1], 384)
+    proj.warm_start()
+    proj.train()  # BatchNorm stays frozen after a warm start
+    out, z = proj(feats)
+    assert torch.allclose(out, feats, atol=1e-5)
+    assert z.shape == (64, 384) and torch.allclose(z[:, :128], feats, atol=1e-5)
+    assert not proj.bn.training
+    # the spare hidden units start silent but receive gradient through fc1's spare rows once fc2 moves
+    assert float(proj.fc2.weight[:, 128:].abs().sum()) == 0.0 and float(proj.fc1.weight[128:].abs().sum()) > 0
+    with pytest.raises(ValueError, match="hidden width"):
+        Projector(128, 64).warm_start()
+    wide = Projector(128, 64, hidden_dim=128)   # what the unlearner builds when d_a < d_f
+    wide.warm_start()
+    assert torch.allclose(wide(feats)[0], feats, atol=1e-5)
+
+
+def test_warm_started_structguard_starts_at_the_pretrained_accuracy(digits, digits_model, digits_anchors,
+                                                                    forget_set, fast_config):
+    ev = {"test": (digits.test_x, digits.test_y)}
+    res = unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(warm_start=True),
+                  eval_sets=ev)
+    from stakes.metrics import accuracy
+
+    pre = accuracy(digits_model, digits.test_x, digits.test_y)
+    assert math.isclose(res.history[0]["test_accuracy"], pre, abs_tol=0.3)
+    assert res.history[0]["forget_accuracy"] == 100.0
+
+
+def test_importance_is_nonnegative_and_zero_off_the_backbone(digits_model, digits_anchors, forget_set, fast_config):
+    from stakes.methods import _Run
+
+    cfg = fast_config()
+    run = _Run(digits_model, forget_set, "structguard", digits_anchors, cfg, None, None, (), None, 100)
+    run.proxies = run.make_proxies()
+    opt = run.build_optimizer()
+    feats = {id(p) for p in run.features.parameters()}
+    n_pos = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            imp = opt.state[p].get("importance")
+            if id(p) in feats:
+                assert imp is not None and (imp >= 0).all()
+                n_pos += int((imp > 0).sum())
+            else:
+                assert imp is None or float(imp.abs().sum()) == 0.0
+    assert n_pos > 0
+
+
+def test_shared_proxies_are_used_as_given(digits_model, digits_anchors, forget_set, fast_config):
+    cfg = fast_config()
+    proxies, timings = build_proxies(digits_model, *forget_set, cfg)
+    assert isinstance(proxies, ProxySet) and len(proxies) == 16 and timings["proxies_s"] >= 0
+    res = unlearn(digits_model, forget_set, method="adv", config=cfg, proxies=proxies)
+    assert res.proxies == proxies.summary()
+
+
+def test_stops_when_forget_accuracy_reaches_zero(digits_model, forget_set, fast_config):
+    cfg = fast_config(max_steps=None, max_epochs=60, lr=0.1, deletion="ascent", grad_clip=None, log_every=1,
+                      stop_warmup_steps=0)
+    res = unlearn(digits_model, forget_set, method="neggrad", config=cfg)
+    assert res.stopped == "forget_accuracy_zero"
+    assert res.history[-1]["forget_accuracy"] == 0.0
+    assert res.epochs < 60 and res.steps == res.epochs   # one proxy batch per epoch here
+    # the run stopped at the first epoch end with forget accuracy 0 (logged every step here)
+    assert all(h["forget_accuracy"] > 0 for h in res.history[:-1])
+
+
+def test_non_finite_parameters_stop_the_run_with_the_step(digits_model, forget_set, fast_config):
+    broken = copy.deepcopy(digits_model)
+    with torch.no_grad():
+        broken.head.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="step 0"):
+        unlearn(broken, forget_set, method="neggrad", config=fast_config())
+
+
+def test_resume_continues_exactly(tmp_path, digits_model, digits_anchors, forget_set, fast_config):
+    cfg = fast_config(max_steps=None, max_epochs=3, warm_start=True)
+    full = unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg)
+
+    ckpt = str(tmp_path / "run.ckpt")
+    calls = {"n": 0}
+
+    def interrupt(entry):
+        calls["n"] += 1
+        if entry["step"] >= 3:   # epoch 1 (steps 0-1) has been checkpointed; die inside epoch 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, checkpoint_path=ckpt,
+                callbacks=[interrupt])
+    assert (tmp_path / "run.ckpt").exists()
+    resumed = unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, checkpoint_path=ckpt,
+                      resume=True)
+    assert resumed.steps == full.steps
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert not (tmp_path / "run.ckpt").exists()  # removed once the run finished
+
+
+def test_bad_input(digits_model, digits_anchors, forget_set, fast_config):
+    x, y = forget_set
+    cfg = fast_config()
+    with pytest.raises(ValueError, match="unknown method"):
+        unlearn(digits_model, forget_set, method="forget-it", config=cfg)
+    with pytest.raises(ValueError, match="needs anchors"):
+        unlearn(digits_model, forget_set, method="structguard", config=cfg)
+    with pytest.raises(ValueError, match="anchors has 9 rows"):
+        unlearn(digits_model, forget_set, anchors=digits_anchors[:9], config=cfg)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        unlearn(digits_model, (x, y + 10), anchors=digits_anchors, config=cfg)
+    with pytest.raises(ValueError, match="empty"):
+        unlearn(digits_model, (x[:0], y[:0]), anchors=digits_anchors, config=cfg)
+    with pytest.raises(TypeError, match="config must be"):
+        unlearn(digits_model, forget_set, anchors=digits_anchors, config={"lr": 1})
+    with pytest.raises(TypeError, match="forget_set"):
+        unlearn(digits_model, x, anchors=digits_anchors, config=cfg)
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_path"):
+        unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, resume=True)
