@@ -55,8 +55,15 @@ from fused._dispatch import (
     resolve_backend,
     triton_library_op,
 )
+from fused._triton_common import (
+    DOT_KIND_DTYPES,
+    NORMALIZE_EPS,
+    check_features_and_anchors,
+    dot_kind,
+    next_pow2,
+    normalize_backward,
+)
 
-NORMALIZE_EPS = 1e-12  # F.normalize's default
 COSINE_EPS = 1e-8  # F.cosine_similarity's default
 REDUCTIONS = ("mean", "sum", "none")
 REFERENCE_CHUNK_ROWS = 4096  # rows per chunk on the reference path: extra memory O(chunk·K)
@@ -72,11 +79,6 @@ def _reference_rows(x: torch.Tensor, x_ref: torch.Tensor, a_hat: torch.Tensor) -
     S = F.normalize(x.to(ct), dim=1, eps=NORMALIZE_EPS) @ a_hat.T
     S_ref = F.normalize(x_ref.to(ct), dim=1, eps=NORMALIZE_EPS) @ a_hat.T
     return 1.0 - F.cosine_similarity(S, S_ref, dim=1, eps=COSINE_EPS)
-
-
-def _normalize_backward(v, u, norm, proj):
-    """d(row)/… of u = row/max(‖row‖, eps): (v − u·proj·[‖row‖ > eps]) / max(‖row‖, eps), proj = u·v."""
-    return (v - u * (proj * (norm > NORMALIZE_EPS)).unsqueeze(1)) / norm.clamp_min(NORMALIZE_EPS).unsqueeze(1)
 
 
 def _reference_chunk_backward(x, x_ref, a_hat, grad_rows, need_x, need_ref, need_a):
@@ -106,9 +108,9 @@ def _reference_chunk_backward(x, x_ref, a_hat, grad_rows, need_x, need_ref, need
         beta_ref = grad_rows * torch.where(n_r > 0, cos / (torch.where(n_r > 0, n_r, 1.0) * nrc), zero)
         g_ref = alpha.unsqueeze(1) * S + beta_ref.unsqueeze(1) * S_ref
     if need_x:
-        dx = _normalize_backward(g @ a_hat, x_hat, nx, (S * g).sum(dim=1)).to(x.dtype)
+        dx = normalize_backward(g @ a_hat, x_hat, nx, (S * g).sum(dim=1)).to(x.dtype)
     if need_ref:
-        dxr = _normalize_backward(g_ref @ a_hat, xr_hat, nxr, (S_ref * g_ref).sum(dim=1)).to(x_ref.dtype)
+        dxr = normalize_backward(g_ref @ a_hat, xr_hat, nxr, (S_ref * g_ref).sum(dim=1)).to(x_ref.dtype)
     if need_a:
         da_hat = g.T @ x_hat + g_ref.T @ xr_hat
     return dx, dxr, da_hat
@@ -152,7 +154,7 @@ class _ReferenceAlignment(torch.autograd.Function):
         dxr = torch.cat(dxrs) if need_ref else None
         da = None
         if need_a:
-            da = _normalize_backward(da_hat, a_hat, na, (a_hat * da_hat).sum(dim=1)).to(anchors.dtype)
+            da = normalize_backward(da_hat, a_hat, na, (a_hat * da_hat).sum(dim=1)).to(anchors.dtype)
         return dx, dxr, da, None
 
 
@@ -177,23 +179,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _dot_operand(v, DOT_KIND: tl.constexpr):
-        """Cast to the tensor-core operand dtype: 0 fp32, 1 fp16, 2 bf16."""
-        if DOT_KIND == 1:
-            return v.to(tl.float16)
-        elif DOT_KIND == 2:
-            return v.to(tl.bfloat16)
-        else:
-            return v.to(tl.float32)
-
-    @triton.jit
-    def _mma(a, b, acc, DOT_KIND: tl.constexpr):
-        """acc + a·b with fp32 accumulation; fp32 operands use tf32x3 (≈ fp32 accuracy, tensor cores)."""
-        if DOT_KIND == 0:
-            return tl.dot(a, b, acc, input_precision="tf32x3")
-        else:
-            return tl.dot(a, b, acc)
+    from fused._triton_common import dot_operand, mma
 
     @triton.jit
     def _structure_tiles(x, x_ref, inv_x, inv_xr, a_ptr, k0, K, D, stride_an,
@@ -206,11 +192,11 @@ if HAS_TRITON:
             a_ptr + cols.to(tl.int64)[:, None] * stride_an + offs_d[None, :],
             mask=(cols < K)[:, None] & (offs_d < D)[None, :], other=0.0,
         )
-        a = _dot_operand(a, DOT_KIND)
+        a = dot_operand(a, DOT_KIND)
         a_t = tl.trans(a)
         zero = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        s = _mma(x, a_t, zero, DOT_KIND) * inv_x[:, None]
-        s_ref = _mma(x_ref, a_t, zero, DOT_KIND) * inv_xr[:, None]
+        s = mma(x, a_t, zero, DOT_KIND) * inv_x[:, None]
+        s_ref = mma(x_ref, a_t, zero, DOT_KIND) * inv_xr[:, None]
         return a, s, s_ref
 
     @triton.jit
@@ -229,7 +215,7 @@ if HAS_TRITON:
             else:
                 g = alpha[:, None] * s_ref + beta[:, None] * s
                 proj += tl.sum(s * g, axis=1)
-            dxh = _mma(_dot_operand(g, DOT_KIND), a, dxh, DOT_KIND)
+            dxh = mma(dot_operand(g, DOT_KIND), a, dxh, DOT_KIND)
         return dxh, proj
 
     @triton.jit
@@ -256,8 +242,8 @@ if HAS_TRITON:
         nxr = tl.sqrt(tl.sum(xrf * xrf, axis=1))
         inv_x = 1.0 / tl.maximum(nx, NORM_EPS)
         inv_xr = 1.0 / tl.maximum(nxr, NORM_EPS)
-        x = _dot_operand(xf, DOT_KIND)  # exact: the operand dtype is the input dtype or fp32
-        x_ref = _dot_operand(xrf, DOT_KIND)
+        x = dot_operand(xf, DOT_KIND)  # exact: the operand dtype is the input dtype or fp32
+        x_ref = dot_operand(xrf, DOT_KIND)
 
         # Pass 1: the three per-row scalars ‖s‖², ‖s0‖², s·s0.
         ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -297,10 +283,6 @@ if HAS_TRITON:
                      dxr.to(dxr_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _alignment_config(N: int, K: int, D: int, dot_bytes: int):
     """(BLOCK_N, BLOCK_K, D_PAD, num_warps) from the problem size.
 
@@ -309,9 +291,9 @@ def _alignment_config(N: int, K: int, D: int, dot_bytes: int):
       registers (64 a thread with 8 warps); ≥ 16 for tl.dot; ≤ 64; no larger than N needs.
     * BLOCK_K: the anchor tile [BLOCK_K, D_PAD] stays ≤ 64 KiB of shared memory; 16..64.
     """
-    d_pad = max(16, _next_pow2(D))
-    block_n = max(16, min(64, 16384 // d_pad, _next_pow2(N)))
-    block_k = max(16, min(64, 65536 // (d_pad * dot_bytes), _next_pow2(K)))
+    d_pad = max(16, next_pow2(D))
+    block_n = max(16, min(64, 16384 // d_pad, next_pow2(N)))
+    block_k = max(16, min(64, 65536 // (d_pad * dot_bytes), next_pow2(K)))
     num_warps = 8 if block_n * d_pad >= 16384 else 4
     return block_n, block_k, d_pad, num_warps
 
@@ -321,11 +303,10 @@ def _dot_config(x_dtype: torch.dtype, x_ref_dtype: torch.dtype):
     codegen the launch.
 
     x and x_ref of one 16-bit dtype: tensor cores in that dtype (Â rounded to it, fp32 accumulate).
-    Otherwise fp32 with "tf32x3" (≈ fp32 accuracy on tensor cores; plain tf32 loses ~3 digits).
+    Otherwise fp32 with "tf32x3" (see ``fused._triton_common.dot_kind``).
     """
-    if x_dtype == x_ref_dtype and x_dtype in (torch.float16, torch.bfloat16):
-        return x_dtype, (1 if x_dtype == torch.float16 else 2)
-    return torch.float32, 0
+    kind = dot_kind(x_dtype, x_ref_dtype)
+    return DOT_KIND_DTYPES[kind], kind
 
 
 @triton_library_op("fused::structure_alignment_fwd", mutates_args=())
@@ -336,7 +317,7 @@ def _structure_alignment_triton(
     inputs' dtypes; an empty [0] placeholder when not asked). Anchors are constants here."""
     N, D = x.shape
     K = anchors.shape[0]
-    a_dtype, dot_kind = _dot_config(x.dtype, x_ref.dtype)
+    a_dtype, kind = _dot_config(x.dtype, x_ref.dtype)
     # Â once on the host side: K×D is small, and the kernel then needs no anchor norms.
     a_hat = F.normalize(anchors.to(torch.float32), dim=1, eps=NORMALIZE_EPS).to(a_dtype).contiguous()
     x = x.contiguous()
@@ -354,7 +335,7 @@ def _structure_alignment_triton(
         x.stride(0), x_ref.stride(0), a_hat.stride(0), dx.stride(0), dxr.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, D_PAD=d_pad,
         NEED_DX=need_dx, NEED_DXR=need_dx_ref,
-        DOT_KIND=dot_kind,
+        DOT_KIND=kind,
         NORM_EPS=NORMALIZE_EPS, COS_EPS=COSINE_EPS,
         num_warps=num_warps, num_stages=1,  # one anchor tile in flight: shared memory stays bounded
     )
@@ -404,18 +385,12 @@ _structure_alignment_triton.register_autograd(_backward, setup_context=_setup_co
 
 
 def _check_inputs(x, x_ref, anchors, reduction):
-    check_tensor("x", x, ndim=2)
+    check_features_and_anchors(x, anchors)
     check_tensor("x_ref", x_ref, ndim=2)
-    check_tensor("anchors", anchors, ndim=2)
     if x_ref.shape != x.shape:
         raise ValueError(
             f"x_ref must have the shape of x ([N, D], one reference row per row of x), "
             f"got x {tuple(x.shape)} and x_ref {tuple(x_ref.shape)}"
-        )
-    if anchors.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"anchors must have the feature dim D of x (anchors [K, D] with x [N, D]), "
-            f"got x {tuple(x.shape)} and anchors {tuple(anchors.shape)}"
         )
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")

@@ -8,14 +8,13 @@ classifier head) are skipped and keep I = 0.
 Bandwidth-bound: P·(2·b_I + b_g) bytes (12 B/param in fp32). Like the masked update
 (``fused.update``), the Triton path is one multi-tensor kernel launch per (importance dtype,
 gradient dtype) group over the whole list, with the pointer table of
-:func:`fused.update.multi_tensor_chunk_table`; it adds in fp32 (fp64 for fp64 importance) and
+:func:`fused._multi_tensor.multi_tensor_chunk_table`; it adds in fp32 (fp64 for fp64 importance) and
 stores in the importance dtype. Registered as the opaque custom op ``fused::accumulate_importance``
 with ``mutates_args=("importance",)`` for the reason given in ``fused.update``.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional, Sequence
 
 import torch
@@ -29,11 +28,12 @@ from fused._dispatch import (
     compute_dtype,
     resolve_backend,
 )
-from fused.update import (
+from fused._multi_tensor import (
     BLOCK,
     NUM_WARPS,
     MultiTensorGroups,
     check_layout_and_device,
+    device_guard,
     multi_tensor_chunk_table,
 )
 
@@ -43,7 +43,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from fused.update import _TL_DTYPES, load_tile, operand_pointer, store_tile
+    from fused._multi_tensor import TL_DTYPES, load_tile, operand_pointer, program_chunk, store_tile
 
     @triton.jit
     def _accumulate_importance_tile(row, offs, inb, weight, I_T: tl.constexpr, G_T: tl.constexpr,
@@ -64,13 +64,8 @@ if HAS_TRITON:
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        row = rows + tl.load(chunk_tensor + pid) * 4
-        numel = tl.load(row + 2)
-        start = (pid - tl.load(row + 3)) * BLOCK
-        offs = start + tl.arange(0, BLOCK)
-        inb = offs < numel
-        if start + BLOCK <= numel:  # full tile: no bounds mask, vectorisable (see fused.update)
+        row, offs, inb, full = program_chunk(rows, chunk_tensor, 4, BLOCK)
+        if full:  # only a tensor's last tile needs the bounds mask (see program_chunk)
             _accumulate_importance_tile(row, offs, inb, weight, I_T, G_T, C_T, ALIGNED, False)
         else:
             _accumulate_importance_tile(row, offs, inb, weight, I_T, G_T, C_T, ALIGNED, True)
@@ -96,7 +91,7 @@ def _accumulate_importance_triton(
     for imp, g in zip(importance, grads):
         if g is not None:
             groups.add((imp, g))
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_guard(device):
         for (i_dt, g_dt, aligned), (addresses, numels) in groups.groups.items():
             rows, chunk_tensor = multi_tensor_chunk_table(addresses, numels, device, BLOCK)
             if chunk_tensor.numel() == 0:
@@ -105,8 +100,8 @@ def _accumulate_importance_triton(
                 rows,
                 chunk_tensor,
                 weight,
-                I_T=_TL_DTYPES[i_dt],
-                G_T=_TL_DTYPES[g_dt],
+                I_T=TL_DTYPES[i_dt],
+                G_T=TL_DTYPES[g_dt],
                 C_T=tl.float64 if i_dt == torch.float64 else tl.float32,
                 ALIGNED=aligned,
                 BLOCK=BLOCK,

@@ -24,14 +24,18 @@ import torch.nn.functional as F
 from fused._dispatch import (
     HAS_TRITON,
     check_same_device,
-    check_tensor,
     compute_dtype,
     launcher,
     resolve_backend,
     triton_library_op,
 )
-
-NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
+from fused._triton_common import (
+    NORMALIZE_EPS,
+    check_features_and_anchors,
+    dot_kind,
+    next_pow2,
+    normalize_backward,
+)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -48,16 +52,6 @@ def anchor_similarity_reference(x: torch.Tensor, anchors: torch.Tensor) -> torch
     return (x_hat @ a_hat.T).to(x.dtype)
 
 
-def _normalize_backward(v: torch.Tensor, u: torch.Tensor, norm: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """Gradient of u = v/max(‖v‖, eps) given ∂/∂û projected: dv = (dû − û·(û·dû)·[‖v‖>eps]) / max(‖v‖, eps).
-
-    ``u`` is the normalized row, ``proj`` = û·dû per row (column vector). Matches autograd of
-    F.normalize, whose clamp_min passes no gradient below eps.
-    """
-    denom = norm.clamp_min(NORMALIZE_EPS)
-    return (v - u * (proj * (norm > NORMALIZE_EPS))) / denom
-
-
 def _similarity_backward_math(grad: torch.Tensor, x: torch.Tensor, anchors: torch.Tensor, S: torch.Tensor, need_x: bool, need_a: bool):
     """Analytic backward of S = x̂ Âᵀ in fp32 (fp64 stays fp64).
 
@@ -66,16 +60,16 @@ def _similarity_backward_math(grad: torch.Tensor, x: torch.Tensor, anchors: torc
     """
     ct = compute_dtype(torch.promote_types(x.dtype, anchors.dtype))
     xf, af, G, Sf = x.to(ct), anchors.to(ct), grad.to(ct), S.to(ct)
-    nx = torch.linalg.vector_norm(xf, dim=1, keepdim=True)
-    na = torch.linalg.vector_norm(af, dim=1, keepdim=True)
-    x_hat = xf / nx.clamp_min(NORMALIZE_EPS)
-    a_hat = af / na.clamp_min(NORMALIZE_EPS)
+    nx = torch.linalg.vector_norm(xf, dim=1)
+    na = torch.linalg.vector_norm(af, dim=1)
+    x_hat = xf / nx.clamp_min(NORMALIZE_EPS).unsqueeze(1)
+    a_hat = af / na.clamp_min(NORMALIZE_EPS).unsqueeze(1)
     GS = G * Sf
     dx = da = None
     if need_x:
-        dx = _normalize_backward(G @ a_hat, x_hat, nx, GS.sum(dim=1, keepdim=True)).to(x.dtype)
+        dx = normalize_backward(G @ a_hat, x_hat, nx, GS.sum(dim=1)).to(x.dtype)
     if need_a:
-        da = _normalize_backward(G.T @ x_hat, a_hat, na, GS.sum(dim=0).unsqueeze(1)).to(anchors.dtype)
+        da = normalize_backward(G.T @ x_hat, a_hat, na, GS.sum(dim=0)).to(anchors.dtype)
     return dx, da
 
 
@@ -85,23 +79,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _dot_operand(v, DOT_KIND: tl.constexpr):
-        """Cast to the tensor-core operand dtype: 0 fp32, 1 fp16, 2 bf16."""
-        if DOT_KIND == 1:
-            return v.to(tl.float16)
-        elif DOT_KIND == 2:
-            return v.to(tl.bfloat16)
-        else:
-            return v.to(tl.float32)
-
-    @triton.jit
-    def _mma(a, b, acc, DOT_KIND: tl.constexpr):
-        """acc + a·b with fp32 accumulation; fp32 operands use tf32x3 (≈ fp32 accuracy, tensor cores)."""
-        if DOT_KIND == 0:
-            return tl.dot(a, b, acc, input_precision="tf32x3")
-        else:
-            return tl.dot(a, b, acc)
+    from fused._triton_common import dot_operand, mma
 
     @triton.jit
     def _anchor_similarity_kernel(
@@ -133,7 +111,7 @@ if HAS_TRITON:
             af = at.to(tl.float32)
             x_sq += tl.sum(xf * xf, axis=1)
             a_sq += tl.sum(af * af, axis=1)
-            acc = _mma(_dot_operand(xt, DOT_KIND), tl.trans(_dot_operand(at, DOT_KIND)), acc, DOT_KIND)
+            acc = mma(dot_operand(xt, DOT_KIND), tl.trans(dot_operand(at, DOT_KIND)), acc, DOT_KIND)
 
         # Fold both normalisations: S = (x·a) / (max(‖x‖, eps) · max(‖a‖, eps)).
         inv_x = 1.0 / tl.maximum(tl.sqrt(x_sq), EPS)
@@ -143,10 +121,6 @@ if HAS_TRITON:
         tl.store(s_ptrs, s.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _similarity_blocks(N: int, K: int, D: int):
     """Block sizes from the problem size.
 
@@ -154,22 +128,10 @@ def _similarity_blocks(N: int, K: int, D: int):
     BLOCK_N ≤ 64 and BLOCK_K ≤ 128 keep the fp32 accumulator at ≤ 64 registers a thread with
     4 warps; BLOCK_D ≤ 64 keeps the two operand tiles (≤ 24 KiB in fp32) well inside shared memory.
     """
-    block_n = min(64, max(16, _next_pow2(N)))
-    block_k = min(128, max(16, _next_pow2(K)))
-    block_d = min(64, max(16, _next_pow2(D)))
+    block_n = min(64, max(16, next_pow2(N)))
+    block_k = min(128, max(16, next_pow2(K)))
+    block_d = min(64, max(16, next_pow2(D)))
     return block_n, block_k, block_d
-
-
-def _dot_kind(a_dtype: torch.dtype, b_dtype: torch.dtype) -> int:
-    """Tensor-core operand dtype as a plain int (inductor codegens it): 0 fp32, 1 fp16, 2 bf16.
-
-    16-bit inputs of one dtype go to the tensor cores as they are (exact products, fp32
-    accumulate). Anything else is computed in fp32 with "tf32x3" (three tf32 products, ≈ fp32
-    accuracy on tensor cores; plain tf32 would lose ~3 decimal digits against torch's fp32 matmul).
-    """
-    if a_dtype == b_dtype and a_dtype in (torch.float16, torch.bfloat16):
-        return 1 if a_dtype == torch.float16 else 2
-    return 0
 
 
 @triton_library_op("fused::anchor_similarity_fwd", mutates_args=())
@@ -183,14 +145,14 @@ def _anchor_similarity_triton(x: torch.Tensor, anchors: torch.Tensor) -> torch.T
     if N == 0 or K == 0:
         return S
     block_n, block_k, block_d = _similarity_blocks(N, K, D)
-    dot_kind = _dot_kind(x.dtype, anchors.dtype)
+    kind = dot_kind(x.dtype, anchors.dtype)
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     launcher(_anchor_similarity_kernel)[grid](
         x, anchors, S,
         N, K, D,
         x.stride(0), anchors.stride(0), S.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-        DOT_KIND=dot_kind, EPS=NORMALIZE_EPS,
+        DOT_KIND=kind, EPS=NORMALIZE_EPS,
         num_warps=4,
     )
     return S
@@ -219,13 +181,7 @@ _anchor_similarity_triton.register_autograd(_backward, setup_context=_setup_cont
 
 
 def _check_inputs(x, anchors):
-    check_tensor("x", x, ndim=2)
-    check_tensor("anchors", anchors, ndim=2)
-    if anchors.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"anchors must have the feature dim D of x (anchors [K, D] with x [N, D]), "
-            f"got x {tuple(x.shape)} and anchors {tuple(anchors.shape)}"
-        )
+    check_features_and_anchors(x, anchors)
     return check_same_device(x=x, anchors=anchors)
 
 

@@ -16,14 +16,11 @@ parameters, measured *before* the update (the loss whose gradient the explicit s
 
 Kernel design (PERFORMANCE.md hot spot 4): always bandwidth-bound, so the kernel reads every
 operand once and writes ψ (and b) once: P·(2b_ψ + b_g + b_ψ0 + b_I) bytes, 20 B/param in fp32
-(17 with a uint8 mask), + 2·b_b with momentum. It is a multi-tensor kernel: one launch per group of
-tensors sharing the same dtypes, however many tensors. A small int64 device table gives, per tensor,
-the addresses of its operands, its numel and its first chunk; the grid is flat over the chunks of all
-tensors (no idle programs for small tensors), and each program finds its tensor through a chunk →
-tensor map. Tables are cached on (addresses, numels), so a steady training loop copies nothing to the
-device. The SR value is one fp32 partial sum per program, added by one torch sum afterwards
-(deterministic, unlike float atomics). A call is thus one Triton launch per dtype group (one in the
-usual single-dtype model) + one reduction, with no host synchronisation anywhere.
+(17 with a uint8 mask), + 2·b_b with momentum. It is a multi-tensor kernel (``fused._multi_tensor``):
+one launch per group of tensors sharing the same dtypes, however many tensors, over a cached device
+table of operand addresses. The SR value is one fp32 partial sum per program, added by one torch sum
+afterwards (deterministic, unlike float atomics). A call is thus one Triton launch per dtype group
+(one in the usual single-dtype model) + one reduction, with no host synchronisation anywhere.
 
 torch.library: the Triton path is the custom op ``fused::masked_regularized_sgd_step`` with
 ``mutates_args=("params", "momentum_buffers")``. It is registered as an opaque ``custom_op`` on every
@@ -34,9 +31,7 @@ see, and ``triton_op`` traces the body with fake tensors, which have no addresse
 
 from __future__ import annotations
 
-import contextlib
-from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -49,57 +44,24 @@ from fused._dispatch import (
     compute_dtype,
     resolve_backend,
 )
+from fused._multi_tensor import (
+    BLOCK,
+    NUM_WARPS,
+    MultiTensorGroups,
+    check_layout_and_device,
+    device_guard,
+    multi_tensor_chunk_table,
+)
 
-__all__ = [
-    "masked_regularized_sgd_step",
-    "masked_regularized_sgd_step_reference",
-    "multi_tensor_chunk_table",
-]
+__all__ = ["masked_regularized_sgd_step", "masked_regularized_sgd_step_reference"]
 
-# Elements per program. 2048 fp32 over 8 warps = 8 elements (two 16-byte vectors) per thread and
-# operand: enough bytes in flight per SM for bandwidth, and per-program overhead (one table row,
-# 64 B) is < 0.2 % of the 20 B/element it moves.
-BLOCK = 2048
-NUM_WARPS = 8
 BINARY_DTYPES = (torch.bool, torch.uint8)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _TL_DTYPES = {
-        torch.float32: tl.float32,
-        torch.float16: tl.float16,
-        torch.bfloat16: tl.bfloat16,
-        torch.float64: tl.float64,
-        # bool storage is one byte holding 0/1: read it as uint8 and test != 0.
-        torch.bool: tl.uint8,
-        torch.uint8: tl.uint8,
-    }
-
-    @triton.jit
-    def operand_pointer(row, column, T: tl.constexpr, ALIGNED: tl.constexpr):
-        """Address ``row[column]`` as a ``T*``. Addresses come from memory, so the compiler knows
-        nothing of their alignment; ALIGNED (checked on the host) tells it they are 16-byte
-        multiples, which lets it vectorise the loads (128-bit accesses)."""
-        address = tl.load(row + column)
-        if ALIGNED:
-            address = tl.multiple_of(address, 16)
-        return address.to(tl.pointer_type(T))
-
-    @triton.jit
-    def load_tile(ptr, inb, MASKED: tl.constexpr):
-        if MASKED:
-            return tl.load(ptr, mask=inb, other=0)
-        else:
-            return tl.load(ptr)
-
-    @triton.jit
-    def store_tile(ptr, value, inb, MASKED: tl.constexpr):
-        if MASKED:
-            tl.store(ptr, value, mask=inb)
-        else:
-            tl.store(ptr, value)
+    from fused._multi_tensor import TL_DTYPES, load_tile, operand_pointer, program_chunk, store_tile
 
     @triton.jit
     def _masked_sgd_tile(
@@ -173,15 +135,8 @@ if HAS_TRITON:
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        row = rows + tl.load(chunk_tensor + pid) * 8
-        numel = tl.load(row + 6)
-        start = (pid - tl.load(row + 7)) * BLOCK  # int64: tensors > 2^31 elements are fine
-        offs = start + tl.arange(0, BLOCK)
-        inb = offs < numel
-        # Only a tensor's last tile needs the bounds mask; a mask the compiler cannot prove
-        # constant over 16 B (numel comes from memory) would keep it from vectorising.
-        if start + BLOCK <= numel:
+        row, offs, inb, full = program_chunk(rows, chunk_tensor, 8, BLOCK)
+        if full:  # only a tensor's last tile needs the bounds mask (see program_chunk)
             sr = _masked_sgd_tile(
                 row, offs, inb, lr, lam, momentum, weight_decay, P_T, G_T, R_T, I_T, M_T, B_T, C_T,
                 HAS_GRAD, HAS_IMP, BINARY_IMP, HAS_MASK, BINARY_MASK, HAS_DECAY, HAS_MOMENTUM,
@@ -193,7 +148,7 @@ if HAS_TRITON:
                 HAS_GRAD, HAS_IMP, BINARY_IMP, HAS_MASK, BINARY_MASK, HAS_DECAY, HAS_MOMENTUM,
                 PROXIMAL, ALIGNED, True,
             )
-        tl.store(partials + pid, sr)
+        tl.store(partials + tl.program_id(0), sr)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -222,160 +177,69 @@ def masked_regularized_sgd_step_reference(
     weight_decay: float = 0.0,
     proximal: bool = False,
 ) -> torch.Tensor:
-    """Readable per-tensor PyTorch version of :func:`masked_regularized_sgd_step` (no checks).
+    """Plain PyTorch version of :func:`masked_regularized_sgd_step` (no checks).
 
     The specification of the op, its CPU fallback and the test oracle. ``ref_params``,
     ``importance`` and ``grad_masks`` are lists with ``None`` entries where absent.
+
+    Tensors that take the same operations (one param dtype; grad, importance, mask each present
+    or not) are stepped together, each line of the formula one ``torch._foreach_*`` call over the
+    group, updating ψ and b in place: the per-tensor formula without its full-size temporaries.
     """
     n = len(params)
     grad_masks = grad_masks if grad_masks is not None else [None] * n
-    sr = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    groups: Dict[tuple, List[int]] = {}
     for i, p in enumerate(params):
-        cd = compute_dtype(p.dtype)
-        w = p.detach().to(cd)
-        imp = _as_values(importance[i], cd)
-        if imp is not None:
-            ref = ref_params[i].to(cd)
-            diff = w - ref
-            sr = sr + (0.5 * imp * diff * diff).sum().to(torch.float32)  # ½ΣI(ψ−ψ0)², before the step
-        if grads[i] is None:  # no gradient: not updated, but its SR term counts above
+        key = (p.dtype, grads[i] is not None, importance[i] is not None, grad_masks[i] is not None)
+        groups.setdefault(key, []).append(i)
+
+    sr = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for (dtype, has_grad, has_imp, has_mask), idx in groups.items():
+        cd = compute_dtype(dtype)
+        p = [params[i].detach() for i in idx]
+        w = [t.to(cd) for t in p]  # ψ, stepped in place (the params themselves when dtype == cd)
+        if has_imp:
+            imp = [_as_values(importance[i], cd) for i in idx]
+            ref = [ref_params[i].to(cd) for i in idx]
+            diff = torch._foreach_sub(w, ref)  # ψ − ψ0
+            pull = torch._foreach_mul(diff, imp)  # I⊙(ψ − ψ0), the gradient of ½ΣI(ψ−ψ0)²
+            torch._foreach_mul_(diff, pull)  # I⊙(ψ − ψ0)²: SR = ½ΣI(ψ−ψ0)², before the step
+            sr = sr + (0.5 * torch.stack([t.sum() for t in diff]).sum()).to(torch.float32)
+        if not has_grad:  # no gradient: not updated, but its SR term counts above
             continue
-        u = grads[i].to(cd)
-        mask = _as_values(grad_masks[i], cd)
-        if mask is not None:
-            u = u * mask
+        u = [grads[i].to(cd) for i in idx]  # read only: every line below makes a new list
+        if has_mask:
+            u = torch._foreach_mul(u, [_as_values(grad_masks[i], cd) for i in idx])
         if weight_decay != 0:
-            u = u + weight_decay * w
-        if imp is not None and not proximal:
-            u = u + lam * imp * diff
-        if momentum != 0:
-            u = momentum * momentum_buffers[i].to(cd) + u  # b = μ·b + d (b = 0 on step 1 gives b = d)
-            momentum_buffers[i].copy_(u)
-        new = w - lr * u
-        if imp is not None and proximal:
-            a = (lr * lam) * imp
-            new = (new + a * ref) / (1 + a)  # argmin of the linearised loss + the exact quadratic
-        p.detach().copy_(new)
+            u = torch._foreach_add(u, w, alpha=weight_decay)
+        if has_imp and not proximal:
+            u = torch._foreach_add(u, pull, alpha=lam)
+        if momentum != 0:  # b = μ·b + d (b = 0 on step 1 gives b = d)
+            bufs = [momentum_buffers[i].to(cd) for i in idx]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, u)
+            for i, b in zip(idx, bufs):
+                if b is not momentum_buffers[i]:  # a buffer stored in another dtype
+                    momentum_buffers[i].copy_(b)
+            u = bufs
+        torch._foreach_add_(w, u, alpha=-lr)  # ψ − lr·d
+        if has_imp and proximal:
+            # argmin of the linearised loss + the exact quadratic: (ψ − lr·u + a⊙ψ0) / (1 + a)
+            a = torch._foreach_mul(imp, lr * lam)
+            torch._foreach_addcmul_(w, a, ref)
+            torch._foreach_add_(a, 1.0)
+            torch._foreach_div_(w, a)
+        if cd != dtype:
+            torch._foreach_copy_(p, w)
     return sr
 
 
-# ----------------------------------------------------------------------------- multi-tensor tables
-
-_TABLE_CACHE: "OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
-_TABLE_CACHE_SIZE = 64
-
-
-def multi_tensor_chunk_table(
-    addresses: Sequence[int], numels: Sequence[int], device: torch.device, block: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Device tables for one multi-tensor launch over ``len(numels)`` tensors.
-
-    ``addresses`` holds, tensor after tensor, the same number of operand addresses for each tensor
-    (0 = absent; the kernel must not read it). Returns ``rows``, int64 ``[T, n_operands + 2]`` =
-    (addresses..., numel, first chunk), and ``chunk_tensor``, int64 ``[n_chunks]``: the tensor of
-    every program, ``ceil(numel / block)`` programs per tensor.
-
-    A table depends only on addresses and numels, so it is cached on them: a training loop whose
-    tensors stay put reuses it with no host-to-device copy, which also makes the step CUDA-graph
-    capturable. (If memory is freed and reused, a hit still describes those same addresses.)
-    """
-    key = (device, block, tuple(addresses), tuple(numels))
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return hit
-    n_ops = len(addresses) // max(len(numels), 1)
-    rows: List[int] = []
-    chunk_tensor: List[int] = []
-    for t, numel in enumerate(numels):
-        rows.extend(addresses[t * n_ops : (t + 1) * n_ops])
-        rows.extend((numel, len(chunk_tensor)))
-        chunk_tensor.extend([t] * -(-numel // block))
-    host = torch.tensor(rows + chunk_tensor, dtype=torch.int64)
-    if device.type == "cuda":  # pinned + non_blocking: no host synchronisation
-        host = host.pin_memory().to(device, non_blocking=True)
-    tables = (host[: len(rows)].view(-1, n_ops + 2), host[len(rows) :])
-    _TABLE_CACHE[key] = tables
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return tables
+# ----------------------------------------------------------------------------- Triton path
 
 
 def _tl_dtype(param_dtype: torch.dtype, dtype: Optional[torch.dtype]):
     """Triton element type of an operand; an absent operand (never read) takes the param's."""
-    return _TL_DTYPES[dtype if dtype is not None else param_dtype]
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill numel() consecutive slots in some order."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for d in sorted(range(t.dim()), key=t.stride):
-        if t.size(d) != 1:
-            if t.stride(d) != expected:
-                return False
-            expected *= t.size(d)
-    return True
-
-
-def _same_element_order(x: torch.Tensor, like: torch.Tensor) -> bool:
-    """``x`` lays out its elements in the same memory order as the dense tensor ``like``."""
-    return all(xs == ls for xs, ls, n in zip(x.stride(), like.stride(), like.shape) if n != 1)
-
-
-class MultiTensorGroups:
-    """Tensors sorted into multi-tensor launches: one group per tuple of operand dtypes.
-
-    Each :meth:`add` takes one tensor's operands (``ops[0]`` the one that sets the element order;
-    ``None`` = absent). The kernel walks all operands linearly in memory, so they must be dense and
-    in one element order. Contiguous operands (the usual case) are used as they are; otherwise the
-    first operand, if not dense, and any operand in another order are replaced by copies in a
-    common order, and the copies of written operands are copied back by :meth:`write_back`.
-    """
-
-    def __init__(self, written: Sequence[int]):
-        self.written = frozenset(written)
-        self.groups: Dict[tuple, Tuple[List[int], List[int]]] = {}  # key -> (addresses, numels)
-        self._keep_alive: List[torch.Tensor] = []  # copies whose addresses are in a table
-        self._write_back: List[Tuple[torch.Tensor, torch.Tensor]] = []
-
-    def add(self, ops: Sequence[Optional[torch.Tensor]]) -> None:
-        if not all(x is None or x.is_contiguous() for x in ops):
-            ops = self._in_common_order(ops)
-        addresses = [0 if x is None else x.data_ptr() for x in ops]
-        # 16-byte aligned operands let the kernel vectorise (fresh allocations are; views may not be)
-        key = (*(None if x is None else x.dtype for x in ops), not any(a % 16 for a in addresses))
-        entry = self.groups.get(key)
-        if entry is None:
-            entry = self.groups[key] = ([], [])
-        entry[0].extend(addresses)
-        entry[1].append(ops[0].numel())
-
-    def _in_common_order(self, ops):
-        first = ops[0]
-        if not _is_dense(first):
-            first = self._copy(0, ops[0], ops[0].contiguous())
-        out = [first]
-        for j, x in enumerate(ops[1:], 1):
-            if x is not None and not _same_element_order(x, first):
-                x = self._copy(j, x, torch.empty_like(first, dtype=x.dtype).copy_(x))
-            out.append(x)
-        return out
-
-    def _copy(self, j: int, original: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
-        self._keep_alive.append(copy)
-        if j in self.written:
-            self._write_back.append((original, copy))
-        return copy
-
-    def write_back(self) -> None:
-        """Copy the results in temporary copies back into the caller's tensors."""
-        for original, copy in self._write_back:
-            original.copy_(copy)
-
-
-# ----------------------------------------------------------------------------- Triton path
+    return TL_DTYPES[dtype if dtype is not None else param_dtype]
 
 
 @torch.library.custom_op("fused::masked_regularized_sgd_step", mutates_args=("params", "momentum_buffers"))
@@ -414,7 +278,7 @@ def _masked_regularized_sgd_step_triton(
     tables = [multi_tensor_chunk_table(a, n, device, BLOCK) for a, n in groups.groups.values()]
     partials = torch.empty(sum(ct.numel() for _, ct in tables), dtype=torch.float32, device=device)
     offset = 0
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_guard(device):
         for key, (rows, chunk_tensor) in zip(groups.groups, tables):
             n_chunks = chunk_tensor.numel()
             if n_chunks == 0:
@@ -428,7 +292,7 @@ def _masked_regularized_sgd_step_triton(
                 lam,
                 momentum,
                 weight_decay,
-                P_T=_TL_DTYPES[p_dt],
+                P_T=TL_DTYPES[p_dt],
                 G_T=_tl_dtype(p_dt, g_dt),
                 R_T=_tl_dtype(p_dt, r_dt),
                 I_T=_tl_dtype(p_dt, i_dt),
@@ -468,27 +332,6 @@ def _optional_list(name: str, values, n: int, *, allow_bool: bool) -> List[Optio
         if v is not None:
             check_tensor(f"{name}[{i}]", v, allow_bool=allow_bool)
     return values
-
-
-def check_layout_and_device(**lists: Sequence[Optional[torch.Tensor]]) -> torch.device:
-    """All tensors of the named lists are strided (kernels address memory directly; sparse ones are
-    refused) and share one device, which is returned. Like ``_dispatch.check_same_device`` but over
-    lists, formatting names only on failure (this runs on every optimizer step)."""
-    device, first = None, None
-    for name, values in lists.items():
-        for i, v in enumerate(values):
-            if v is None:
-                continue
-            if v.layout != torch.strided:
-                raise TypeError(f"{name}[{i}] must be a dense (strided) tensor, got layout {v.layout}")
-            if device is None:
-                device, first = v.device, (name, i)
-            elif v.device != device:
-                raise ValueError(
-                    f"{name}[{i}] is on {v.device} but {first[0]}[{first[1]}] is on {device}: "
-                    "all tensors must share one device"
-                )
-    return device
 
 
 def check_update_hyperparameters(lr, lam, momentum, weight_decay, proximal) -> None:

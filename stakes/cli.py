@@ -347,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seeds", type=_int_list, default=[0, 1, 2, 3, 4])
     sp.add_argument("--preset", default="stable", choices=PRESETS)
     sp.add_argument("--set", action="append", metavar="KEY=VALUE")
-    sp.add_argument("--warm-start-variant", action="store_true",
-                    help="also run StructGuard with the deployed-model warm start (structguard+warm)")
+    sp.add_argument("--ablate-warm-start", action="store_true",
+                    help="also run StructGuard with the deployed-model warm start flipped "
+                         "(structguard-cold under the stable preset, structguard+warm under paper)")
     sp.add_argument("--retrain", action="store_true", help="also run the retrain oracle")
     sp.add_argument("--out", default="report")
     sp.set_defaults(func=cmd_compare)

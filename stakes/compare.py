@@ -224,8 +224,9 @@ def run_compare(args) -> int:
     model, model_meta = load_model(args, data)
     anchors, anchor_meta = load_or_build_anchors(args, data, model)
     variants = [(m, m, {}) for m in methods]
-    if args.warm_start_variant and "structguard" in methods:
-        variants.append(("structguard+warm", "structguard", {"warm_start": True}))
+    if args.ablate_warm_start and "structguard" in methods:
+        warm = make_config(args, "structguard").warm_start
+        variants.append(("structguard-cold" if warm else "structguard+warm", "structguard", {"warm_start": not warm}))
     pre_test = accuracy(model, data.test_x, data.test_y)
     meta = {"dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "preset": args.preset,
             "seeds": args.seeds, "ks": args.k, "methods": [v[0] for v in variants], "anchors": anchor_meta,

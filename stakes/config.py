@@ -2,10 +2,13 @@
 
 ``paper``  — the values and recipe of METHOD.md §3-9 (CIFAR-10 numbers; PGD radius 3.0 pixels in
              [0, 1] space, so scale ``eps`` for other image sizes or let it calibrate).
-``stable`` — the default: METHOD.md §12's measured stabilisers. The PGD radius is calibrated on the
-             forget set to a target attack success rate, deletion is bounded per sample, gradients
-             are clipped, and the SR term is taken as a proximal (implicit) step, which cannot
-             diverge whatever lr·λ·I is.
+``stable`` — the default: METHOD.md §12's measured stabilisers (the PGD radius is calibrated on
+             the forget set to a target attack success rate, gradients are clipped, and the SR term
+             is a proximal (implicit) step, which cannot diverge whatever lr·λ·I is) and the fixes
+             §13 proposed, measured on digits (README "Science"): the projector is warm-started so
+             the deployed model h∘p∘g starts equal to the pretrained one, deletion is the margin
+             loss (stop pushing a forget image once it is misclassified) applied through the
+             deployed model, and deletion and retention are weighted equally.
 
 Quirks of the reference code (skip the SR term on the first two steps of every epoch, keep
 BatchNorm in train mode while unlearning) are options that default to off.
@@ -162,9 +165,12 @@ _PRESET_VALUES = {
     "paper": dict(
         eps=3.0, lr=0.005, projector_lr=0.009, lam=1.0, deletion="ascent", grad_clip=None, proximal=False,
     ),
-    # METHOD.md §12: calibrated radius, bounded deletion, clipping at 2, proximal SR step.
+    # METHOD.md §12's stabilisers (calibrated radius, clipping at 2, proximal SR step) plus the
+    # measured fixes of §13 [ours]: the deployed-model warm start, the smallest deletion push that
+    # misclassifies (margin), through the deployed model, weighted equally with retention.
     "stable": dict(
-        eps=None, deletion="bounded", grad_clip=2.0, proximal=True,
+        eps=None, grad_clip=2.0, proximal=True, warm_start=True, deletion="margin", deletion_path="deployed",
+        loss_weighting="equal",
     ),
 }
 

@@ -335,7 +335,13 @@ class _Run:
         return groups
 
     def _importance_structguard(self) -> dict:
-        """I_p = (1/N_tot) Σ_B |B|·|∂L_align(B)/∂ψ_p| over proxy batches cycled to N_tot (§6)."""
+        """I_p = (1/N_tot) Σ_B |B|·|∂L(B)/∂ψ_p| over proxy batches cycled to N_tot (§6).
+
+        L is the alignment loss (the paper). With the deployed-model warm start both structures
+        coincide at step 0, so the alignment loss sits at its minimum and its gradient is exactly
+        zero; there L is the structure's own sensitivity, mean_i ‖S_i^unl‖² (MAS applied to the
+        structure [ours]), which measures how much each parameter moves the anchor profile.
+        """
         cfg = self.cfg
         params = list(self.features.parameters())
         imp = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -352,8 +358,11 @@ class _Run:
                     break
                 xb = self.proxies.x[idx]
                 _, z = self.unlearned_structure_input(xb)
-                loss = fused.structure_alignment_loss(z, self._orig_structure_input(xb), self.anchors,
-                                                      backend=cfg.backend)
+                if cfg.warm_start:
+                    loss = fused.anchor_similarity(z, self.anchors, backend=cfg.backend).pow(2).sum(1).mean()
+                else:
+                    loss = fused.structure_alignment_loss(z, self._orig_structure_input(xb), self.anchors,
+                                                          backend=cfg.backend)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 fused.accumulate_importance(imp, list(grads), weight=len(idx) / n_tot, backend=cfg.backend)
                 seen += len(idx)

@@ -112,11 +112,11 @@ def test_compare_tiny_grid(tmp_path, cache_env):
     out = tmp_path / "report"
     rc = main(["compare", "--methods", "neggrad,structguard", "--k", "4", "--seeds", "0,1", "--out", str(out),
                "--no-progress", "--set", "max_steps=3", "--set", "repetitions=2", "--set", "pgd_steps=5",
-               "--set", "eps=1.0", "--set", "stop_warmup_steps=100", "--warm-start-variant"])
+               "--set", "eps=1.0", "--set", "stop_warmup_steps=100", "--ablate-warm-start"])
     assert rc == 0
     payload = json.loads((out / "results.json").read_text())
     runs = payload["runs"]
-    assert {(r["method"], r["seed"]) for r in runs} == {(m, s) for m in ("neggrad", "structguard", "structguard+warm")
+    assert {(r["method"], r["seed"]) for r in runs} == {(m, s) for m in ("neggrad", "structguard", "structguard-cold")
                                                       for s in (0, 1)}
     assert all(r["status"] == "ok" for r in runs), [r.get("error") for r in runs]
     assert all(r["steps"] == 3 for r in runs)
@@ -125,7 +125,7 @@ def test_compare_tiny_grid(tmp_path, cache_env):
         eps = {r["proxies"]["eps"] for r in runs if r["seed"] == s}
         assert eps == {1.0}
     summary = (out / "summary.md").read_text()
-    assert "| neggrad |" in summary and "| structguard+warm |" in summary and "k = 4" in summary
+    assert "| neggrad |" in summary and "| structguard-cold |" in summary and "k = 4" in summary
     for png in ("trajectories.png", "test_vs_k.png", "drift.png"):
         assert (out / png).stat().st_size > 1000
     assert payload["meta"]["radius"]["4"]["neighbour_distance"] > 0

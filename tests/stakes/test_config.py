@@ -5,8 +5,11 @@ from stakes.config import UnlearnConfig, preset
 
 def test_presets_differ_where_the_method_says():
     stable, paper = preset("stable"), preset("paper")
-    assert stable.eps is None and stable.deletion == "bounded" and stable.proximal and stable.grad_clip == 2.0
+    assert stable.eps is None and stable.proximal and stable.grad_clip == 2.0
+    assert stable.warm_start and stable.deletion == "margin" and stable.deletion_path == "deployed"
+    assert stable.loss_weighting == "equal"
     assert paper.eps == 3.0 and paper.deletion == "ascent" and not paper.proximal and paper.grad_clip is None
+    assert not paper.warm_start and paper.deletion_path == "features_head" and paper.loss_weighting == "batch_fraction"
     assert (paper.lr, paper.projector_lr, paper.lam) == (0.005, 0.009, 1.0)
     # the paper's baselines use their own optimiser (METHOD.md §10)
     adv = preset("paper", method="adv")

@@ -157,3 +157,17 @@ def test_bad_input(digits_model, digits_anchors, forget_set, fast_config):
         unlearn(digits_model, x, anchors=digits_anchors, config=cfg)
     with pytest.raises(ValueError, match="resume=True needs checkpoint_path"):
         unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, resume=True)
+
+
+def test_warm_start_importance_is_not_identically_zero(digits_model, digits_anchors, forget_set, fast_config):
+    """At a warm start the alignment loss is at its minimum (zero gradient); the importance must still
+    rank parameters (structure sensitivity), or the SR term would silently do nothing."""
+    from stakes.methods import _Run
+
+    run = _Run(digits_model, forget_set, "structguard", digits_anchors, fast_config(warm_start=True), None, None, (),
+               None, 100)
+    run.proxies = run.make_proxies()
+    run.projector.warm_start()
+    opt = run.build_optimizer()
+    total = sum(float(opt.state[p]["importance"].sum()) for p in run.features.parameters())
+    assert total > 0
