@@ -32,7 +32,9 @@ def dot_kind(a_dtype: torch.dtype, b_dtype: torch.dtype) -> int:
     return 0
 
 
-def normalize_backward(v: torch.Tensor, u: torch.Tensor, norm: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+def normalize_backward(
+    v: torch.Tensor, u: torch.Tensor, norm: torch.Tensor, proj: torch.Tensor
+) -> torch.Tensor:
     """Backward of the row normalisation u = r / max(‖r‖, eps), row by row.
 
     dr = (v − u·proj·[‖r‖ > eps]) / max(‖r‖, eps), with v = ∂/∂u [R, D], ``norm`` = ‖r‖ [R] and

@@ -32,6 +32,7 @@ from fused._multi_tensor import (
     BLOCK,
     NUM_WARPS,
     MultiTensorGroups,
+    ScratchRows,
     check_layout_and_device,
     device_guard,
     multi_tensor_chunk_table,
@@ -74,11 +75,17 @@ if HAS_TRITON:
 def accumulate_importance_reference(
     importance: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], weight: float = 1.0
 ) -> None:
-    """Readable per-tensor version (no checks): ``importance[i] += weight·|grads[i]|`` in fp32."""
-    for imp, g in zip(importance, grads):
-        if g is not None:
-            cd = compute_dtype(imp.dtype)
-            imp.copy_(imp.to(cd) + weight * g.to(cd).abs())
+    """Readable per-tensor version (no checks): ``importance[i] += weight·|grads[i]|`` in fp32
+    (fp64 for fp64 importance), rounded once to the importance dtype. Temporaries live in scratch
+    rows shared by all tensors (see :class:`fused._multi_tensor.ScratchRows`)."""
+    pairs = [(imp, g) for imp, g in zip(importance, grads) if g is not None]
+    scratch = ScratchRows([imp for imp, _ in pairs], 2)
+    for imp, g in pairs:
+        magnitude, row = scratch.like(imp)
+        acc = imp if imp.dtype == compute_dtype(imp.dtype) else row.copy_(imp)  # I in fp32 / fp64
+        acc.add_(magnitude.copy_(g).abs_(), alpha=weight)  # |g| in fp32 / fp64
+        if acc is not imp:
+            imp.copy_(acc)
 
 
 @torch.library.custom_op("fused::accumulate_importance", mutates_args=("importance",))

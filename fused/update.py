@@ -31,7 +31,7 @@ see, and ``triton_op`` traces the body with fake tensors, which have no addresse
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -48,6 +48,7 @@ from fused._multi_tensor import (
     BLOCK,
     NUM_WARPS,
     MultiTensorGroups,
+    ScratchRows,
     check_layout_and_device,
     device_guard,
     multi_tensor_chunk_table,
@@ -155,11 +156,13 @@ if HAS_TRITON:
 
 
 def _as_values(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Importance / mask entries as numbers: a bool or uint8 mask means 1 where nonzero."""
+    """Importance / mask entries as multipliers: floating ones in ``dtype``; a bool or uint8 mask
+    means 1 where nonzero and is returned as a bool tensor, which multiplies as 0/1 (this saves a
+    full-size float copy)."""
     if t is None:
         return None
     if t.dtype in BINARY_DTYPES:
-        return (t != 0).to(dtype)
+        return t if t.dtype == torch.bool else t != 0
     return t.to(dtype)
 
 
@@ -177,60 +180,50 @@ def masked_regularized_sgd_step_reference(
     weight_decay: float = 0.0,
     proximal: bool = False,
 ) -> torch.Tensor:
-    """Plain PyTorch version of :func:`masked_regularized_sgd_step` (no checks).
+    """Readable per-tensor PyTorch version of :func:`masked_regularized_sgd_step` (no checks).
 
     The specification of the op, its CPU fallback and the test oracle. ``ref_params``,
-    ``importance`` and ``grad_masks`` are lists with ``None`` entries where absent.
-
-    Tensors that take the same operations (one param dtype; grad, importance, mask each present
-    or not) are stepped together, each line of the formula one ``torch._foreach_*`` call over the
-    group, updating ψ and b in place: the per-tensor formula without its full-size temporaries.
+    ``importance`` and ``grad_masks`` are lists with ``None`` entries where absent. Temporaries
+    live in two scratch rows shared by all tensors, and ψ and b are updated in place
+    (see :class:`fused._multi_tensor.ScratchRows`).
     """
     n = len(params)
     grad_masks = grad_masks if grad_masks is not None else [None] * n
-    groups: Dict[tuple, List[int]] = {}
-    for i, p in enumerate(params):
-        key = (p.dtype, grads[i] is not None, importance[i] is not None, grad_masks[i] is not None)
-        groups.setdefault(key, []).append(i)
-
+    scratch = ScratchRows(params, 2)
     sr = torch.zeros((), dtype=torch.float32, device=params[0].device)
-    for (dtype, has_grad, has_imp, has_mask), idx in groups.items():
-        cd = compute_dtype(dtype)
-        p = [params[i].detach() for i in idx]
-        w = [t.to(cd) for t in p]  # ψ, stepped in place (the params themselves when dtype == cd)
-        if has_imp:
-            imp = [_as_values(importance[i], cd) for i in idx]
-            ref = [ref_params[i].to(cd) for i in idx]
-            diff = torch._foreach_sub(w, ref)  # ψ − ψ0
-            pull = torch._foreach_mul(diff, imp)  # I⊙(ψ − ψ0), the gradient of ½ΣI(ψ−ψ0)²
-            torch._foreach_mul_(diff, pull)  # I⊙(ψ − ψ0)²: SR = ½ΣI(ψ−ψ0)², before the step
-            sr = sr + (0.5 * torch.stack([t.sum() for t in diff]).sum()).to(torch.float32)
-        if not has_grad:  # no gradient: not updated, but its SR term counts above
+    for i, p in enumerate(params):
+        cd = compute_dtype(p.dtype)
+        p = p.detach()
+        w = p.to(cd)  # ψ, stepped in place: the param itself when stored in cd
+        row0, row1 = scratch.like(p)
+        imp = _as_values(importance[i], cd)
+        if imp is not None:
+            ref = ref_params[i].to(cd)
+            diff = torch.sub(w, ref, out=row0)  # ψ − ψ0
+            pull = torch.mul(imp, diff, out=row1)  # I⊙(ψ − ψ0), the gradient of ½ΣI(ψ−ψ0)²
+            sr += (0.5 * diff.mul_(pull).sum()).to(torch.float32)  # ½ΣI(ψ−ψ0)², before the step
+        if grads[i] is None:  # no gradient: not updated, but its SR term counts above
             continue
-        u = [grads[i].to(cd) for i in idx]  # read only: every line below makes a new list
-        if has_mask:
-            u = torch._foreach_mul(u, [_as_values(grad_masks[i], cd) for i in idx])
+        g = grads[i].to(cd)
+        mask = _as_values(grad_masks[i], cd)
+        # d = m⊙g + wd·ψ (+ λ·I⊙(ψ − ψ0) in the explicit form), built in row0
+        d = torch.mul(g, mask, out=row0) if mask is not None else row0.copy_(g)
         if weight_decay != 0:
-            u = torch._foreach_add(u, w, alpha=weight_decay)
-        if has_imp and not proximal:
-            u = torch._foreach_add(u, pull, alpha=lam)
-        if momentum != 0:  # b = μ·b + d (b = 0 on step 1 gives b = d)
-            bufs = [momentum_buffers[i].to(cd) for i in idx]
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, u)
-            for i, b in zip(idx, bufs):
-                if b is not momentum_buffers[i]:  # a buffer stored in another dtype
-                    momentum_buffers[i].copy_(b)
-            u = bufs
-        torch._foreach_add_(w, u, alpha=-lr)  # ψ − lr·d
-        if has_imp and proximal:
-            # argmin of the linearised loss + the exact quadratic: (ψ − lr·u + a⊙ψ0) / (1 + a)
-            a = torch._foreach_mul(imp, lr * lam)
-            torch._foreach_addcmul_(w, a, ref)
-            torch._foreach_add_(a, 1.0)
-            torch._foreach_div_(w, a)
-        if cd != dtype:
-            torch._foreach_copy_(p, w)
+            d.add_(w, alpha=weight_decay)
+        if imp is not None and not proximal:
+            d.add_(pull, alpha=lam)
+        if momentum != 0:
+            b = momentum_buffers[i].to(cd)  # the buffer itself when stored in cd
+            d = b.mul_(momentum).add_(d)  # b = μ·b + d (b = 0 on step 1 gives b = d)
+            if b is not momentum_buffers[i]:
+                momentum_buffers[i].copy_(b)
+        w.add_(d, alpha=-lr)  # ψ − lr·d
+        if imp is not None and proximal:
+            # the exact minimiser: ψ ← (ψ − lr·u + a⊙ψ0) / (1 + a), a = lr·λ·I
+            a = row1.copy_(imp).mul_(lr * lam)
+            w.addcmul_(a, ref).div_(a.add_(1))
+        if w is not p:
+            p.copy_(w)
     return sr
 
 

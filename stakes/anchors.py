@@ -33,13 +33,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from stakes._io import atomic_torch_save
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -408,23 +409,6 @@ def get_text_encoder(name: str = "minilm", *, arch: str = "ViT-B-32",
 
 # ----------------------------------------------------------------------------------------- anchors
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the target folder, then os.replace: readers never see
-    a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _read_cached(path: Path, key: str, prompts: list[str], dim: int) -> Tensor | None:
     """The cached anchors at ``path``, or None (absent, or corrupt: warn, caller rewrites)."""
     if not path.is_file():
@@ -485,7 +469,7 @@ def build_anchors(class_names: Sequence[str], *, descriptions=None,
     if not torch.isfinite(anchors).all():
         raise RuntimeError(f"text encoder {enc!r} produced non-finite embeddings")
     if path is not None:
-        _atomic_torch_save({"key": key, "encoder": enc.cache_key(), "prompts": prompts,
+        atomic_torch_save({"key": key, "encoder": enc.cache_key(), "prompts": prompts,
                             "anchors": anchors}, path)
     return anchors.to(device)
 
@@ -564,7 +548,7 @@ def save_anchors(path: str | os.PathLike, anchors: Tensor, meta: Mapping[str, An
     blob = {"format": _ANCHORS_FORMAT,
             "anchors": anchors.detach().float().cpu().contiguous(),
             "meta": dict(meta)}
-    _atomic_torch_save(blob, Path(path))
+    atomic_torch_save(blob, Path(path))
 
 
 def load_anchors(path: str | os.PathLike) -> tuple[Tensor, dict[str, Any]]:

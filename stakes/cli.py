@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import sys
-import tempfile
-import time
 from typing import Optional
 
 import torch
 
+from stakes._io import atomic_json_dump, atomic_torch_save
 from stakes.config import PRESETS, UnlearnConfig, preset
 
 
@@ -33,44 +31,12 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def write_json_atomic(path: str, payload) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically (temp file in the same folder + rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, default=_json_default, allow_nan=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist() if obj.numel() > 1 else float(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
 def save_deployed_model(path: str, model: torch.nn.Module, meta: dict) -> None:
     """Save the deployed model (whole module + meta) atomically; never a non-finite one."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ValueError(f"refusing to save a model with non-finite parameter {name!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save({"model": model, "meta": meta}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_torch_save({"model": model, "meta": meta}, path)
 
 
 def parse_overrides(items) -> dict:
@@ -258,7 +224,7 @@ def cmd_unlearn(args) -> int:
     if args.save_model:
         save_deployed_model(args.save_model, result.model, {"method": args.method, "k": args.k, "seed": args.seed,
                                                             "dataset": data.name})
-    write_json_atomic(args.out, record)
+    atomic_json_dump(record, args.out)
     print("\n".join(_summary_lines(record)))
     print(f"  result -> {args.out}")
     return 0

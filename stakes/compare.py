@@ -11,13 +11,13 @@ proxy settings agree. A failing run is recorded with its error and the grid goes
 
 from __future__ import annotations
 
-import math
 import time
 import traceback
 
 import torch
 from tqdm.auto import tqdm
 
+from stakes._io import atomic_json_dump, atomic_text
 from stakes.config import UnlearnConfig
 
 MATCHED = (25.0, 10.0, 0.0)
@@ -117,14 +117,7 @@ def write_summary(records: list, path: str, meta: dict) -> str:
             lines.append(f"- {r['method']} k={r['k']} seed={r['seed']}: {r.get('error', '?')}")
         lines.append("")
     text = "\n".join(lines)
-    import os
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".md")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text + "\n")
-    os.replace(tmp, path)
+    atomic_text(text + "\n", path)
     return text
 
 
@@ -205,8 +198,7 @@ def run_compare(args) -> int:
     """The ``stakes compare`` command (see the module docstring)."""
     import os
 
-    from stakes.cli import (UsageError, load_data, load_model, load_or_build_anchors, make_config, run_one,
-                            write_json_atomic)
+    from stakes.cli import UsageError, load_data, load_model, load_or_build_anchors, make_config, run_one
     from stakes.data import sample_forget_indices
     from stakes.methods import METHODS, build_proxies
     from stakes.metrics import accuracy, evaluate_model, membership_inference
@@ -259,7 +251,7 @@ def run_compare(args) -> int:
                 record = {"method": label, "k": k, "seed": seed, "status": "failed",
                           "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=5)}
             records.append(record)
-            write_json_atomic(results_path, {"meta": meta, "runs": records})
+            atomic_json_dump({"meta": meta, "runs": records}, results_path)
             bar.update(1)
         if args.retrain:
             t0 = time.perf_counter()
@@ -275,11 +267,11 @@ def run_compare(args) -> int:
                 record = {"method": "retrain", "k": k, "seed": seed, "status": "failed",
                           "error": f"{type(err).__name__}: {err}"}
             records.append(record)
-            write_json_atomic(results_path, {"meta": meta, "runs": records})
+            atomic_json_dump({"meta": meta, "runs": records}, results_path)
             bar.update(1)
     bar.close()
     meta["wall_time_s"] = time.perf_counter() - start
-    write_json_atomic(results_path, {"meta": meta, "runs": records})
+    atomic_json_dump({"meta": meta, "runs": records}, results_path)
     text = write_summary(records, os.path.join(args.out, "summary.md"), meta)
     plots = plot_report(records, args.out)
     print(text)

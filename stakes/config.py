@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 PRESETS = ("stable", "paper")
@@ -48,6 +48,7 @@ class UnlearnConfig:
     proxy_batch_size: int = 128
     lr: float = 0.005                # backbone + head
     projector_lr: float = 0.009
+    head_lr: Optional[float] = None  # classifier head; None -> lr, 0 -> frozen head [ours]
     momentum: float = 0.0
     weight_decay: float = 0.0
     max_epochs: int = 100
@@ -114,6 +115,8 @@ class UnlearnConfig:
             raise ValueError(f"config.momentum must be in [0, 1), got {self.momentum!r}")
         if self.eps is not None:
             positive("eps")
+        if self.head_lr is not None:
+            positive("head_lr", allow_zero=True)
         if not 0.0 < self.target_success <= 1.0:
             raise ValueError(f"config.target_success must be in (0, 1], got {self.target_success!r}")
         if self.max_steps is not None:

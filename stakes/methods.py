@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 import fused
 from fused.optim import StructureSGD
+from stakes._io import atomic_torch_save
 from stakes.config import UnlearnConfig, preset
 from stakes.metrics import accuracy, structure_drift
 from stakes.proxy import ProxySet, calibrate_radius, generate_proxies
@@ -210,12 +211,6 @@ def _topq_mask(tensors: Sequence[torch.Tensor], q: float) -> list:
     return [t >= threshold for t in tensors]
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- proxies
 
 
@@ -326,10 +321,13 @@ class _Run:
 
     def param_groups(self) -> list:
         cfg = self.cfg
-        groups = [
-            {"params": list(self.features.parameters()), "name": "features", "lr": cfg.lr},
-            {"params": list(self.head.parameters()), "name": "head", "lr": cfg.lr},
-        ]
+        groups = [{"params": list(self.features.parameters()), "name": "features", "lr": cfg.lr}]
+        head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
+        if head_lr > 0:
+            groups.append({"params": list(self.head.parameters()), "name": "head", "lr": head_lr})
+        else:  # a frozen head: the deletion has to go through the representation
+            for p in self.head.parameters():
+                p.requires_grad_(False)
         if self.projector is not None:
             groups.append({"params": list(self.projector.parameters()), "name": "projector", "lr": cfg.projector_lr})
         return groups
@@ -379,7 +377,7 @@ class _Run:
 
     def _importance_l2ul(self) -> dict:
         """Ω = |∂ mean_x ‖f(x_f)‖₂ / ∂θ| on the forget set, min-max normalised per tensor, inverted (§10)."""
-        params = [p for p in self.deployed.parameters()]
+        params = [p for p in self.deployed.parameters() if p.requires_grad]
         self._set_train()
         out = self.deployed(self.fx).norm(dim=1).mean()
         grads = torch.autograd.grad(out, params, allow_unused=True)
@@ -387,7 +385,7 @@ class _Run:
 
     def _salun_masks(self) -> dict:
         """Top-q of |∇θ CE(f(x_f), y_f)| over all parameters, as a binary gradient mask (§10)."""
-        params = [p for p in self.deployed.parameters()]
+        params = [p for p in self.deployed.parameters() if p.requires_grad]
         self._set_train()
         loss = F.cross_entropy(self.deployed(self.fx), self.fy)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -455,7 +453,7 @@ class _Run:
     def save_checkpoint(self):
         if self.checkpoint_path:
             self.check_finite("before writing the checkpoint")
-            _atomic_save(self.state(), self.checkpoint_path)
+            atomic_torch_save(self.state(), self.checkpoint_path)
 
     def load_checkpoint(self, state: dict):
         if state.get("method") != self.method:

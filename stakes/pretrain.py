@@ -11,12 +11,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+
+from stakes._io import atomic_torch_save
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -210,22 +211,7 @@ def save_checkpoint(path, model: Classifier, meta: dict | None = None) -> Path:
     payload = dict(format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, arch=model.arch,
                    arch_kwargs=dict(model.arch_kwargs), state_dict=state, meta_json=meta_json)
 
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[Classifier, dict]:
