@@ -39,17 +39,24 @@ def save_deployed_model(path: str, model: torch.nn.Module, meta: dict) -> None:
     atomic_torch_save({"model": model, "meta": meta}, path)
 
 
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
 def parse_overrides(items) -> dict:
-    """``--set key=value`` pairs; values are Python literals (numbers, None, True) or strings."""
+    """``--set key=value`` pairs; values are Python literals (numbers, None, True), the words
+    true/false/none in any case, or strings."""
     out = {}
     for item in items or ():
         if "=" not in item:
             raise UsageError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
+        if raw.strip().lower() in _WORDS:
+            value = _WORDS[raw.strip().lower()]
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
         out[key.strip()] = value
     return out
 
@@ -147,7 +154,7 @@ def cmd_anchors(args) -> int:
 
 
 def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxies=None, cfg=None,
-            checkpoint_path=None, resume=False):
+            checkpoint_path=None, resume=False, keep_checkpoint=False):
     """One unlearning run with the full evaluation; returns (record, result)."""
     from stakes.data import sample_forget_indices
     from stakes.methods import unlearn
@@ -170,7 +177,8 @@ def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxi
     eval_sets = {"test": (test_x, test_y), "retain": (data.train_x[retain_idx], data.train_y[retain_idx])}
     pre = evaluate_model(model, data, forget_idx)
     result = unlearn(model, (fx, fy), method=method, anchors=anchors, config=cfg, eval_sets=eval_sets,
-                     proxies=proxies, retain_size=int(keep.sum()), checkpoint_path=checkpoint_path, resume=resume)
+                     proxies=proxies, retain_size=int(keep.sum()), checkpoint_path=checkpoint_path, resume=resume,
+                     keep_checkpoint=keep_checkpoint)
     final = evaluate_model(result.model, data, forget_idx)
     mia = membership_inference(result.model, fx, fy, data.test_x, data.test_y, seed=seed)
     record = {
@@ -217,14 +225,18 @@ def cmd_unlearn(args) -> int:
     model, _ = load_model(args, data)
     anchors, anchor_meta = load_or_build_anchors(args, data, model)
     cfg = make_config(args, args.method)
-    ckpt = args.checkpoint or (args.out + ".ckpt" if args.resume else None)
+    # every run keeps a resumable state next to its result until the result is written
+    ckpt = args.checkpoint or args.out + ".ckpt"
     record, result = run_one(args, data, model, anchors, args.method, args.k, args.seed, cfg=cfg,
-                             checkpoint_path=ckpt, resume=args.resume)
+                             checkpoint_path=ckpt, resume=args.resume, keep_checkpoint=True)
     record["anchors"] = anchor_meta
     if args.save_model:
         save_deployed_model(args.save_model, result.model, {"method": args.method, "k": args.k, "seed": args.seed,
                                                             "dataset": data.name})
     atomic_json_dump(record, args.out)
+    for path in (ckpt, ckpt + ".proxies"):
+        if os.path.exists(path):
+            os.remove(path)
     print("\n".join(_summary_lines(record)))
     print(f"  result -> {args.out}")
     return 0
@@ -234,6 +246,13 @@ def cmd_compare(args) -> int:
     from stakes.compare import run_compare
 
     return run_compare(args)
+
+
+def cmd_report(args) -> int:
+    from stakes.compare import rerender_report
+
+    print(rerender_report(args.dir))
+    return 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -300,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", default="stable", choices=PRESETS)
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     sp.add_argument("--out", default="result.json")
-    sp.add_argument("--checkpoint", default=None, help="resumable state file (default with --resume: OUT.ckpt)")
+    sp.add_argument("--checkpoint", default=None, help="resumable state file (default: OUT.ckpt; removed once "
+                                                           "the result is written)")
     sp.add_argument("--resume", action="store_true", help="resume an interrupted run from its checkpoint")
     sp.add_argument("--save-model", default=None, help="also save the deployed model here")
     sp.set_defaults(func=cmd_unlearn)
@@ -319,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--retrain", action="store_true", help="also run the retrain oracle")
     sp.add_argument("--out", default="report")
     sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser("report", help="redraw summary.md and the plots of a compare folder from its results.json")
+    sp.add_argument("dir")
+    sp.set_defaults(func=cmd_report)
     return p
 
 

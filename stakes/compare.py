@@ -72,14 +72,20 @@ def write_summary(records: list, path: str, meta: dict) -> str:
     lines = [f"# stakes compare: {meta['dataset']}" + (" (SYNTHETIC data set)" if meta.get("synthetic") else ""), ""]
     lines.append(f"Preset `{meta['preset']}`, seeds {meta['seeds']}, pretrained test accuracy "
                  f"{meta.get('pretrained_test_accuracy', float('nan')):.2f} %. Accuracies in percent, through each "
-                 "method's deployed model; mean ± std over seeds.")
+                 "method's deployed model; mean ± std over seeds. \"test @ forget ≤ x %\": test accuracy at the first "
+                 "logged step where at most x % of the forget set is still classified correctly (runs that got there "
+                 "in parentheses). \"time s\": the run plus the proxy set it would need alone, on this machine.")
     lines.append("")
     for k in ks:
         radius = meta.get("radius", {}).get(str(k))
         lines.append(f"## k = {k}")
-        if radius:
-            lines.append(f"Calibrated PGD radius {radius['eps']}, median forget-to-nearest-same-class distance "
-                         f"{radius['neighbour_distance']}.")
+        if radius and radius["eps"]:
+            eps = summarize(list(radius["eps"].values()))
+            dist = summarize(list(radius["neighbour_distance"].values()))
+            kind = "calibrated" if radius.get("calibrated") else "fixed"
+            lines.append(f"PGD radius ({kind}) {eps['mean']:.3f} ± {eps['std']:.3f}; median distance from a forget "
+                         f"image to its nearest same-class training image {dist['mean']:.3f} ± {dist['std']:.3f} "
+                         f"(mean ± std over seeds).")
         lines.append("")
         lines.append("| method | test @ stop | forget @ stop | retain @ stop | reached 0 % | test @ forget ≤ 25 % "
                      "| test @ ≤ 10 % | test @ 0 % | MIA AUC | drift | steps | time s |")
@@ -106,7 +112,7 @@ def write_summary(records: list, path: str, meta: dict) -> str:
             drifts = [r["structure_drift"] for r in rs if r.get("structure_drift") is not None]
             cells.append(_fmt(summarize(drifts), 4) if drifts else "—")
             cells.append(_fmt(summarize([r["steps"] for r in rs]), 0))
-            cells.append(_fmt(summarize([r["wall_time_s"] for r in rs]), 1))
+            cells.append(_fmt(summarize([r.get("wall_time_with_proxies_s", r["wall_time_s"]) for r in rs]), 1))
             if len(rs) < n_all:
                 cells[0] += f" ({n_all - len(rs)} failed)"
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -243,10 +249,15 @@ def run_compare(args) -> int:
                 record, _ = run_one(args, data, model, anchors, method, k, seed, proxies=proxies, cfg=cfg)
                 record["method"] = label
                 record["timings"].update({f"shared_{n}": v for n, v in ptimes.items()})
+                # the proxy set is shared, but each method that trains on it would have had to build it alone
+                uses_proxies = method != "neggrad"
+                record["wall_time_with_proxies_s"] = record["wall_time_s"] + uses_proxies * sum(ptimes.values())
                 record["status"] = "ok"
-                if str(k) not in meta["radius"]:
-                    meta["radius"][str(k)] = {"eps": round(proxies.eps, 3),
-                                              "neighbour_distance": round(median_neighbour_distance(data, forget_idx), 3)}
+                radius = meta["radius"].setdefault(str(k), {"calibrated": cfg.eps is None, "eps": {},
+                                                            "neighbour_distance": {}})
+                if str(seed) not in radius["eps"]:
+                    radius["eps"][str(seed)] = round(proxies.eps, 3)
+                    radius["neighbour_distance"][str(seed)] = round(median_neighbour_distance(data, forget_idx), 3)
             except Exception as err:  # the grid goes on; the failure is recorded with its error
                 record = {"method": label, "k": k, "seed": seed, "status": "failed",
                           "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=5)}
@@ -280,3 +291,23 @@ def run_compare(args) -> int:
     if n_failed:
         print(f"{n_failed} of {len(records)} runs failed; see summary.md")
     return 0
+
+
+def rerender_report(out_dir: str) -> str:
+    """Rewrite ``summary.md`` and the PNGs of a report folder from its ``results.json``."""
+    import json
+    import os
+
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no results.json in {out_dir!r} (run `stakes compare --out {out_dir}` first)")
+    try:
+        with open(path) as fh:
+            payload = json.load(fh)
+        meta, records = payload["meta"], payload["runs"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a stakes compare result ({err})") from None
+    text = write_summary(records, os.path.join(out_dir, "summary.md"), meta)
+    plot_report(records, out_dir)
+    return text
+

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 PRESETS = ("stable", "paper")
 IMPORTANCE_KINDS = ("dense", "topq", "inverted")
 DELETION_KINDS = ("ascent", "bounded", "margin")
@@ -32,7 +34,7 @@ LOSS_WEIGHTINGS = ("batch_fraction", "equal")
 class UnlearnConfig:
     """Hyper-parameters of :func:`stakes.unlearn` (names follow METHOD.md)."""
 
-    preset: str = "stable"
+    preset: str = "custom"           # set by stakes.preset(); a hand-built config is "custom"
     seed: int = 0
 
     # Proxy set (METHOD.md §3): targeted L2 PGD around each forget image.
@@ -101,6 +103,19 @@ class UnlearnConfig:
                 bound = ">= 0" if allow_zero else "> 0"
                 raise ValueError(f"config.{name} must be {kind} {bound}, got {v!r}")
 
+        for name in ("proximal", "warm_start", "skip_sr_first_steps", "bn_train_mode", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config.{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"config.seed must be an integer, got {self.seed!r}")
+        for name in ("momentum", "target_success", "importance_topq"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"config.{name} must be a number, got {v!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"config.device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
         if self.preset not in PRESETS + ("custom",):
             raise ValueError(f"config.preset must be one of {PRESETS}, got {self.preset!r}")
         for name in ("repetitions", "pgd_steps", "pgd_batch_size", "forget_batch_size", "proxy_batch_size",

@@ -221,7 +221,11 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
     Exposed so that a comparison can build it once per (k, seed) and share it between methods.
     Returns the proxies and the time spent (``calibration_s``, ``proxies_s``).
     """
+    device = torch.device(cfg.device)
     clf = _as_parts(model)
+    if any(p.device != device for p in clf.parameters()):
+        clf = copy.deepcopy(clf).to(device)   # PGD runs where the config says, never on the caller's copy
+    forget_x, forget_y = forget_x.to(device), forget_y.to(device)
     n_classes = clf.head.out_features
     t0 = time.perf_counter()
     eps, calibrated = cfg.eps, None
@@ -293,7 +297,7 @@ class _Run:
             self.projector = Projector(self.feature_dim, self.anchor_dim, hidden).to(self.device)
         self.deployed = DeployedModel(self.features, self.head, self.projector)
 
-        self.proxies = proxies
+        self.proxies = None if proxies is None else self._checked_proxies(proxies)
         self.opt: Optional[StructureSGD] = None
 
     # ------------------------------------------------------------------ set-up pieces
@@ -364,6 +368,8 @@ class _Run:
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 fused.accumulate_importance(imp, list(grads), weight=len(idx) / n_tot, backend=cfg.backend)
                 seen += len(idx)
+        if seen != n_tot:  # the last batch overshot N_tot: divide by the samples actually seen
+            torch._foreach_mul_(imp, n_tot / seen)
         return self._finish_importance(dict(zip(params, imp)))
 
     def _finish_importance(self, imp: dict) -> dict:
@@ -392,10 +398,13 @@ class _Run:
         mags = [g.abs() if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
         return dict(zip(params, _topq_mask(mags, self.cfg.importance_topq)))
 
-    def build_optimizer(self) -> StructureSGD:
+    def new_optimizer(self) -> StructureSGD:
         cfg = self.cfg
-        opt = StructureSGD(self.param_groups(), lr=cfg.lr, lam=cfg.lam, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, proximal=cfg.proximal, backend=cfg.backend)
+        return StructureSGD(self.param_groups(), lr=cfg.lr, lam=cfg.lam, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay, proximal=cfg.proximal, backend=cfg.backend)
+
+    def build_optimizer(self) -> StructureSGD:
+        opt = self.new_optimizer()
         t0 = time.perf_counter()
         if self.method == "structguard":
             opt.set_importance(self._importance_structguard())
@@ -425,6 +434,7 @@ class _Run:
                                                        self.anchors)
         entry.update({k: float(v) for k, v in losses.items()})
         self._set_train()
+        self.check_finite(f"trajectory log at step {self.step}")
         self.history.append(entry)
         for cb in self.callbacks:
             cb(entry)
@@ -440,38 +450,78 @@ class _Run:
                                          f"{self.step} ({where}); the run was stopped and no model was written")
 
     # ------------------------------------------------------------------ checkpoints (resume)
+    def fingerprint(self) -> dict:
+        """What a checkpoint must match to be resumed by this run: the forget set and the recipe."""
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in ("progress", "device", "log_every")}
+        return {"method": self.method, "k": self.k, "forget_shape": list(self.fx.shape),
+                "forget_labels": self.fy.tolist(), "forget_sum": float(self.fx.double().sum()), "config": cfg}
+
     def state(self) -> dict:
         return {
-            "method": self.method, "config": self.cfg.to_dict(), "step": self.step, "epoch": self.epoch,
+            "fingerprint": self.fingerprint(), "step": self.step, "epoch": self.epoch,
             "features": self.features.state_dict(), "head": self.head.state_dict(),
             "projector": None if self.projector is None else self.projector.state_dict(),
             "projector_frozen_bn": None if self.projector is None else self.projector.frozen_bn,
-            "optimizer": self.opt.state_dict(), "history": self.history,
-            "proxies": self.proxies, "timings": self.timings, "rng": torch.get_rng_state(),
+            "optimizer": self.opt.state_dict(), "history": self.history, "timings": self.timings,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
 
     def save_checkpoint(self):
-        if self.checkpoint_path:
-            self.check_finite("before writing the checkpoint")
-            atomic_torch_save(self.state(), self.checkpoint_path)
+        """The resumable state, atomically; the proxy set (large, fixed) goes to a side file once."""
+        if not self.checkpoint_path:
+            return
+        self.check_finite("before writing the checkpoint")
+        side = self.checkpoint_path + ".proxies"
+        if not getattr(self, "_proxies_saved", False):
+            atomic_torch_save(self.proxies, side)
+            self._proxies_saved = True
+        atomic_torch_save(self.state(), self.checkpoint_path)
+
+    def remove_checkpoint(self):
+        for path in (self.checkpoint_path, (self.checkpoint_path or "") + ".proxies"):
+            if path and os.path.exists(path):
+                os.remove(path)
 
     def load_checkpoint(self, state: dict):
-        if state.get("method") != self.method:
-            raise ValueError(f"checkpoint is for method {state.get('method')!r}, not {self.method!r}")
+        saved, mine = state.get("fingerprint"), self.fingerprint()
+        if saved != mine:
+            diff = sorted(k for k in mine if (saved or {}).get(k) != mine[k])
+            raise ValueError(f"checkpoint {self.checkpoint_path!r} belongs to a different run (differs in {diff}); "
+                             "delete it or pass another checkpoint path")
         self.features.load_state_dict(state["features"])
         self.head.load_state_dict(state["head"])
         if self.projector is not None:
             self.projector.load_state_dict(state["projector"])
             self.projector.frozen_bn = bool(state.get("projector_frozen_bn"))
-        self.proxies = state["proxies"]
-        self.opt = StructureSGD(self.param_groups(), lr=self.cfg.lr, lam=self.cfg.lam, momentum=self.cfg.momentum,
-                                weight_decay=self.cfg.weight_decay, proximal=self.cfg.proximal,
-                                backend=self.cfg.backend)
+            self.projector.train(self.projector.training)
+        side = self.checkpoint_path + ".proxies"
+        try:
+            proxies = torch.load(side, map_location=self.device, weights_only=False)
+        except Exception as err:
+            raise ValueError(f"cannot read the proxy set of the checkpoint {side!r}: {err}") from None
+        self.proxies = self._checked_proxies(proxies)
+        self._proxies_saved = True
+        self.opt = self.new_optimizer()
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.history = list(state["history"])
         self.timings = dict(state["timings"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
+
+    def _checked_proxies(self, proxies) -> ProxySet:
+        """A given proxy set must match the forget images' shape and the model's classes; moved to the device."""
+        if not isinstance(proxies, ProxySet):
+            raise TypeError(f"proxies must be a stakes.proxy.ProxySet, got {type(proxies).__name__}")
+        if proxies.x.shape[1:] != self.fx.shape[1:] or proxies.x.shape[0] != proxies.y.shape[0] or len(proxies) == 0:
+            raise ValueError(f"proxies must be non-empty images of shape [N, {', '.join(map(str, self.fx.shape[1:]))}] "
+                             f"with N labels, got images {tuple(proxies.x.shape)} and labels {tuple(proxies.y.shape)}")
+        if int(proxies.y.min()) < 0 or int(proxies.y.max()) >= self.num_classes:
+            raise ValueError(f"proxy labels must lie in [0, {self.num_classes})")
+        return ProxySet(x=proxies.x.to(self.device), y=proxies.y.to(self.device),
+                        source=proxies.source.to(self.device), eps=proxies.eps, success_rate=proxies.success_rate)
 
     # ------------------------------------------------------------------ the loss of one step
     def loss_terms(self, xf, yf, xa, ya) -> dict:
@@ -576,7 +626,6 @@ class _Run:
                 if self.step % cfg.log_every == 0:
                     sr = self.opt.last_sr_loss
                     entry = self.log_entry({**terms, "loss": loss, "sr": sr if sr is not None else 0.0})
-                    self.check_finite("trajectory log")
                     bar.set_postfix(forget=f"{entry['forget_accuracy']:.1f}",
                                     test=f"{entry.get('test_accuracy', float('nan')):.1f}")
             self.epoch += 1
@@ -602,7 +651,7 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
             config: Optional[UnlearnConfig] = None, eval_sets: Optional[dict] = None,
             proxies: Optional[ProxySet] = None, retain_size: Optional[int] = None,
             callbacks: Iterable[Callable[[dict], None]] = (), checkpoint_path: Optional[str] = None,
-            resume: bool = False) -> UnlearnResult:
+            resume: bool = False, keep_checkpoint: bool = False) -> UnlearnResult:
     """Unlearn ``forget_set`` from ``model``.
 
     Args:
@@ -619,7 +668,10 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
         retain_size: |D_r| for the importance sample count N_tot (METHOD.md §6).
         callbacks: called with every trajectory entry (a dict).
         checkpoint_path: where to write the resumable state after every epoch (atomically).
-        resume: continue from ``checkpoint_path`` if it exists.
+        resume: continue from ``checkpoint_path`` if it exists (it must belong to the same forget
+            set and config, else ValueError).
+        keep_checkpoint: keep the checkpoint after the run finished (the CLI removes it only once
+            the result file is written); by default it is removed.
     """
     if method not in METHODS or method == "retrain":
         valid = [m for m in METHODS if m != "retrain"]
@@ -658,6 +710,6 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
         proxies=run.proxies.summary(), steps=run.step, epochs=run.epoch, stopped=stopped,
         wall_time_s=time.perf_counter() - start, timings=run.timings,
     )
-    if checkpoint_path and os.path.exists(checkpoint_path) and stopped != "interrupted":
-        os.remove(checkpoint_path)  # the run finished: the resumable state is no longer needed
+    if not keep_checkpoint:
+        run.remove_checkpoint()  # the run finished: the resumable state is no longer needed
     return result

@@ -128,4 +128,6 @@ def test_compare_tiny_grid(tmp_path, cache_env):
     assert "| neggrad |" in summary and "| structguard-cold |" in summary and "k = 4" in summary
     for png in ("trajectories.png", "test_vs_k.png", "drift.png"):
         assert (out / png).stat().st_size > 1000
-    assert payload["meta"]["radius"]["4"]["neighbour_distance"] > 0
+    radius = payload["meta"]["radius"]["4"]
+    assert radius["calibrated"] is False and radius["eps"] == {"0": 1.0, "1": 1.0}
+    assert all(d > 0 for d in radius["neighbour_distance"].values())

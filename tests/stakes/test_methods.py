@@ -171,3 +171,33 @@ def test_warm_start_importance_is_not_identically_zero(digits_model, digits_anch
     opt = run.build_optimizer()
     total = sum(float(opt.state[p]["importance"].sum()) for p in run.features.parameters())
     assert total > 0
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, digits, digits_model, digits_anchors, forget_set,
+                                                   fast_config):
+    cfg = fast_config(max_steps=None, max_epochs=3, warm_start=True)
+    ckpt = str(tmp_path / "run.ckpt")
+
+    def interrupt(entry):
+        if entry["step"] >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, checkpoint_path=ckpt,
+                callbacks=[interrupt])
+    other = (digits.train_x[100:108], digits.train_y[100:108])
+    with pytest.raises(ValueError, match="different run"):
+        unlearn(digits_model, other, anchors=digits_anchors, config=cfg, checkpoint_path=ckpt, resume=True)
+    with pytest.raises(ValueError, match="different run"):
+        unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg.replace(lam=5.0), checkpoint_path=ckpt,
+                resume=True)
+
+
+def test_given_proxies_are_checked(digits_model, forget_set, fast_config):
+    cfg = fast_config()
+    proxies, _ = build_proxies(digits_model, *forget_set, cfg)
+    bad = ProxySet(x=proxies.x[:, :, :4], y=proxies.y, source=proxies.source, eps=1.0, success_rate=1.0)
+    with pytest.raises(ValueError, match="proxies must be"):
+        unlearn(digits_model, forget_set, method="adv", config=cfg, proxies=bad)
+    with pytest.raises(TypeError, match="ProxySet"):
+        unlearn(digits_model, forget_set, method="adv", config=cfg, proxies=(proxies.x, proxies.y))
