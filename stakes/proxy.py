@@ -124,34 +124,55 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     ``target_success``; returns ``(eps, achieved_success)``. If no radius reaches it, the largest
     radius is returned with its success rate (the caller reports it).
 
-    Every grid radius is attacked in the same batches (per-sample ε), on at most ``max_images``
-    forget images × ``repetitions`` random targets.
+    Binary search over the grid (success grows with the radius), each probe attacking at most
+    ``max_images`` forget images × ``repetitions`` random targets with the same starts and targets,
+    so about log2(len(grid)) probes instead of one per radius.
     """
     _check_inputs(model, x, y, num_classes)
     grid = list(grid) if grid is not None else radius_grid(max_eps=max(8.0, 1.2 * math.sqrt(x[0].numel())))
+    if not grid or any(not (isinstance(e, (int, float)) and math.isfinite(e) and e > 0) for e in grid):
+        raise ValueError(f"grid must be a non-empty list of finite radii > 0, got {grid!r}")
+    if not 0.0 < target_success <= 1.0:
+        raise ValueError(f"target_success must be in (0, 1], got {target_success!r}")
+    grid = sorted(grid)
     g = torch.Generator().manual_seed(seed + 7919)
     if x.shape[0] > max_images:
         keep = torch.randperm(x.shape[0], generator=g)[:max_images].to(x.device)
         x, y = x[keep], y[keep]
-    n_img, n_eps = x.shape[0], len(grid)
-    # layout: [eps][repetition][image]
-    x0 = x.repeat(n_eps * repetitions, *([1] * (x.dim() - 1)))
-    y0 = y.repeat(n_eps * repetitions)
-    eps = torch.tensor(grid, dtype=torch.float32, device=x.device).repeat_interleave(n_img * repetitions)
-    target = random_targets(y0, num_classes, g)
-    hits = torch.empty(len(x0), dtype=torch.bool, device=x.device)
+    x0 = x.repeat(repetitions, *([1] * (x.dim() - 1)))
+    target = random_targets(y.repeat(repetitions), num_classes, g)
+    start_state = g.get_state()
+    rates: dict = {}
+
+    def success_at(i: int) -> float:
+        if i not in rates:
+            g.set_state(start_state)   # every radius sees the same random starts and targets
+            eps = torch.full((len(x0),), float(grid[i]), dtype=torch.float32, device=x.device)
+            hits = []
+            for j in range(0, len(x0), batch_size):
+                sl = slice(j, j + batch_size)
+                adv = _attack(model, x0[sl], target[sl], eps[sl], steps=steps, step_size=step_size, generator=g,
+                              backend=backend)
+                hits.append(_success(model, adv, target[sl], batch_size))
+            rates[i] = float(torch.cat(hits).float().mean())
+        return rates[i]
+
     with _eval_mode(model):
-        chunks = range(0, len(x0), batch_size)
-        for i in tqdm(chunks, desc="calibrate radius", disable=not progress, leave=False):
-            sl = slice(i, i + batch_size)
-            adv = _attack(model, x0[sl], target[sl], eps[sl], steps=steps, step_size=step_size, generator=g,
-                          backend=backend)
-            hits[sl] = _success(model, adv, target[sl], batch_size)
-    rates = hits.view(n_eps, -1).float().mean(1).tolist()
-    for e, r in zip(grid, rates):
-        if r >= target_success:
-            return float(e), float(r)
-    return float(grid[-1]), float(rates[-1])
+        lo, hi = 0, len(grid) - 1
+        bar = tqdm(total=max(1, math.ceil(math.log2(len(grid) + 1))), desc="calibrate radius",
+                   disable=not progress, leave=False)
+        if success_at(hi) < target_success:
+            bar.close()
+            return float(grid[hi]), rates[hi]
+        while lo < hi:   # invariant: grid[hi] reaches the target
+            mid = (lo + hi) // 2
+            bar.update(1)
+            if success_at(mid) >= target_success:
+                hi = mid
+            else:
+                lo = mid + 1
+        bar.close()
+    return float(grid[hi]), rates[hi]
 
 
 def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,

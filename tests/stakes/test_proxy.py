@@ -89,3 +89,20 @@ def test_bad_input():
         generate_proxies(model, x, y[:2], num_classes=4, progress=False)
     with pytest.raises(TypeError, match="model"):
         generate_proxies("model", x, y, num_classes=4, progress=False)
+
+
+def test_calibration_errors():
+    model = _linear_model()
+    x, y = _forget()
+    with pytest.raises(ValueError, match="grid"):
+        calibrate_radius(model, x, y, num_classes=4, grid=[])
+    with pytest.raises(ValueError, match="target_success"):
+        calibrate_radius(model, x, y, num_classes=4, target_success=0.0, grid=[1.0])
+
+
+def test_unreachable_target_returns_the_largest_radius_and_its_rate():
+    model = _linear_model()
+    x, y = _forget()
+    eps, rate = calibrate_radius(model, x, y, num_classes=4, target_success=1.0, steps=2, step_size=0.01,
+                                 grid=[0.01, 0.02], seed=0, backend="reference")
+    assert eps == 0.02 and rate < 1.0
