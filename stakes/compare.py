@@ -75,13 +75,18 @@ def write_summary(records: list, path: str, meta: dict) -> str:
                  "method's deployed model; mean ± std over seeds. \"test @ forget ≤ x %\": test accuracy at the first "
                  "logged step where at most x % of the forget set is still classified correctly (runs that got there "
                  "in parentheses). \"time s\": the run plus the proxy set it would need alone, on this machine.")
+    if meta.get("note"):
+        lines.append(f"Note: {meta['note']}.")
     lines.append("")
     for k in ks:
         radius = meta.get("radius", {}).get(str(k))
         lines.append(f"## k = {k}")
-        if radius and radius["eps"]:
-            eps = summarize(list(radius["eps"].values()))
-            dist = summarize(list(radius["neighbour_distance"].values()))
+        if radius and radius.get("eps"):
+            # results.json of earlier versions stored one number instead of one per seed
+            per_seed = {key: v if isinstance(v, dict) else {"?": v} for key, v in radius.items()
+                        if key in ("eps", "neighbour_distance")}
+            eps = summarize(list(per_seed["eps"].values()))
+            dist = summarize(list(per_seed["neighbour_distance"].values()))
             kind = "calibrated" if radius.get("calibrated") else "fixed"
             lines.append(f"PGD radius ({kind}) {eps['mean']:.3f} ± {eps['std']:.3f}; median distance from a forget "
                          f"image to its nearest same-class training image {dist['mean']:.3f} ± {dist['std']:.3f} "

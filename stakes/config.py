@@ -49,7 +49,7 @@ class UnlearnConfig:
     forget_batch_size: int = 128
     proxy_batch_size: int = 128
     lr: float = 0.005                # backbone + head
-    projector_lr: float = 0.009
+    projector_lr: float = 0.009      # 0 -> the (warm-started) projector stays fixed [ours]
     head_lr: Optional[float] = None  # classifier head; None -> lr, 0 -> frozen head [ours]
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -121,8 +121,9 @@ class UnlearnConfig:
         for name in ("repetitions", "pgd_steps", "pgd_batch_size", "forget_batch_size", "proxy_batch_size",
                      "max_epochs", "log_every"):
             positive(name, integer=True)
-        for name in ("pgd_step_size", "lr", "projector_lr"):
+        for name in ("pgd_step_size", "lr"):
             positive(name)
+        positive("projector_lr", allow_zero=True)
         for name in ("weight_decay", "align_weight", "lam", "cr_weight"):
             positive(name, allow_zero=True)
         positive("stop_warmup_steps", allow_zero=True, integer=True)

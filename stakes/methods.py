@@ -332,8 +332,11 @@ class _Run:
         else:  # a frozen head: the deletion has to go through the representation
             for p in self.head.parameters():
                 p.requires_grad_(False)
-        if self.projector is not None:
+        if self.projector is not None and cfg.projector_lr > 0:
             groups.append({"params": list(self.projector.parameters()), "name": "projector", "lr": cfg.projector_lr})
+        elif self.projector is not None:  # a fixed projector (with warm start: the identity on features)
+            for p in self.projector.parameters():
+                p.requires_grad_(False)
         return groups
 
     def _importance_structguard(self) -> dict:
