@@ -158,7 +158,7 @@ def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxi
     """One unlearning run with the full evaluation; returns (record, result)."""
     from stakes.data import sample_forget_indices
     from stakes.methods import unlearn
-    from stakes.metrics import evaluate_model, membership_inference
+    from stakes.metrics import ResourceMeter, evaluate_model, membership_inference
 
     forget_idx = sample_forget_indices(data.train_y, k, seed)
     fx, fy = data.train_x[forget_idx], data.train_y[forget_idx]
@@ -176,22 +176,57 @@ def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxi
         test_x, test_y = test_x[sel], test_y[sel]
     eval_sets = {"test": (test_x, test_y), "retain": (data.train_x[retain_idx], data.train_y[retain_idx])}
     pre = evaluate_model(model, data, forget_idx)
-    result = unlearn(model, (fx, fy), method=method, anchors=anchors, config=cfg, eval_sets=eval_sets,
-                     proxies=proxies, retain_size=int(keep.sum()), checkpoint_path=checkpoint_path, resume=resume,
-                     keep_checkpoint=keep_checkpoint)
+    with ResourceMeter(cfg.device) as meter:
+        result = unlearn(model, (fx, fy), method=method, anchors=anchors, config=cfg, eval_sets=eval_sets,
+                         proxies=proxies, retain_size=int(keep.sum()), checkpoint_path=checkpoint_path,
+                         resume=resume, keep_checkpoint=keep_checkpoint)
     final = evaluate_model(result.model, data, forget_idx)
     mia = membership_inference(result.model, fx, fy, data.test_x, data.test_y, seed=seed)
+    gallery_x, gallery_y = eval_sets["retain"]
+    retrieval = embedding_metrics(model, result.model, fx, fy, test_x, test_y, gallery_x, gallery_y, seed=seed)
     record = {
         "method": method, "dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "k": k,
         "seed": seed, **final,
         "pretrained": pre,
         "structure_drift": result.metrics.get("structure_drift"),
         "mia": mia,
+        "retrieval": retrieval,
+        "peak_memory_mb": meter.peak_memory_mb,
         "steps": result.steps, "epochs": result.epochs, "stopped": result.stopped,
         "wall_time_s": result.wall_time_s, "timings": result.timings, "proxies": result.proxies,
         "config": result.config, "history": result.history,
     }
     return record, result
+
+
+@torch.no_grad()
+def embedding(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The representation the head sees: p(g(x)) for a deployed StructGuard model, g(x) otherwise."""
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        h = model.features(x[i:i + batch_size])
+        if getattr(model, "projector", None) is not None:
+            h = model.projector(h)[0]
+        out.append(h)
+    model.train(was)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def embedding_metrics(original, deployed, fx, fy, query_x, query_y, gallery_x, gallery_y, *, seed: int) -> dict:
+    """Retrieval on embeddings (METHOD.md §11): test queries against the retained gallery
+    (recall@1/5, mAP), identification accuracy (1-NN), how often a forgotten image still retrieves
+    its own class, and the change of the retained embeddings' pairwise cosine matrix."""
+    from stakes.metrics import (forgotten_retrieval_rate, identification_accuracy, pairwise_cosine_change,
+                                retrieval_metrics)
+
+    q, gal, f = embedding(deployed, query_x), embedding(deployed, gallery_x), embedding(deployed, fx)
+    out = dict(retrieval_metrics(q, query_y, gal, gallery_y))
+    out["identification_accuracy"] = identification_accuracy(q, query_y, gal, gallery_y)
+    out["forgotten_retrieval_rate"] = forgotten_retrieval_rate(f, fy, gal, gallery_y)
+    out["pairwise_cosine_change"] = pairwise_cosine_change(embedding(original, gallery_x), gal, seed=seed)
+    return out
 
 
 def _summary_lines(rec: dict) -> list:
@@ -213,6 +248,10 @@ def _summary_lines(rec: dict) -> list:
     if mia:
         lines.append(f"  membership inference (forget vs test): accuracy {mia.get('mia_accuracy', float('nan')):.1f} %, "
                      f"AUC {mia.get('mia_auc', float('nan')):.3f}")
+    ret = rec.get("retrieval") or {}
+    if ret:
+        lines.append(f"  retrieval (test vs retained): recall@1 {ret['recall@1']:.1f} %, mAP {ret['mAP']:.1f} %; "
+                     f"forgotten images retrieving their class {ret['forgotten_retrieval_rate']:.1f} %")
     lines.append(f"  {rec['steps']} steps, {rec['epochs']} epochs, stopped: {rec['stopped']}, "
                  f"{rec['wall_time_s']:.1f} s")
     return lines

@@ -47,6 +47,11 @@ def test_config_overrides_reach_the_run(tmp_path, cache_env):
     assert rc == 0
     rec = json.loads(out.read_text())
     assert rec["steps"] == 2 and rec["config"]["repetitions"] == 1 and rec["proxies"]["eps"] == 1.0
+    ret = rec["retrieval"]
+    for key in ("recall@1", "recall@5", "mAP", "identification_accuracy", "forgotten_retrieval_rate"):
+        assert 0.0 <= ret[key] <= 100.0, key
+    assert ret["recall@5"] >= ret["recall@1"] and ret["pairwise_cosine_change"] >= 0.0
+    assert rec["peak_memory_mb"] > 0
     assert rec["k"] == 4 and len(rec["history"]) >= 2
 
 
