@@ -403,8 +403,11 @@ class _Run:
 
     def new_optimizer(self) -> StructureSGD:
         cfg = self.cfg
+        # SalUn: only masked weights move, so weight decay is folded into the gradient before the
+        # mask (see fit) instead of being applied to every weight by the update [ours]
+        wd = 0.0 if self.method == "salun" else cfg.weight_decay
         return StructureSGD(self.param_groups(), lr=cfg.lr, lam=cfg.lam, momentum=cfg.momentum,
-                            weight_decay=cfg.weight_decay, proximal=cfg.proximal, backend=cfg.backend)
+                            weight_decay=wd, proximal=cfg.proximal, backend=cfg.backend)
 
     def build_optimizer(self) -> StructureSGD:
         opt = self.new_optimizer()
@@ -612,6 +615,10 @@ class _Run:
                                          "the run was stopped and no model was written")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.method == "salun" and cfg.weight_decay > 0:
+                    for grp in self.opt.param_groups:
+                        torch._foreach_add_([p.grad for p in grp["params"] if p.grad is not None],
+                                            [p for p in grp["params"] if p.grad is not None], alpha=cfg.weight_decay)
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]],
                                                    cfg.grad_clip)

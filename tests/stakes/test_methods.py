@@ -201,3 +201,18 @@ def test_given_proxies_are_checked(digits_model, forget_set, fast_config):
         unlearn(digits_model, forget_set, method="adv", config=cfg, proxies=bad)
     with pytest.raises(TypeError, match="ProxySet"):
         unlearn(digits_model, forget_set, method="adv", config=cfg, proxies=(proxies.x, proxies.y))
+
+
+def test_salun_moves_only_masked_weights_even_with_weight_decay(digits_model, forget_set, fast_config):
+    cfg = fast_config(weight_decay=1e-2, lr=0.05, max_steps=2)
+    res = unlearn(digits_model, forget_set, method="salun", config=cfg)
+    before = dict(digits_model.named_parameters())
+    after = dict(res.model.named_parameters())
+    moved = frozen = 0
+    for name, p in after.items():
+        changed = (p.detach() != before[name].detach())
+        moved += int(changed.sum())
+        frozen += int((~changed).sum())
+    total = moved + frozen
+    # the saliency mask keeps the top 50 % of weights: the other half must not move at all
+    assert 0 < moved <= 0.5 * total + 1
