@@ -201,15 +201,11 @@ def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxi
 
 @torch.no_grad()
 def embedding(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """The representation the head sees: p(g(x)) for a deployed StructGuard model, g(x) otherwise."""
+    """The representation the head sees: ``model.embed`` of a deployed model, else ``model.features``."""
+    embed = getattr(model, "embed", model.features)
     was = model.training
     model.eval()
-    out = []
-    for i in range(0, len(x), batch_size):
-        h = model.features(x[i:i + batch_size])
-        if getattr(model, "projector", None) is not None:
-            h = model.projector(h)[0]
-        out.append(h)
+    out = [embed(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     model.train(was)
     return torch.cat(out) if out else torch.zeros(0)
 

@@ -149,24 +149,31 @@ def plot_report(records: list, out_dir: str) -> list:
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     paths = []
 
-    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
-    for ax, k in zip(axes[0], ks):
-        for m in methods:
-            for j, r in enumerate(x for x in ok if x["method"] == m and x["k"] == k):
-                h = [e for e in r["history"] if "test_accuracy" in e]
-                ax.plot([e["forget_accuracy"] for e in h], [e["test_accuracy"] for e in h], "-", color=colors[m],
-                        alpha=0.6, lw=1, label=m if j == 0 else None)
-                ax.plot([h[-1]["forget_accuracy"]], [h[-1]["test_accuracy"]], "o", color=colors[m], ms=4)
-        ax.invert_xaxis()
-        ax.set_xlabel("forget accuracy % (trajectory →)")
-        ax.set_ylabel("test accuracy %")
-        ax.set_title(f"k = {k}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "trajectories.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    def per_k_trajectories(x_key, y_key, xlabel, ylabel, name, *, mark_end=False, invert_x=False):
+        """One panel per k, one line per run: ``y_key`` against ``x_key`` along each trajectory."""
+        fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
+        for ax, k in zip(axes[0], ks):
+            for m in methods:
+                for j, r in enumerate(x for x in ok if x["method"] == m and x["k"] == k):
+                    h = [e for e in r["history"] if y_key in e]
+                    ax.plot([e[x_key] for e in h], [e[y_key] for e in h], "-", color=colors[m], alpha=0.6, lw=1,
+                            label=m if j == 0 else None)
+                    if mark_end and h:
+                        ax.plot([h[-1][x_key]], [h[-1][y_key]], "o", color=colors[m], ms=4)
+            if invert_x:
+                ax.invert_xaxis()
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"k = {k}")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, name))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    per_k_trajectories("forget_accuracy", "test_accuracy", "forget accuracy % (trajectory →)", "test accuracy %",
+                       "trajectories.png", mark_end=True, invert_x=True)
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for m in methods:
@@ -186,22 +193,7 @@ def plot_report(records: list, out_dir: str) -> list:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
-    for ax, k in zip(axes[0], ks):
-        for m in methods:
-            for j, r in enumerate(x for x in ok if x["method"] == m and x["k"] == k):
-                h = [e for e in r["history"] if "structure_drift" in e]
-                ax.plot([e["step"] for e in h], [e["structure_drift"] for e in h], color=colors[m], alpha=0.7,
-                        label=m if j == 0 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("structure drift (held-out)")
-        ax.set_title(f"k = {k}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "drift.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    per_k_trajectories("step", "structure_drift", "step", "structure drift (held-out)", "drift.png")
     return paths
 
 

@@ -29,7 +29,7 @@ from fused.optim import StructureSGD
 from stakes._io import atomic_torch_save
 from stakes.config import UnlearnConfig, preset
 from stakes.metrics import accuracy, structure_drift
-from stakes.proxy import ProxySet, calibrate_radius, generate_proxies
+from stakes.proxy import ProxySet, calibrate_radius, generate_proxies, random_targets
 
 METHODS = ("structguard", "neggrad", "adv", "l2ul", "salun", "finetune", "retrain")
 
@@ -108,11 +108,13 @@ class DeployedModel(nn.Module):
         super().__init__()
         self.features, self.head, self.projector = features, head, projector
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation the head sees: p(g(x)), or g(x) without a projector."""
         h = self.features(x)
-        if self.projector is not None:
-            h = self.projector(h)[0]
-        return self.head(h)
+        return h if self.projector is None else self.projector(h)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
 
 
 def random_projection(feature_dim: int, anchor_dim: int, seed: int) -> torch.Tensor:
@@ -171,10 +173,6 @@ def _check_forget_set(forget_set, num_classes: int, device):
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"forget_set labels must lie in [0, {num_classes}) (the model's classes), got [{lo}, {hi}]")
     return x.to(device), y.long().to(device)
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    return accuracy(model, x, y, batch_size=batch_size)
 
 
 def _ce_bounded(logits: torch.Tensor, y: torch.Tensor, bound: float) -> torch.Tensor:
@@ -431,9 +429,9 @@ class _Run:
     def log_entry(self, losses: dict) -> dict:
         entry = {"step": self.step, "epoch": self.epoch}
         self.deployed.eval()
-        entry["forget_accuracy"] = _accuracy(self.deployed, self.fx, self.fy)
+        entry["forget_accuracy"] = accuracy(self.deployed, self.fx, self.fy)
         for name, (x, y) in self.eval_sets.items():
-            entry[f"{name}_accuracy"] = _accuracy(self.deployed, x, y)
+            entry[f"{name}_accuracy"] = accuracy(self.deployed, x, y)
         if self.anchors is not None and "test" in self.eval_sets:
             x = self.eval_sets["test"][0]
             entry["structure_drift"] = structure_drift(self._orig_structure_input(x), self.features(x) @ self.rp,
@@ -556,8 +554,6 @@ class _Run:
             terms["retention"] = F.cross_entropy(self.deployed(xa), ya)
         elif m == "salun":
             g = torch.Generator().manual_seed(cfg.seed * 100003 + self.step)
-            from stakes.proxy import random_targets
-
             yr = random_targets(yf, self.num_classes, g)
             terms["random_label"] = w_f * F.cross_entropy(self.deployed(xf), yr)
             terms["retention"] = w_a * F.cross_entropy(self.deployed(xa), ya)
@@ -643,7 +639,7 @@ class _Run:
             # stop rule: forget accuracy through the deployed model, checked after every epoch (§9)
             if self.step >= cfg.stop_warmup_steps:
                 self.deployed.eval()
-                acc = _accuracy(self.deployed, self.fx, self.fy)
+                acc = accuracy(self.deployed, self.fx, self.fy)
                 self._set_train()
                 if acc == 0.0:
                     stopped = "forget_accuracy_zero"
