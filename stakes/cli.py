@@ -284,9 +284,15 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from stakes.compare import rerender_report
+    from stakes.compare import merge_reports, rerender_report
 
-    print(rerender_report(args.dir))
+    if args.out is None:
+        if len(args.dir) > 1:
+            raise UsageError(f"report: {len(args.dir)} folders given; pass --out to merge them into one report")
+        print(rerender_report(args.dir[0]))
+        return 0
+    merge_reports(args.dir, args.out)
+    print(rerender_report(args.out))
     return 0
 
 
@@ -371,12 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ablate-warm-start", action="store_true",
                     help="also run StructGuard with the deployed-model warm start flipped "
                          "(structguard-cold under the stable preset, structguard+warm under paper)")
+    sp.add_argument("--ablate-projector", action="store_true",
+                    help="also run StructGuard with the warm-started projector's training flipped "
+                         "(structguard-fixedproj: projector_lr=0, or structguard-trainproj when it is already 0)")
     sp.add_argument("--retrain", action="store_true", help="also run the retrain oracle")
     sp.add_argument("--out", default="report")
     sp.set_defaults(func=cmd_compare)
 
-    sp = sub.add_parser("report", help="redraw summary.md and the plots of a compare folder from its results.json")
-    sp.add_argument("dir")
+    sp = sub.add_parser("report", help="redraw summary.md and the plots of a compare folder from its results.json, "
+                                       "or merge several compare folders into one")
+    sp.add_argument("dir", nargs="+", help="compare folder(s); with more than one, --out is required")
+    sp.add_argument("--out", default=None, help="write the merged report of all DIRs here")
     sp.set_defaults(func=cmd_report)
     return p
 

@@ -61,6 +61,41 @@ def _fmt(stats: dict, digits: int = 1) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
+EMBEDDING_COLUMNS = (("recall@1", "recall@1", 1), ("recall@5", "recall@5", 1), ("mAP", "mAP", 1),
+                     ("identification_accuracy", "identification", 1),
+                     ("forgotten_retrieval_rate", "forgotten retrieved", 1),
+                     ("pairwise_cosine_change", "pairwise cos change", 4))
+
+
+def _embedding_table(ok: list, methods: list, k: int) -> list:
+    """Markdown lines: retrieval / identification / pairwise-cosine change and peak memory per method,
+    for the runs of ``k`` that recorded them (reports written before these fields existed have none)."""
+    from stakes.metrics import summarize
+
+    rows = []
+    for m in methods:
+        rs = [r for r in ok if r["method"] == m and r["k"] == k and r.get("retrieval")]
+        if not rs:
+            continue
+        cells = [_fmt(summarize([r["retrieval"].get(key, float("nan")) for r in rs]), d)
+                 for key, _, d in EMBEDDING_COLUMNS]
+        cells.append(_fmt(summarize([(r.get("mia") or {}).get("mia_accuracy", float("nan")) for r in rs])))
+        mem = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
+        cells.append(_fmt(summarize(mem), 0) if mem else "—")
+        rows.append(f"| {m} | " + " | ".join(cells) + f" | {len(rs)} |")
+    if not rows:
+        return []
+    head = ["Embeddings of the deployed model (METHOD.md §11): test queries against the retained training set "
+            "(recall@1/5, mAP, 1-NN identification accuracy, in percent), the share of forgotten images whose nearest "
+            "retained neighbour still has their class, the change of the retained embeddings' pairwise cosine "
+            "matrix, the membership-inference accuracy (forget vs test, percent; 50 = chance) and the peak memory "
+            "(MB; CUDA: max allocated during the run; CPU: the process's resident-set high-water mark, a lifetime "
+            "maximum that a grid's later runs inherit).", "",
+            "| method | " + " | ".join(name for _, name, _ in EMBEDDING_COLUMNS) + " | MIA acc | peak MB | runs |",
+            "|---" * (len(EMBEDDING_COLUMNS) + 4) + "|"]
+    return head + rows + [""]
+
+
 def write_summary(records: list, path: str, meta: dict) -> str:
     """The mean ± std tables of ``records`` as Markdown (also returned)."""
     from stakes.metrics import matched_forgetting, summarize
@@ -122,6 +157,7 @@ def write_summary(records: list, path: str, meta: dict) -> str:
                 cells[0] += f" ({n_all - len(rs)} failed)"
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines.extend(_embedding_table(ok, methods, k))
     if failed:
         lines.append("## Failed runs")
         for r in failed:
@@ -222,6 +258,14 @@ def run_compare(args) -> int:
     if args.ablate_warm_start and "structguard" in methods:
         warm = make_config(args, "structguard").warm_start
         variants.append(("structguard-cold" if warm else "structguard+warm", "structguard", {"warm_start": not warm}))
+    if getattr(args, "ablate_projector", False) and "structguard" in methods:
+        base = make_config(args, "structguard")
+        if not base.warm_start:
+            raise UsageError("--ablate-projector needs the deployed-model warm start (a fixed cold projector is a "
+                             "fixed random map); use the stable preset or --set warm_start=true")
+        fixed = base.projector_lr == 0
+        variants.append(("structguard-trainproj" if fixed else "structguard-fixedproj", "structguard",
+                         {"projector_lr": UnlearnConfig.projector_lr if fixed else 0.0}))
     pre_test = accuracy(model, data.test_x, data.test_y)
     meta = {"dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "preset": args.preset,
             "seeds": args.seeds, "ks": args.k, "methods": [v[0] for v in variants], "anchors": anchor_meta,
@@ -290,8 +334,8 @@ def run_compare(args) -> int:
     return 0
 
 
-def rerender_report(out_dir: str) -> str:
-    """Rewrite ``summary.md`` and the PNGs of a report folder from its ``results.json``."""
+def load_report(out_dir: str) -> tuple:
+    """``(meta, runs)`` of a report folder's ``results.json``, with a clear error if it is not one."""
     import json
     import os
 
@@ -302,8 +346,70 @@ def rerender_report(out_dir: str) -> str:
         with open(path) as fh:
             payload = json.load(fh)
         meta, records = payload["meta"], payload["runs"]
+        if not isinstance(meta, dict) or not isinstance(records, list):
+            raise TypeError("meta must be an object and runs a list")
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a stakes compare result ({err})") from None
+    return meta, records
+
+
+def merge_reports(dirs: list, out_dir: str) -> tuple:
+    """Merge the ``results.json`` of grids run separately (other seeds, other k, other methods; on
+    several processes or machines) into one report in ``out_dir``; returns ``(meta, runs)``.
+
+    The parts must share the data set, preset and pretrained model, and no (method, k, seed) may
+    appear twice.
+    """
+    import os
+
+    if not dirs:
+        raise ValueError("merge_reports needs at least one report folder")
+    meta: dict = {}
+    runs: list = []
+    seen: dict = {}
+    for d in dirs:
+        m, rs = load_report(d)
+        if not meta:
+            meta = {**m, "radius": {}, "seeds": [], "ks": [], "methods": [], "wall_time_s": 0.0, "merged_from": []}
+            meta.pop("note", None)
+        for key in ("dataset", "preset"):
+            if m.get(key) != meta.get(key):
+                raise ValueError(f"cannot merge {d!r}: its {key} is {m.get(key)!r} but {dirs[0]!r} has "
+                                 f"{meta.get(key)!r}")
+        a, b = m.get("pretrained_test_accuracy"), meta.get("pretrained_test_accuracy")
+        if a is not None and b is not None and abs(a - b) > 1e-6:
+            raise ValueError(f"cannot merge {d!r}: its pretrained model differs (test accuracy {a:.4f} % vs {b:.4f} % "
+                             f"in {dirs[0]!r})")
+        for r in rs:
+            key = (r.get("method"), r.get("k"), r.get("seed"))
+            if key in seen:
+                raise ValueError(f"cannot merge {d!r}: method {key[0]!r}, k={key[1]}, seed={key[2]} is also in "
+                                 f"{seen[key]!r}")
+            seen[key] = d
+        runs.extend(rs)
+        meta["seeds"] = sorted(set(meta["seeds"]) | set(m.get("seeds", [])))
+        meta["ks"] = sorted(set(meta["ks"]) | set(m.get("ks", [])))
+        meta["methods"] += [x for x in m.get("methods", []) if x not in meta["methods"]]
+        meta["wall_time_s"] += float(m.get("wall_time_s") or 0.0)
+        meta["merged_from"].append(os.path.basename(os.path.normpath(d)))
+        if m.get("note"):
+            meta["note"] = "; ".join(filter(None, [meta.get("note"), m["note"]]))
+        for k, rad in (m.get("radius") or {}).items():
+            dst = meta["radius"].setdefault(k, {"calibrated": rad.get("calibrated"), "eps": {},
+                                                "neighbour_distance": {}})
+            for field in ("eps", "neighbour_distance"):
+                v = rad.get(field)
+                dst[field].update(v if isinstance(v, dict) else {})
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_json_dump({"meta": meta, "runs": runs}, os.path.join(out_dir, "results.json"))
+    return meta, runs
+
+
+def rerender_report(out_dir: str) -> str:
+    """Rewrite ``summary.md`` and the PNGs of a report folder from its ``results.json``."""
+    import os
+
+    meta, records = load_report(out_dir)
     text = write_summary(records, os.path.join(out_dir, "summary.md"), meta)
     plot_report(records, out_dir)
     return text

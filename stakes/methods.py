@@ -28,7 +28,7 @@ import fused
 from fused.optim import StructureSGD
 from stakes._io import atomic_torch_save
 from stakes.config import UnlearnConfig, preset
-from stakes.metrics import accuracy, structure_drift
+from stakes.metrics import accuracy, accuracy_from_logits, structure_drift
 from stakes.proxy import ProxySet, calibrate_radius, generate_proxies, random_targets
 
 METHODS = ("structguard", "neggrad", "adv", "l2ul", "salun", "finetune", "retrain")
@@ -273,6 +273,7 @@ class _Run:
         self.timings: dict = {}
         self.step = 0
         self.epoch = 0
+        self._drift_orig: Optional[torch.Tensor] = None   # g_ψ0(x_test)·R_p, fixed for the run
 
         # anchors and random projection (needed by StructGuard, and by every method for drift logging)
         if anchors is None:
@@ -430,12 +431,19 @@ class _Run:
         entry = {"step": self.step, "epoch": self.epoch}
         self.deployed.eval()
         entry["forget_accuracy"] = accuracy(self.deployed, self.fx, self.fy)
+        drift_set = "test" if self.anchors is not None and "test" in self.eval_sets else None
         for name, (x, y) in self.eval_sets.items():
-            entry[f"{name}_accuracy"] = accuracy(self.deployed, x, y)
-        if self.anchors is not None and "test" in self.eval_sets:
-            x = self.eval_sets["test"][0]
-            entry["structure_drift"] = structure_drift(self._orig_structure_input(x), self.features(x) @ self.rp,
-                                                       self.anchors)
+            if name != drift_set:
+                entry[f"{name}_accuracy"] = accuracy(self.deployed, x, y)
+                continue
+            # one backbone pass serves the accuracy and the drift; the original side is computed once
+            feats = torch.cat([self.features(x[i:i + 512]) for i in range(0, len(x), 512)])
+            emb = feats if self.projector is None else self.projector(feats)[0]
+            entry[f"{name}_accuracy"] = accuracy_from_logits(self.head(emb), y)
+            if self._drift_orig is None:
+                self._drift_orig = torch.cat([self._orig_structure_input(x[i:i + 512])
+                                              for i in range(0, len(x), 512)])
+            entry["structure_drift"] = structure_drift(self._drift_orig, feats @ self.rp, self.anchors)
         entry.update({k: float(v) for k, v in losses.items()})
         self._set_train()
         self.check_finite(f"trajectory log at step {self.step}")

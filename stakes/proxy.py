@@ -47,19 +47,28 @@ def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator
     return (y + shift) % num_classes
 
 
-def _random_start(x0: torch.Tensor, eps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A random point inside each sample's ε-ball (uniform direction, uniform radius fraction)."""
-    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
+def _random_start(x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
+    """A random point inside each sample's ε-ball (uniform direction, uniform radius fraction).
+
+    Sample ``index[i]`` draws from its own generator seeded by ``(seed, index[i])``, so a proxy does
+    not depend on how the attack is cut into batches (``batch_size``), only on the seed and its place.
+    """
+    noise = torch.empty((x0.shape[0], *x0.shape[1:]), dtype=torch.float32)
+    frac = torch.empty(x0.shape[0], dtype=torch.float32)
+    for row, i in enumerate(index.tolist()):
+        g = torch.Generator().manual_seed(((seed & 0x7FFFFFFF) << 32) | (int(i) & 0xFFFFFFFF))
+        noise[row] = torch.randn(x0.shape[1:], generator=g)
+        frac[row] = torch.rand((), generator=g)
+    noise, frac = noise.to(device=x0.device, dtype=x0.dtype), frac.to(x0.device)
     norms = noise.flatten(1).norm(dim=1).clamp_min(1e-12)
-    frac = torch.rand(x0.shape[0], generator=generator, device="cpu").to(x0.device)
     scale = (eps * frac / norms).view(-1, *([1] * (x0.dim() - 1)))
     return (x0 + noise * scale).clamp(0.0, 1.0)
 
 
 def _attack(model: nn.Module, x0: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, *, steps: int,
-            step_size: float, generator: torch.Generator, backend: Optional[str]) -> torch.Tensor:
-    """Targeted L2 PGD on one batch; ``eps`` is per sample."""
-    x = _random_start(x0, eps, generator)
+            step_size: float, index: torch.Tensor, seed: int, backend: Optional[str]) -> torch.Tensor:
+    """Targeted L2 PGD on one batch; ``eps`` is per sample, ``index`` the samples' places (random starts)."""
+    x = _random_start(x0, eps, index, seed)
     for _ in range(steps):
         x.requires_grad_(True)
         loss = F.cross_entropy(model(x), target, reduction="sum")
@@ -141,18 +150,17 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
         x, y = x[keep], y[keep]
     x0 = x.repeat(repetitions, *([1] * (x.dim() - 1)))
     target = random_targets(y.repeat(repetitions), num_classes, g)
-    start_state = g.get_state()
     rates: dict = {}
+    index = torch.arange(len(x0))
 
     def success_at(i: int) -> float:
-        if i not in rates:
-            g.set_state(start_state)   # every radius sees the same random starts and targets
+        if i not in rates:   # every radius sees the same random starts and targets
             eps = torch.full((len(x0),), float(grid[i]), dtype=torch.float32, device=x.device)
             hits = []
             for j in range(0, len(x0), batch_size):
                 sl = slice(j, j + batch_size)
-                adv = _attack(model, x0[sl], target[sl], eps[sl], steps=steps, step_size=step_size, generator=g,
-                              backend=backend)
+                adv = _attack(model, x0[sl], target[sl], eps[sl], steps=steps, step_size=step_size,
+                              index=index[sl], seed=seed + 7919, backend=backend)
                 hits.append(_success(model, adv, target[sl], batch_size))
             rates[i] = float(torch.cat(hits).float().mean())
         return rates[i]
@@ -181,7 +189,8 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
                      progress: bool = True) -> ProxySet:
     """The proxy set of METHOD.md §3: R targeted PGD examples per forget image, batched.
 
-    Deterministic for a given ``seed`` (on one device). The target of every proxy differs from the
+    Deterministic for a given ``seed`` (on one device) and independent of ``batch_size`` up to
+    floating-point rounding (each proxy's random start is drawn from its own generator). The target of every proxy differs from the
     true label of its source image.
     """
     _check_inputs(model, x, y, num_classes)
@@ -205,7 +214,7 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
             sl = slice(i, i + batch_size)
             x0 = x[source[sl]]
             e = torch.full((x0.shape[0],), float(eps), dtype=torch.float32, device=x.device)
-            out[sl] = _attack(model, x0, target[sl], e, steps=steps, step_size=step_size, generator=g,
-                              backend=backend)
+            out[sl] = _attack(model, x0, target[sl], e, steps=steps, step_size=step_size,
+                              index=torch.arange(len(source))[sl], seed=seed, backend=backend)
             hits[sl] = _success(model, out[sl], target[sl], batch_size)
     return ProxySet(x=out, y=target, source=source, eps=float(eps), success_rate=float(hits.float().mean()))

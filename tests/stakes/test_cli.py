@@ -117,12 +117,16 @@ def test_compare_tiny_grid(tmp_path, cache_env):
     out = tmp_path / "report"
     rc = main(["compare", "--methods", "neggrad,structguard", "--k", "4", "--seeds", "0,1", "--out", str(out),
                "--no-progress", "--set", "max_steps=3", "--set", "repetitions=2", "--set", "pgd_steps=5",
-               "--set", "eps=1.0", "--set", "stop_warmup_steps=100", "--ablate-warm-start"])
+               "--set", "eps=1.0", "--set", "stop_warmup_steps=100", "--ablate-warm-start", "--ablate-projector"])
     assert rc == 0
     payload = json.loads((out / "results.json").read_text())
     runs = payload["runs"]
-    assert {(r["method"], r["seed"]) for r in runs} == {(m, s) for m in ("neggrad", "structguard", "structguard-cold")
-                                                      for s in (0, 1)}
+    variants = ("neggrad", "structguard", "structguard-cold", "structguard-fixedproj")
+    assert {(r["method"], r["seed"]) for r in runs} == {(m, s) for m in variants for s in (0, 1)}
+    by = {(r["method"], r["seed"]): r for r in runs}
+    assert by[("structguard-fixedproj", 0)]["config"]["projector_lr"] == 0.0
+    assert by[("structguard", 0)]["config"]["projector_lr"] > 0
+    assert by[("structguard-cold", 0)]["config"]["warm_start"] is False
     assert all(r["status"] == "ok" for r in runs), [r.get("error") for r in runs]
     assert all(r["steps"] == 3 for r in runs)
     # one proxy set per (k, seed), shared by all methods
@@ -131,6 +135,27 @@ def test_compare_tiny_grid(tmp_path, cache_env):
         assert eps == {1.0}
     summary = (out / "summary.md").read_text()
     assert "| neggrad |" in summary and "| structguard-cold |" in summary and "k = 4" in summary
+    assert "| method | recall@1 | recall@5 | mAP | identification |" in summary
+    assert summary.count("| structguard-fixedproj |") == 2   # the accuracy table and the embedding table
+    # a grid split over two folders merges back into the same report
+    part_a, part_b = tmp_path / "a", tmp_path / "b"
+    for part, seed in ((part_a, 0), (part_b, 1)):
+        part.mkdir()
+        meta = dict(payload["meta"], seeds=[seed],
+                    radius={"4": {key: ({str(seed): v[str(seed)]} if isinstance(v, dict) else v)
+                                  for key, v in payload["meta"]["radius"]["4"].items()}})
+        (part / "results.json").write_text(json.dumps({"meta": meta,
+                                                       "runs": [r for r in runs if r["seed"] == seed]}))
+    merged = tmp_path / "merged"
+    assert main(["report", str(part_a), str(part_b), "--out", str(merged)]) == 0
+    again = json.loads((merged / "results.json").read_text())
+    assert again["meta"]["seeds"] == [0, 1] and again["meta"]["radius"]["4"]["eps"] == {"0": 1.0, "1": 1.0}
+    assert sorted(json.dumps(r, sort_keys=True) for r in again["runs"]) == \
+        sorted(json.dumps(r, sort_keys=True) for r in runs)
+    assert (merged / "summary.md").read_text().split("## k = 4")[1] == summary.split("## k = 4")[1]
+    # the same part twice is refused, naming the duplicate run
+    assert main(["report", str(part_a), str(part_a), "--out", str(tmp_path / "dup")]) == 2
+    assert main(["report", str(part_a), str(part_b)]) == 2   # several folders need --out
     for png in ("trajectories.png", "test_vs_k.png", "drift.png"):
         assert (out / png).stat().st_size > 1000
     radius = payload["meta"]["radius"]["4"]

@@ -40,11 +40,14 @@ def test_proxies_shape_ball_range_and_determinism():
     again = generate_proxies(model, x, y, num_classes=4, repetitions=3, steps=10, step_size=0.1, eps=0.5,
                              batch_size=16, seed=0, backend="reference", progress=False)
     assert torch.equal(p.y, again.y)
-    # batch size changes the order of random draws only through the generator stream: same seed, same batch
-    # layout gives the same images
+    # each proxy's random start has its own generator: the batch size does not change the proxies
+    torch.testing.assert_close(p.x, again.x, rtol=0, atol=1e-6)
     p2 = generate_proxies(model, x, y, num_classes=4, repetitions=3, steps=10, step_size=0.1, eps=0.5,
                           batch_size=4, seed=0, backend="reference", progress=False)
     assert torch.equal(p.x, p2.x)
+    other = generate_proxies(model, x, y, num_classes=4, repetitions=3, steps=0, step_size=0.1, eps=0.5,
+                             batch_size=4, seed=1, backend="reference", progress=False)
+    assert not torch.allclose(other.x, p.x)   # another seed, other starts
     # the model is left as it was
     assert model.training and all(q.requires_grad for q in model.parameters())
 
