@@ -101,6 +101,21 @@ class Projector(nn.Module):
         self.fc2.bias.zero_()
 
 
+def _capped_eval_set(name, pair, cfg: UnlearnConfig) -> tuple:
+    """``(x, y)`` of one trajectory evaluation set, checked, and subsampled to ``cfg.eval_max_samples``
+    (a fixed random subset per seed) so that logging stays cheap on large data sets."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
+        raise ValueError(f"eval_sets[{name!r}] must be a pair (images, labels) of tensors")
+    x, y = pair
+    if y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"eval_sets[{name!r}]: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
+    cap = cfg.eval_max_samples
+    if cap is not None and len(y) > cap:
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed + 31337))[:cap]
+        x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+    return x, y
+
+
 class DeployedModel(nn.Module):
     """The model after unlearning: h_φ ∘ p_ω ∘ g_ψ (or h ∘ g for methods without a projector)."""
 
@@ -265,7 +280,8 @@ class _Run:
         for p in work.parameters():
             p.requires_grad_(True)
         self.feature_dim = self.head.in_features
-        self.eval_sets = {name: (x.to(self.device), y.to(self.device)) for name, (x, y) in (eval_sets or {}).items()}
+        self.eval_sets = {name: tuple(t.to(self.device) for t in _capped_eval_set(name, pair, cfg))
+                          for name, pair in (eval_sets or {}).items()}
         self.callbacks = list(callbacks or ())
         self.checkpoint_path = checkpoint_path
         self.retain_size = retain_size
@@ -591,6 +607,7 @@ class _Run:
                    disable=not cfg.progress, leave=False)
         stopped = "max_epochs"
         t0 = time.perf_counter()
+        before = self.timings.get("loop_s", 0.0)   # a resumed run carries the loop time it had already spent
         self._set_train()
         if not self.history:
             self.log_entry({})
@@ -652,13 +669,14 @@ class _Run:
                 if acc == 0.0:
                     stopped = "forget_accuracy_zero"
                     break
+            self.timings["loop_s"] = before + time.perf_counter() - t0
             self.save_checkpoint()
         else:
             stopped = "max_steps" if self.step >= total and self.epoch < cfg.max_epochs else "max_epochs"
         bar.close()
         if not self.history or self.history[-1]["step"] != self.step:
             self.log_entry({})
-        return stopped, time.perf_counter() - t0
+        return stopped, before + time.perf_counter() - t0
 
 
 def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional[torch.Tensor] = None,

@@ -130,12 +130,27 @@ def test_resume_continues_exactly(tmp_path, digits_model, digits_anchors, forget
         unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, checkpoint_path=ckpt,
                 callbacks=[interrupt])
     assert (tmp_path / "run.ckpt").exists()
+    spent = torch.load(ckpt, weights_only=False)["timings"]["loop_s"]
+    assert spent > 0
     resumed = unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, checkpoint_path=ckpt,
                       resume=True)
     assert resumed.steps == full.steps
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
     assert not (tmp_path / "run.ckpt").exists()  # removed once the run finished
+    assert resumed.timings["loop_s"] > spent    # the loop time spent before the interruption is counted
+
+
+def test_eval_sets_are_capped_and_checked(digits, digits_model, forget_set, fast_config):
+    ev = {"test": (digits.test_x[:100], digits.test_y[:100])}
+    res = unlearn(digits_model, forget_set, method="neggrad", config=fast_config(eval_max_samples=7), eval_sets=ev)
+    for h in res.history:   # accuracies over 7 samples: multiples of 100/7
+        assert abs(h["test_accuracy"] * 7 / 100 - round(h["test_accuracy"] * 7 / 100)) < 1e-4
+    with pytest.raises(ValueError, match=r"eval_sets\['test'\]: 100 images but labels of shape \(99,\)"):
+        unlearn(digits_model, forget_set, method="neggrad", config=fast_config(),
+                eval_sets={"test": (digits.test_x[:100], digits.test_y[:99])})
+    with pytest.raises(ValueError, match=r"eval_sets\['retain'\] must be a pair"):
+        unlearn(digits_model, forget_set, method="neggrad", config=fast_config(), eval_sets={"retain": digits.test_x})
 
 
 def test_bad_input(digits_model, digits_anchors, forget_set, fast_config):
