@@ -106,8 +106,12 @@ def load_or_build_anchors(args, data, model=None):
     descriptions = args.descriptions
     if descriptions is None and data.name in BUNDLED_DESCRIPTIONS:
         descriptions = data.name
+    from stakes.pretrain import default_cache_dir
+
+    # anchors are cached next to the pretrained models (keyed by encoder and prompts): the text
+    # encoder is loaded once per cache, not once per command
     anchors = build_anchors(data.class_names, descriptions=descriptions, encoder=args.encoder,
-                            cache_dir=args.cache_dir, checkpoint=args.clip_checkpoint, arch=args.clip_arch,
+                            cache_dir=args.cache_dir or default_cache_dir(), checkpoint=args.clip_checkpoint, arch=args.clip_arch,
                             allow_random=args.clip_random)
     return anchors, {"encoder": args.encoder, "descriptions": descriptions}
 

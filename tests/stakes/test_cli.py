@@ -121,6 +121,7 @@ def test_compare_tiny_grid(tmp_path, cache_env):
     assert rc == 0
     payload = json.loads((out / "results.json").read_text())
     runs = payload["runs"]
+    assert list(cache_env.glob("anchors-minilm-*.pt")), "the CLI caches the anchors next to the models"
     variants = ("neggrad", "structguard", "structguard-cold", "structguard-fixedproj")
     assert {(r["method"], r["seed"]) for r in runs} == {(m, s) for m in variants for s in (0, 1)}
     by = {(r["method"], r["seed"]): r for r in runs}
