@@ -158,8 +158,11 @@ def cmd_anchors(args) -> int:
 
 
 def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxies=None, cfg=None,
-            checkpoint_path=None, resume=False, keep_checkpoint=False):
-    """One unlearning run with the full evaluation; returns (record, result)."""
+            checkpoint_path=None, resume=False, keep_checkpoint=False, pretrained=None):
+    """One unlearning run with the full evaluation; returns (record, result).
+
+    ``pretrained``: the pretrained model's ``evaluate_model`` figures for this forget set, when the
+    caller already has them (a grid shares them between methods)."""
     from stakes.data import sample_forget_indices
     from stakes.methods import unlearn
     from stakes.metrics import ResourceMeter, evaluate_model, membership_inference
@@ -179,7 +182,7 @@ def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxi
         sel = torch.randperm(len(test_y), generator=g)[:cap]
         test_x, test_y = test_x[sel], test_y[sel]
     eval_sets = {"test": (test_x, test_y), "retain": (data.train_x[retain_idx], data.train_y[retain_idx])}
-    pre = evaluate_model(model, data, forget_idx)
+    pre = pretrained if pretrained is not None else evaluate_model(model, data, forget_idx)
     with ResourceMeter(cfg.device) as meter:
         result = unlearn(model, (fx, fy), method=method, anchors=anchors, config=cfg, eval_sets=eval_sets,
                          proxies=proxies, retain_size=int(keep.sum()), checkpoint_path=checkpoint_path,

@@ -279,6 +279,7 @@ def run_compare(args) -> int:
     for k, seed in grid:
         proxy_cache: dict = {}
         forget_idx = sample_forget_indices(data.train_y, k, seed)
+        pretrained = evaluate_model(model, data, forget_idx)   # the same for every method of this (k, seed)
         for label, method, extra in variants:
             bar.set_postfix(method=label, k=k, seed=seed)
             try:
@@ -287,7 +288,8 @@ def run_compare(args) -> int:
                 if key not in proxy_cache:
                     proxy_cache[key] = build_proxies(model, data.train_x[forget_idx], data.train_y[forget_idx], cfg)
                 proxies, ptimes = proxy_cache[key]
-                record, _ = run_one(args, data, model, anchors, method, k, seed, proxies=proxies, cfg=cfg)
+                record, _ = run_one(args, data, model, anchors, method, k, seed, proxies=proxies, cfg=cfg,
+                                     pretrained=pretrained)
                 record["method"] = label
                 record["timings"].update({f"shared_{n}": v for n, v in ptimes.items()})
                 # the proxy set is shared, but each method that trains on it would have had to build it alone
