@@ -185,11 +185,12 @@ _PRESET_VALUES = {
         eps=3.0, lr=0.005, projector_lr=0.009, lam=1.0, deletion="ascent", grad_clip=None, proximal=False,
     ),
     # METHOD.md §12's stabilisers (calibrated radius, clipping at 2, proximal SR step) plus the
-    # measured fixes of §13 [ours]: the deployed-model warm start, the smallest deletion push that
-    # misclassifies (margin), through the deployed model, weighted equally with retention.
+    # measured fixes of §13 [ours]: the deployed-model warm start with the projector kept fixed (so
+    # the deployed model is h∘g, whose backbone the structure terms protect), the smallest deletion
+    # push that misclassifies (margin), through the deployed model, weighted equally with retention.
     "stable": dict(
-        eps=None, grad_clip=2.0, proximal=True, warm_start=True, deletion="margin", deletion_path="deployed",
-        loss_weighting="equal",
+        eps=None, grad_clip=2.0, proximal=True, warm_start=True, projector_lr=0.0, deletion="margin",
+        deletion_path="deployed", loss_weighting="equal",
     ),
 }
 

@@ -307,7 +307,7 @@ class _Run:
         self.rp = random_projection(self.feature_dim, self.anchor_dim, cfg.seed).to(self.device)
 
         self.projector = None
-        if method == "structguard":
+        if self.needs_projector():
             hidden = max(self.anchor_dim, self.feature_dim) if cfg.warm_start else self.anchor_dim
             self.projector = Projector(self.feature_dim, self.anchor_dim, hidden).to(self.device)
         self.deployed = DeployedModel(self.features, self.head, self.projector)
@@ -316,6 +316,11 @@ class _Run:
         self.opt: Optional[StructureSGD] = None
 
     # ------------------------------------------------------------------ set-up pieces
+    def needs_projector(self) -> bool:
+        """StructGuard's projector, except a warm-started one that is never trained: that one is the
+        identity on the features, so it is left out and the deployed model is h∘g."""
+        return self.method == "structguard" and not (self.cfg.warm_start and self.cfg.projector_lr == 0)
+
     def make_proxies(self) -> ProxySet:
         proxies, timings = build_proxies(self.orig, self.fx, self.fy, self.cfg)
         self.timings.update(timings)
@@ -333,6 +338,9 @@ class _Run:
         start [ours], v^unl = p(g(x))·R_p instead: the structure of what the head actually sees, read
         through the same fixed R_p as the original branch, so both structures coincide at step 0.
         """
+        if self.projector is None:   # fixed warm start: the deployed representation is g(x) itself
+            out = self.features(x)
+            return out, out @ self.rp
         out, z = self.projector(self.features(x))
         if self.cfg.warm_start:
             z = out @ self.rp

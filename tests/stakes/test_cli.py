@@ -122,11 +122,11 @@ def test_compare_tiny_grid(tmp_path, cache_env):
     payload = json.loads((out / "results.json").read_text())
     runs = payload["runs"]
     assert list(cache_env.glob("anchors-minilm-*.pt")), "the CLI caches the anchors next to the models"
-    variants = ("neggrad", "structguard", "structguard-cold", "structguard-fixedproj")
+    variants = ("neggrad", "structguard", "structguard-cold", "structguard-trainproj")
     assert {(r["method"], r["seed"]) for r in runs} == {(m, s) for m in variants for s in (0, 1)}
     by = {(r["method"], r["seed"]): r for r in runs}
-    assert by[("structguard-fixedproj", 0)]["config"]["projector_lr"] == 0.0
-    assert by[("structguard", 0)]["config"]["projector_lr"] > 0
+    assert by[("structguard", 0)]["config"]["projector_lr"] == 0.0     # stable: fixed warm-started projector
+    assert by[("structguard-trainproj", 0)]["config"]["projector_lr"] > 0
     assert by[("structguard-cold", 0)]["config"]["warm_start"] is False
     assert all(r["status"] == "ok" for r in runs), [r.get("error") for r in runs]
     assert all(r["steps"] == 3 for r in runs)
@@ -137,7 +137,7 @@ def test_compare_tiny_grid(tmp_path, cache_env):
     summary = (out / "summary.md").read_text()
     assert "| neggrad |" in summary and "| structguard-cold |" in summary and "k = 4" in summary
     assert "| method | recall@1 | recall@5 | mAP | identification |" in summary
-    assert summary.count("| structguard-fixedproj |") == 2   # the accuracy table and the embedding table
+    assert summary.count("| structguard-trainproj |") == 2   # the accuracy table and the embedding table
     # a grid split over two folders merges back into the same report
     part_a, part_b = tmp_path / "a", tmp_path / "b"
     for part, seed in ((part_a, 0), (part_b, 1)):

@@ -24,14 +24,35 @@ def test_every_method_runs_and_leaves_the_users_model_alone(method, digits, digi
     steps = [h["step"] for h in res.history]
     assert steps[0] == 0 and steps[-1] == 4 and steps == sorted(steps)
     assert all(0.0 <= h["test_accuracy"] <= 100.0 for h in res.history)
-    assert res.history[0]["test_accuracy"] > 90.0 or method == "structguard"  # untrained projector at step 0
+    assert res.history[0]["test_accuracy"] > 90.0   # stable preset: StructGuard starts from the pretrained model
     for p, q in zip(before, digits_model.parameters()):
         assert torch.equal(p, q)
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
     logits = res.model(forget_set[0])
     assert logits.shape == (8, 10)
-    # the deployed model of StructGuard contains the projector (METHOD.md §7)
-    assert (res.model.projector is not None) == (method == "structguard")
+    # the stable preset keeps the warm-started projector fixed, i.e. the identity: no method deploys one
+    assert res.model.projector is None
+
+
+def test_fixed_warm_started_projector_is_left_out_exactly(digits, digits_model, digits_anchors, forget_set,
+                                                         fast_config, monkeypatch):
+    """projector_lr=0 with the warm start deploys h∘g: the same model as keeping the warm-started
+    (identity) projector in place untrained; a trained projector is part of the deployed model (§7)."""
+    from stakes.methods import _Run
+
+    ev = {"test": (digits.test_x[:200], digits.test_y[:200])}
+    cfg = fast_config(max_steps=6)
+    fixed = unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, eval_sets=ev)
+    with monkeypatch.context() as m:
+        m.setattr(_Run, "needs_projector", lambda self: self.method == "structguard")
+        kept = unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, eval_sets=ev)
+    assert fixed.model.projector is None and kept.model.projector is not None
+    for p, q in zip(fixed.model.features.parameters(), kept.model.features.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fixed.model(digits.test_x[:50]), kept.model(digits.test_x[:50]), rtol=1e-4, atol=1e-4)
+    assert [h["test_accuracy"] for h in fixed.history] == [h["test_accuracy"] for h in kept.history]
+    trained = unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(projector_lr=0.009))
+    assert trained.model.projector is not None
 
 
 def test_projector_warm_start_reproduces_the_pretrained_model(digits, digits_model):
@@ -174,15 +195,19 @@ def test_bad_input(digits_model, digits_anchors, forget_set, fast_config):
         unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, resume=True)
 
 
-def test_warm_start_importance_is_not_identically_zero(digits_model, digits_anchors, forget_set, fast_config):
+@pytest.mark.parametrize("projector_lr", [0.0, 0.009])
+def test_warm_start_importance_is_not_identically_zero(projector_lr, digits_model, digits_anchors, forget_set,
+                                                       fast_config):
     """At a warm start the alignment loss is at its minimum (zero gradient); the importance must still
     rank parameters (structure sensitivity), or the SR term would silently do nothing."""
     from stakes.methods import _Run
 
-    run = _Run(digits_model, forget_set, "structguard", digits_anchors, fast_config(warm_start=True), None, None, (),
-               None, 100)
+    cfg = fast_config(warm_start=True, projector_lr=projector_lr)
+    run = _Run(digits_model, forget_set, "structguard", digits_anchors, cfg, None, None, (), None, 100)
     run.proxies = run.make_proxies()
-    run.projector.warm_start()
+    assert (run.projector is None) == (projector_lr == 0)
+    if run.projector is not None:
+        run.projector.warm_start()
     opt = run.build_optimizer()
     total = sum(float(opt.state[p]["importance"].sum()) for p in run.features.parameters())
     assert total > 0
