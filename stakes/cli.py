@@ -90,6 +90,14 @@ def load_model(args, data):
     return pretrained_model(args.dataset, data=data, cache_dir=args.cache_dir, progress=not args.no_progress)
 
 
+def anchor_cache_dir(args):
+    """Anchors are cached next to the pretrained models (keyed by encoder and prompts), so the text
+    encoder is loaded once per cache, not once per command."""
+    from stakes.pretrain import default_cache_dir
+
+    return args.cache_dir or default_cache_dir()
+
+
 def load_or_build_anchors(args, data, model=None):
     from stakes.anchors import BUNDLED_DESCRIPTIONS, build_anchors, load_anchors, prototype_anchors
 
@@ -106,12 +114,8 @@ def load_or_build_anchors(args, data, model=None):
     descriptions = args.descriptions
     if descriptions is None and data.name in BUNDLED_DESCRIPTIONS:
         descriptions = data.name
-    from stakes.pretrain import default_cache_dir
-
-    # anchors are cached next to the pretrained models (keyed by encoder and prompts): the text
-    # encoder is loaded once per cache, not once per command
     anchors = build_anchors(data.class_names, descriptions=descriptions, encoder=args.encoder,
-                            cache_dir=args.cache_dir or default_cache_dir(), checkpoint=args.clip_checkpoint, arch=args.clip_arch,
+                            cache_dir=anchor_cache_dir(args), checkpoint=args.clip_checkpoint, arch=args.clip_arch,
                             allow_random=args.clip_random)
     return anchors, {"encoder": args.encoder, "descriptions": descriptions}
 
@@ -148,8 +152,9 @@ def cmd_anchors(args) -> int:
     if args.encoder == "prototype":
         raise UsageError("prototype anchors depend on a model: use `stakes unlearn --encoder prototype`")
     descriptions = args.descriptions or (args.dataset if args.dataset in BUNDLED_DESCRIPTIONS else None)
-    anchors = build_anchors(class_names, descriptions=descriptions, encoder=args.encoder, cache_dir=args.cache_dir,
-                            checkpoint=args.clip_checkpoint, arch=args.clip_arch, allow_random=args.clip_random)
+    anchors = build_anchors(class_names, descriptions=descriptions, encoder=args.encoder,
+                            cache_dir=anchor_cache_dir(args), checkpoint=args.clip_checkpoint, arch=args.clip_arch,
+                            allow_random=args.clip_random)
     prompts = class_prompts(class_names, load_descriptions(descriptions) if descriptions else None)
     save_anchors(args.out, anchors, {"class_names": class_names, "encoder": args.encoder, "prompts": prompts,
                                      "dataset": args.dataset})

@@ -394,7 +394,7 @@ def merge_reports(dirs: list, out_dir: str) -> tuple:
         meta["methods"] += [x for x in m.get("methods", []) if x not in meta["methods"]]
         meta["wall_time_s"] += float(m.get("wall_time_s") or 0.0)
         meta["merged_from"].append(os.path.basename(os.path.normpath(d)))
-        if m.get("note"):
+        if m.get("note") and m["note"] not in (meta.get("note") or ""):
             meta["note"] = "; ".join(filter(None, [meta.get("note"), m["note"]]))
         for k, rad in (m.get("radius") or {}).items():
             dst = meta["radius"].setdefault(k, {"calibrated": rad.get("calibrated"), "eps": {},
