@@ -1,0 +1,34 @@
+"""The README's Python examples run as written (in order, in one namespace, on the bundled data)."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _python_blocks() -> list:
+    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_readme_has_the_api_examples():
+    blocks = _python_blocks()
+    assert len(blocks) == 2 and "stakes.unlearn(" in blocks[0] and "fused.masked_regularized_sgd_step(" in blocks[1]
+
+
+@pytest.mark.slow
+def test_readme_python_examples_run(stakes_cache, digits_model, monkeypatch):
+    monkeypatch.setenv("STAKES_CACHE", str(stakes_cache))   # the session's pretrained digits model
+    ns: dict = {}
+    for block in _python_blocks():
+        exec(compile(block, str(README), "exec"), ns)
+    result = ns["result"]
+    assert result.metrics["forget_accuracy"] == 0.0 and result.metrics["test_accuracy"] > 50.0
+    assert result.history[0]["step"] == 0 and result.history[-1]["step"] == result.steps
+    assert ns["S"].shape == (256, 10) and ns["z"].grad.shape == (256, 384)
+    assert 0.0 <= float(ns["loss"].detach()) <= 2.0 and float(ns["sr"]) == 0.0   # params start at their reference
+    assert all(torch.allclose(i, 0.5 * g.abs()) for i, g in zip(ns["importance"], ns["grads"]))
+    offsets = (ns["x_adv"] - ns["x0"]).flatten(1).norm(dim=1)
+    assert float(offsets.max()) <= 1.5 + 1e-4
