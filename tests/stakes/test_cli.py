@@ -117,7 +117,8 @@ def test_compare_tiny_grid(tmp_path, cache_env):
     out = tmp_path / "report"
     rc = main(["compare", "--methods", "neggrad,structguard", "--k", "4", "--seeds", "0,1", "--out", str(out),
                "--no-progress", "--set", "max_steps=3", "--set", "repetitions=2", "--set", "pgd_steps=5",
-               "--set", "eps=1.0", "--set", "stop_warmup_steps=100", "--ablate-warm-start", "--ablate-projector"])
+               "--set", "eps=1.0", "--set", "stop_warmup_steps=100", "--set", "importance_samples=32",
+               "--ablate-warm-start", "--ablate-projector"])
     assert rc == 0
     payload = json.loads((out / "results.json").read_text())
     runs = payload["runs"]
