@@ -259,8 +259,8 @@ def data_fingerprint(data: ImageData) -> str:
 
 
 def default_cache_dir() -> Path:
-    """$STAKES_CACHE, else ~/.cache/stakes."""
-    return Path(os.environ.get("STAKES_CACHE", "~/.cache/stakes")).expanduser()
+    """$STAKES_CACHE, else (unset or empty) ~/.cache/stakes."""
+    return Path(os.environ.get("STAKES_CACHE") or "~/.cache/stakes").expanduser()
 
 
 def pretrained_model(dataset: str, *, data: ImageData | None = None, cache_dir=None,

@@ -235,3 +235,19 @@ def test_cache_retrains_on_different_data(digits, tmp_path, monkeypatch):
     assert (tmp_path / "env" / "digits_digits_cnn_seed3.pt").is_file()
     with pytest.raises(ValueError, match="shapes"):
         pretrained_model("digits", data=make_shapes(n_train=10, n_test=10), cache_dir=tmp_path)
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from stakes.pretrain import default_cache_dir
+
+    monkeypatch.setenv("STAKES_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    for unset in ("", None):   # an empty variable means unset, not the current folder
+        if unset is None:
+            monkeypatch.delenv("STAKES_CACHE")
+        else:
+            monkeypatch.setenv("STAKES_CACHE", unset)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        assert default_cache_dir() == Path(tmp_path / "home" / ".cache" / "stakes")
