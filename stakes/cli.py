@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", metavar="KEY=VALUE")
     sp.add_argument("--ablate-warm-start", action="store_true",
                     help="also run StructGuard with the deployed-model warm start flipped "
-                         "(structguard-cold under the stable preset, structguard+warm under paper)")
+                         "(structguard-cold under the stable preset: the paper's random projector, trained at "
+                         "projector_lr 0.009; structguard+warm under paper)")
     sp.add_argument("--ablate-projector", action="store_true",
                     help="also run StructGuard with the warm-started projector's training flipped "
                          "(structguard-fixedproj: projector_lr=0, or structguard-trainproj when it is already 0)")

@@ -256,8 +256,11 @@ def run_compare(args) -> int:
     anchors, anchor_meta = load_or_build_anchors(args, data, model)
     variants = [(m, m, {}) for m in methods]
     if args.ablate_warm_start and "structguard" in methods:
-        warm = make_config(args, "structguard").warm_start
-        variants.append(("structguard-cold" if warm else "structguard+warm", "structguard", {"warm_start": not warm}))
+        base = make_config(args, "structguard")
+        flip = {"warm_start": not base.warm_start}
+        if base.warm_start and base.projector_lr == 0:   # the paper's cold projector is trained (else it stays random)
+            flip["projector_lr"] = UnlearnConfig.projector_lr
+        variants.append(("structguard-cold" if base.warm_start else "structguard+warm", "structguard", flip))
     if getattr(args, "ablate_projector", False) and "structguard" in methods:
         base = make_config(args, "structguard")
         if not base.warm_start:

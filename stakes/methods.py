@@ -307,6 +307,10 @@ class _Run:
         self.rp = random_projection(self.feature_dim, self.anchor_dim, cfg.seed).to(self.device)
 
         self.projector = None
+        if method == "structguard" and not cfg.warm_start and cfg.projector_lr == 0:
+            raise ValueError("config.projector_lr=0 needs warm_start=True for StructGuard: a cold projector that is "
+                             "never trained stays a random map on the deployed path (set projector_lr > 0, e.g. "
+                             "0.009 as in the paper, or warm_start=True)")
         if self.needs_projector():
             hidden = max(self.anchor_dim, self.feature_dim) if cfg.warm_start else self.anchor_dim
             self.projector = Projector(self.feature_dim, self.anchor_dim, hidden).to(self.device)

@@ -129,6 +129,7 @@ def test_compare_tiny_grid(tmp_path, cache_env):
     assert by[("structguard", 0)]["config"]["projector_lr"] == 0.0     # stable: fixed warm-started projector
     assert by[("structguard-trainproj", 0)]["config"]["projector_lr"] > 0
     assert by[("structguard-cold", 0)]["config"]["warm_start"] is False
+    assert by[("structguard-cold", 0)]["config"]["projector_lr"] > 0   # the paper's cold projector is trained
     assert all(r["status"] == "ok" for r in runs), [r.get("error") for r in runs]
     assert all(r["steps"] == 3 for r in runs)
     # one proxy set per (k, seed), shared by all methods

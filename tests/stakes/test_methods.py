@@ -191,6 +191,8 @@ def test_bad_input(digits_model, digits_anchors, forget_set, fast_config):
         unlearn(digits_model, forget_set, anchors=digits_anchors, config={"lr": 1})
     with pytest.raises(TypeError, match="forget_set"):
         unlearn(digits_model, x, anchors=digits_anchors, config=cfg)
+    with pytest.raises(ValueError, match="projector_lr=0 needs warm_start=True"):
+        unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(warm_start=False))
     with pytest.raises(ValueError, match="resume=True needs checkpoint_path"):
         unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, resume=True)
 
