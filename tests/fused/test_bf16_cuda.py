@@ -23,7 +23,7 @@ from fused.update import masked_regularized_sgd_step
 from tests.fused.test_alignment import make_inputs as alignment_inputs
 from tests.fused.test_alignment import naive_rows, reduce
 from tests.fused.test_pgd import _oracle as pgd_oracle
-from tests.fused.test_similarity import naive as similarity_naive
+from tests.fused.test_similarity import check_similarity
 from tests.fused.test_update import SHAPES as UPDATE_SHAPES
 from tests.fused.test_update import clone, expected_fp64, make_case, max_err
 
@@ -65,26 +65,6 @@ def free_bytes_at_least(n_bytes):
 
 
 # ----------------------------------------------------------------------------- anchor_similarity
-
-
-def check_similarity(device, dtype, N, K, D, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, D, generator=g).to(device, dtype)
-    anchors = torch.randn(K, D, generator=g).to(device, dtype)
-    grad = torch.randn(N, K, generator=g).to(device, dtype)
-    x64, a64 = x.double().requires_grad_(), anchors.double().requires_grad_()
-    ref = similarity_naive(x64, a64)
-    ref.backward(grad.double())
-    xs, as_ = x.clone().requires_grad_(), anchors.clone().requires_grad_()
-    same = similarity_naive(xs, as_)
-    same.backward(grad)
-    xo, ao = x.clone().requires_grad_(), anchors.clone().requires_grad_()
-    S = anchor_similarity(xo, ao, backend="triton")
-    S.backward(grad)
-    assert S.dtype == dtype and S.shape == (N, K)
-    assert_within_rule(S, same, ref, dtype, "S")
-    assert_within_rule(xo.grad, xs.grad, x64.grad, dtype, "dx")
-    assert_within_rule(ao.grad, as_.grad, a64.grad, dtype, "danchors")
 
 
 @pytest.mark.parametrize("N,K,D", [(1, 1, 33), (5, 1000, 100), (70, 130, 33), (128, 100, 512)])
