@@ -41,6 +41,7 @@ Anchors are frozen in the method: the Triton path has no anchor gradient (see
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -55,6 +56,7 @@ from fused._dispatch import (
     resolve_backend,
     triton_library_op,
 )
+from fused._launch import Launch, device_arch
 from fused._triton_common import (
     DOT_KIND_DTYPES,
     NORMALIZE_EPS,
@@ -67,7 +69,6 @@ from fused._triton_common import (
 COSINE_EPS = 1e-8  # F.cosine_similarity's default
 REDUCTIONS = ("mean", "sum", "none")
 REFERENCE_CHUNK_ROWS = 4096  # rows per chunk on the reference path: extra memory O(chunk·K)
-TRITON_MAX_D = 1024  # the [BLOCK_N, D_PAD] fp32 gradient accumulator must fit in registers
 
 
 # ----------------------------------------------------------------------------- reference
@@ -173,7 +174,7 @@ def _empty_rows(x, x_ref, anchors):
     return x.to(ct).sum(dim=1) * 0 + x_ref.to(ct).sum(dim=1) * 0 + anchors.to(ct).sum() * 0
 
 
-# ----------------------------------------------------------------------------- Triton kernel
+# ----------------------------------------------------------------------------- Triton kernels
 
 if HAS_TRITON:
     import triton
@@ -182,144 +183,363 @@ if HAS_TRITON:
     from fused._triton_common import dot_operand, mma
 
     @triton.jit
-    def _structure_tiles(x, x_ref, inv_x, inv_xr, a_ptr, k0, K, D, stride_an,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
-                         DOT_KIND: tl.constexpr):
-        """One anchor tile Â_k [BLOCK_K, D_PAD] and the matching S, S_ref tiles [BLOCK_N, BLOCK_K] (fp32)."""
-        cols = k0 + tl.arange(0, BLOCK_K)
-        offs_d = tl.arange(0, D_PAD)
-        a = tl.load(
-            a_ptr + cols.to(tl.int64)[:, None] * stride_an + offs_d[None, :],
-            mask=(cols < K)[:, None] & (offs_d < D)[None, :], other=0.0,
-        )
-        a = dot_operand(a, DOT_KIND)
-        a_t = tl.trans(a)
-        zero = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        s = mma(x, a_t, zero, DOT_KIND) * inv_x[:, None]
-        s_ref = mma(x_ref, a_t, zero, DOT_KIND) * inv_xr[:, None]
-        return a, s, s_ref
+    def _row_tile(ptr, rows64, row_ok, stride, d0, D, BLOCK_D: tl.constexpr):
+        """Rows ``rows`` × columns d0..d0+BLOCK_D of a row-major [*, D] tensor (masked, 0 outside)."""
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        return tl.load(ptr + rows64[:, None] * stride + offs_d[None, :],
+                       mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
 
     @triton.jit
-    def _normalized_gradient(x, x_ref, inv_x, inv_xr, alpha, beta, a_ptr, K, D, stride_an,
-                             FOR_REF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             D_PAD: tl.constexpr, DOT_KIND: tl.constexpr):
-        """∂ℓ/∂x̂ = Σ_k g_k Â_k [BLOCK_N, D_PAD] and s·g per row, g = α·s_other + β·s_own (fp32)."""
-        dxh = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
-        proj = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a, s, s_ref = _structure_tiles(x, x_ref, inv_x, inv_xr, a_ptr, k0, K, D, stride_an,
-                                           BLOCK_N, BLOCK_K, D_PAD, DOT_KIND)
-            if FOR_REF:
-                g = alpha[:, None] * s + beta[:, None] * s_ref
-                proj += tl.sum(s_ref * g, axis=1)
-            else:
-                g = alpha[:, None] * s_ref + beta[:, None] * s
-                proj += tl.sum(s * g, axis=1)
-            dxh = mma(dot_operand(g, DOT_KIND), a, dxh, DOT_KIND)
-        return dxh, proj
-
-    @triton.jit
-    def _structure_alignment_kernel(
-        x_ptr, xr_ptr, a_ptr, loss_ptr, dx_ptr, dxr_ptr,
-        N, K, D,
-        stride_xn, stride_xrn, stride_an, stride_dxn, stride_dxrn,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
-        NEED_DX: tl.constexpr, NEED_DXR: tl.constexpr,
-        DOT_KIND: tl.constexpr,
-        NORM_EPS: tl.constexpr, COS_EPS: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows64 = rows.to(tl.int64)  # N·D may exceed 2^31
-        row_ok = rows < N
-        offs_d = tl.arange(0, D_PAD)
-        tile_ok = row_ok[:, None] & (offs_d < D)[None, :]
-
-        # Rows of x and x_ref, loaded once and kept for all passes; norms in fp32.
-        xf = tl.load(x_ptr + rows64[:, None] * stride_xn + offs_d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        xrf = tl.load(xr_ptr + rows64[:, None] * stride_xrn + offs_d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        nx = tl.sqrt(tl.sum(xf * xf, axis=1))
-        nxr = tl.sqrt(tl.sum(xrf * xrf, axis=1))
-        inv_x = 1.0 / tl.maximum(nx, NORM_EPS)
-        inv_xr = 1.0 / tl.maximum(nxr, NORM_EPS)
-        x = dot_operand(xf, DOT_KIND)  # exact: the operand dtype is the input dtype or fp32
-        x_ref = dot_operand(xrf, DOT_KIND)
-
-        # Pass 1: the three per-row scalars ‖s‖², ‖s0‖², s·s0.
-        ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        rr = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        sr = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            _, s, s_ref = _structure_tiles(x, x_ref, inv_x, inv_xr, a_ptr, k0, K, D, stride_an,
-                                           BLOCK_N, BLOCK_K, D_PAD, DOT_KIND)
-            ss += tl.sum(s * s, axis=1)
-            rr += tl.sum(s_ref * s_ref, axis=1)
-            sr += tl.sum(s * s_ref, axis=1)
+    def _row_coefficients(ss, rr, sr, nx, nr, NORM_EPS: tl.constexpr, COS_EPS: tl.constexpr):
+        """From the per-row scalars ‖s‖², ‖s0‖², s·s0 (normalised rows): the loss, α, β, β_ref and
+        the projections s·g, s0·g_ref used by the normalisation backward (module docstring)."""
         n_s = tl.sqrt(ss)
         n_r = tl.sqrt(rr)
         nc = tl.maximum(n_s, COS_EPS)
         nrc = tl.maximum(n_r, COS_EPS)
         cos = sr / (nc * nrc)
-        tl.store(loss_ptr + rows, 1.0 - cos, mask=row_ok)
-
         alpha = -1.0 / (nc * nrc)
+        beta = tl.where(n_s > 0.0, cos / (tl.where(n_s > 0.0, n_s, 1.0) * nc), 0.0)
+        beta_r = tl.where(n_r > 0.0, cos / (tl.where(n_r > 0.0, n_r, 1.0) * nrc), 0.0)
+        # x̂·∂ℓ/∂x̂ = s·g = α·s·s0 + β·‖s‖²; F.normalize passes no gradient through it below eps.
+        proj = tl.where(nx > NORM_EPS, alpha * sr + beta * ss, 0.0)
+        proj_r = tl.where(nr > NORM_EPS, alpha * sr + beta_r * rr, 0.0)
+        return 1.0 - cos, alpha, beta, beta_r, proj, proj_r
+
+    @triton.jit
+    def _anchor_gradient_pass(g, proj, inv, src_ptr, stride_src, out_ptr, stride_out, a_ptr, ks64, k_ok,
+                              rows64, row_ok, D, stride_an,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_KIND: tl.constexpr):
+        """dx = (g·Â − x̂·proj)/‖x‖, D chunk by D chunk, for g [BLOCK_N, K_PAD] held in registers.
+
+        g is scaled by its row maximum before the cast to the tensor-core dtype (16-bit operands
+        would overflow for rows whose structure is nearly zero, where g ~ 1/‖s‖) and scaled back.
+        """
+        scale = tl.maximum(tl.max(tl.abs(g), axis=1), 1e-30)
+        g_op = dot_operand(g / scale[:, None], DOT_KIND)
+        scale = scale * inv
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            a = tl.load(a_ptr + ks64[:, None] * stride_an + offs_d[None, :],
+                        mask=k_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            dxh = mma(g_op, dot_operand(a, DOT_KIND), tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), DOT_KIND)
+            src = _row_tile(src_ptr, rows64, row_ok, stride_src, d0, D, BLOCK_D).to(tl.float32)
+            dx = dxh * scale[:, None] - src * (inv * inv * proj)[:, None]
+            tl.store(out_ptr + rows64[:, None] * stride_out + offs_d[None, :], dx.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (offs_d < D)[None, :])
+
+    @triton.jit
+    def _alignment_anchor_kernel(
+        x_ptr, xr_ptr, a_ptr, loss_ptr, dx_ptr, dxr_ptr,
+        N, K, D,
+        stride_xn, stride_xrn, stride_an, stride_dxn, stride_dxrn,
+        BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+        NEED_DX: tl.constexpr, NEED_DXR: tl.constexpr, DOT_KIND: tl.constexpr,
+        NORM_EPS: tl.constexpr, COS_EPS: tl.constexpr,
+    ):
+        """Few anchors (K ≤ K_PAD): forward and backward in one launch, S and S_ref in registers.
+
+        Pass 1 over D chunks: S·‖x‖ = X Âᵀ and S_ref·‖x_ref‖ ([BLOCK_N, K_PAD], fp32, tl.dot) and
+        the row norms; then the per-row scalars and the loss. Pass 2 over D chunks (per input that
+        needs a gradient): ∂ℓ/∂x̂ = g Â with g = α·s_ref + β·s, then the row-local normalisation
+        backward, written chunk by chunk. Nothing N×K and no normalised copy of X is stored.
+        """
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows64 = rows.to(tl.int64)  # N·D may exceed 2^31
+        row_ok = rows < N
+        ks = tl.arange(0, K_PAD)
+        ks64 = ks.to(tl.int64)
+        k_ok = ks < K
+
+        acc_s = tl.zeros((BLOCK_N, K_PAD), dtype=tl.float32)
+        acc_r = tl.zeros((BLOCK_N, K_PAD), dtype=tl.float32)
+        x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        r_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            xt = _row_tile(x_ptr, rows64, row_ok, stride_xn, d0, D, BLOCK_D)
+            rt = _row_tile(xr_ptr, rows64, row_ok, stride_xrn, d0, D, BLOCK_D)
+            a = tl.load(a_ptr + ks64[:, None] * stride_an + offs_d[None, :],
+                        mask=k_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            xf = xt.to(tl.float32)
+            rf = rt.to(tl.float32)
+            x_sq += tl.sum(xf * xf, axis=1)
+            r_sq += tl.sum(rf * rf, axis=1)
+            a_t = tl.trans(dot_operand(a, DOT_KIND))
+            acc_s = mma(dot_operand(xt, DOT_KIND), a_t, acc_s, DOT_KIND)
+            acc_r = mma(dot_operand(rt, DOT_KIND), a_t, acc_r, DOT_KIND)
+
+        nx = tl.sqrt(x_sq)
+        nr = tl.sqrt(r_sq)
+        inv_x = 1.0 / tl.maximum(nx, NORM_EPS)
+        inv_r = 1.0 / tl.maximum(nr, NORM_EPS)
+        s = acc_s * inv_x[:, None]
+        r = acc_r * inv_r[:, None]
+        loss, alpha, beta, beta_r, proj, proj_r = _row_coefficients(
+            tl.sum(s * s, axis=1), tl.sum(r * r, axis=1), tl.sum(s * r, axis=1), nx, nr, NORM_EPS, COS_EPS)
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
         if NEED_DX:
-            beta = tl.where(n_s > 0.0, cos / (tl.where(n_s > 0.0, n_s, 1.0) * nc), 0.0)
-            dxh, proj = _normalized_gradient(x, x_ref, inv_x, inv_xr, alpha, beta, a_ptr, K, D, stride_an,
-                                             False, BLOCK_N, BLOCK_K, D_PAD, DOT_KIND)
-            # Row-local normalisation backward: dx = (dx̂ − x̂ (x̂·dx̂)) / ‖x‖, x̂·dx̂ = s·g.
-            proj = tl.where(nx > NORM_EPS, proj, 0.0)
-            # x.to(fp32) is exact (x is the input dtype or fp32): keeps only the 16-bit rows live.
-            dx = (dxh - (x.to(tl.float32) * inv_x[:, None]) * proj[:, None]) * inv_x[:, None]
-            tl.store(dx_ptr + rows64[:, None] * stride_dxn + offs_d[None, :],
-                     dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+            _anchor_gradient_pass(alpha[:, None] * r + beta[:, None] * s, proj, inv_x, x_ptr, stride_xn,
+                                  dx_ptr, stride_dxn, a_ptr, ks64, k_ok, rows64, row_ok, D, stride_an,
+                                  BLOCK_N, BLOCK_D, DOT_KIND)
         if NEED_DXR:
-            beta_r = tl.where(n_r > 0.0, cos / (tl.where(n_r > 0.0, n_r, 1.0) * nrc), 0.0)
-            dxh, proj = _normalized_gradient(x, x_ref, inv_x, inv_xr, alpha, beta_r, a_ptr, K, D, stride_an,
-                                             True, BLOCK_N, BLOCK_K, D_PAD, DOT_KIND)
-            proj = tl.where(nxr > NORM_EPS, proj, 0.0)
-            dxr = (dxh - (x_ref.to(tl.float32) * inv_xr[:, None]) * proj[:, None]) * inv_xr[:, None]
-            tl.store(dxr_ptr + rows64[:, None] * stride_dxrn + offs_d[None, :],
-                     dxr.to(dxr_ptr.dtype.element_ty), mask=tile_ok)
+            _anchor_gradient_pass(alpha[:, None] * s + beta_r[:, None] * r, proj_r, inv_r, xr_ptr, stride_xrn,
+                                  dxr_ptr, stride_dxrn, a_ptr, ks64, k_ok, rows64, row_ok, D, stride_an,
+                                  BLOCK_N, BLOCK_D, DOT_KIND)
+
+    @triton.jit
+    def _alignment_scalars_kernel(
+        x_ptr, xr_ptr, b_ptr, loss_ptr, coef_ptr,
+        N, J, D,
+        stride_xn, stride_xrn, stride_bn,
+        GRAM: tl.constexpr, STORE_COEF: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DOT_KIND: tl.constexpr,
+        NORM_EPS: tl.constexpr, COS_EPS: tl.constexpr,
+    ):
+        """Many anchors: the loss and the per-row gradient coefficients, GEMM-tiled over D.
+
+        B is Â ([K, D], GRAM=False) or the Gram matrix M = ÂᵀÂ ([D, D], GRAM=True, used when
+        K > D so the inner work is min(K, D)). For each tile of B's rows, T = X Bᵀ and T_ref are
+        accumulated over D chunks; then ‖s‖², ‖s0‖², s·s0 (×‖x‖², ‖x‖‖x_ref‖, ‖x_ref‖²) are
+        Σ T², Σ T_ref², Σ T·T_ref with Â, or Σ X⊙T, Σ X_ref⊙T_ref, Σ X⊙T_ref with M (M symmetric).
+
+        STORE_COEF: coef [N, 8] fp32 gets, for dx then for dx_ref, the coefficients of the gradient
+        GEMM (see _alignment_gram_grad_kernel): c_own, c_other (scaled by 1/σ), σ/‖·‖, proj/‖·‖².
+        """
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows64 = rows.to(tl.int64)
+        row_ok = rows < N
+
+        x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        r_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            xf = _row_tile(x_ptr, rows64, row_ok, stride_xn, d0, D, BLOCK_D).to(tl.float32)
+            rf = _row_tile(xr_ptr, rows64, row_ok, stride_xrn, d0, D, BLOCK_D).to(tl.float32)
+            x_sq += tl.sum(xf * xf, axis=1)
+            r_sq += tl.sum(rf * rf, axis=1)
+
+        ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        rr = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        sr = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j0 in range(0, J, BLOCK_J):
+            cols = j0 + tl.arange(0, BLOCK_J)
+            cols64 = cols.to(tl.int64)
+            t_s = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
+            t_r = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                xt = _row_tile(x_ptr, rows64, row_ok, stride_xn, d0, D, BLOCK_D)
+                rt = _row_tile(xr_ptr, rows64, row_ok, stride_xrn, d0, D, BLOCK_D)
+                b = tl.load(b_ptr + cols64[:, None] * stride_bn + offs_d[None, :],
+                            mask=(cols < J)[:, None] & (offs_d < D)[None, :], other=0.0)
+                b_t = tl.trans(dot_operand(b, DOT_KIND))
+                t_s = mma(dot_operand(xt, DOT_KIND), b_t, t_s, DOT_KIND)
+                t_r = mma(dot_operand(rt, DOT_KIND), b_t, t_r, DOT_KIND)
+            if GRAM:
+                xc = _row_tile(x_ptr, rows64, row_ok, stride_xn, j0, D, BLOCK_J).to(tl.float32)
+                rc = _row_tile(xr_ptr, rows64, row_ok, stride_xrn, j0, D, BLOCK_J).to(tl.float32)
+                ss += tl.sum(xc * t_s, axis=1)
+                rr += tl.sum(rc * t_r, axis=1)
+                sr += tl.sum(xc * t_r, axis=1)
+            else:
+                ss += tl.sum(t_s * t_s, axis=1)
+                rr += tl.sum(t_r * t_r, axis=1)
+                sr += tl.sum(t_s * t_r, axis=1)
+
+        nx = tl.sqrt(x_sq)
+        nr = tl.sqrt(r_sq)
+        inv_x = 1.0 / tl.maximum(nx, NORM_EPS)
+        inv_r = 1.0 / tl.maximum(nr, NORM_EPS)
+        loss, alpha, beta, beta_r, proj, proj_r = _row_coefficients(
+            ss * inv_x * inv_x, rr * inv_r * inv_r, sr * inv_x * inv_r, nx, nr, NORM_EPS, COS_EPS)
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+        if STORE_COEF:
+            # ∂ℓ/∂x̂ = M·(β·x̂ + α·x̂_ref): Z = σ·(c_own·x + c_other·x_ref), σ = max(|α|, |β|) keeps
+            # Z's entries ≤ 2 (unit rows), so a 16-bit operand cannot overflow.
+            sig = tl.maximum(tl.maximum(tl.abs(alpha), tl.abs(beta)), 1e-30)
+            sig_r = tl.maximum(tl.maximum(tl.abs(alpha), tl.abs(beta_r)), 1e-30)
+            base = coef_ptr + rows64 * 8
+            tl.store(base + 0, beta / sig * inv_x, mask=row_ok)
+            tl.store(base + 1, alpha / sig * inv_r, mask=row_ok)
+            tl.store(base + 2, sig * inv_x, mask=row_ok)
+            tl.store(base + 3, proj * inv_x * inv_x, mask=row_ok)
+            tl.store(base + 4, beta_r / sig_r * inv_r, mask=row_ok)
+            tl.store(base + 5, alpha / sig_r * inv_x, mask=row_ok)
+            tl.store(base + 6, sig_r * inv_r, mask=row_ok)
+            tl.store(base + 7, proj_r * inv_r * inv_r, mask=row_ok)
+
+    @triton.jit
+    def _alignment_gram_grad_kernel(
+        own_ptr, other_ptr, m_ptr, coef_ptr, out_ptr,
+        N, D,
+        stride_own, stride_other, stride_m, stride_out,
+        BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, DOT_KIND: tl.constexpr,
+    ):
+        """dx = (∂ℓ/∂x̂ − x̂·proj)/‖x‖ with ∂ℓ/∂x̂ = Z·M, Z = β·x̂ + α·x̂_ref (row-local, formed in the
+        prologue from x and x_ref), one output tile [BLOCK_N, BLOCK_E] per program, GEMM over D.
+
+        ``coef`` points at the 4 coefficients of this gradient in the [N, 8] buffer of
+        _alignment_scalars_kernel (for dx_ref, own and other swap roles).
+        """
+        pid_n = tl.program_id(0)
+        pid_e = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows64 = rows.to(tl.int64)
+        row_ok = rows < N
+        cols = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+        col_ok = cols < D
+        base = coef_ptr + rows64 * 8
+        c_own = tl.load(base + 0, mask=row_ok, other=0.0)
+        c_other = tl.load(base + 1, mask=row_ok, other=0.0)
+        e_scale = tl.load(base + 2, mask=row_ok, other=0.0)
+        e_proj = tl.load(base + 3, mask=row_ok, other=0.0)
+
+        acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            own = _row_tile(own_ptr, rows64, row_ok, stride_own, d0, D, BLOCK_D).to(tl.float32)
+            other = _row_tile(other_ptr, rows64, row_ok, stride_other, d0, D, BLOCK_D).to(tl.float32)
+            z = c_own[:, None] * own + c_other[:, None] * other
+            m = tl.load(m_ptr + offs_d.to(tl.int64)[:, None] * stride_m + cols[None, :],
+                        mask=(offs_d < D)[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(dot_operand(z, DOT_KIND), dot_operand(m, DOT_KIND), acc, DOT_KIND)
+        own_e = _row_tile(own_ptr, rows64, row_ok, stride_own, pid_e * BLOCK_E, D, BLOCK_E).to(tl.float32)
+        dx = acc * e_scale[:, None] - own_e * e_proj[:, None]
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], dx.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _alignment_config(N: int, K: int, D: int, dot_bytes: int):
-    """(BLOCK_N, BLOCK_K, D_PAD, num_warps) from the problem size.
-
-    * D_PAD = next power of two ≥ max(D, 16): a program holds whole rows (masked beyond D).
-    * BLOCK_N ≤ 16384 / D_PAD: the fp32 ∂ℓ/∂x̂ accumulator [BLOCK_N, D_PAD] stays ≤ 64 KiB of
-      registers (64 a thread with 8 warps); ≥ 16 for tl.dot; ≤ 64; no larger than N needs.
-    * BLOCK_K: the anchor tile [BLOCK_K, D_PAD] stays ≤ 64 KiB of shared memory; 16..64.
-    """
-    d_pad = max(16, next_pow2(D))
-    block_n = max(16, min(64, 16384 // d_pad, next_pow2(N)))
-    block_k = max(16, min(64, 65536 // (d_pad * dot_bytes), next_pow2(K)))
-    num_warps = 8 if block_n * d_pad >= 16384 else 4
-    return block_n, block_k, d_pad, num_warps
+# ----------------------------------------------------------------------------- configuration
 
 
 def _dot_config(x_dtype: torch.dtype, x_ref_dtype: torch.dtype):
-    """(torch dtype of Â, DOT_KIND: 0 fp32, 1 fp16, 2 bf16) — plain ints/dtypes, so inductor can
-    codegen the launch.
+    """(torch dtype of Â and M, DOT_KIND: 0 fp32, 1 fp16, 2 bf16) — plain ints/dtypes, so inductor
+    can codegen the launch.
 
-    x and x_ref of one 16-bit dtype: tensor cores in that dtype (Â rounded to it, fp32 accumulate).
-    Otherwise fp32 with "tf32x3" (see ``fused._triton_common.dot_kind``).
+    x and x_ref of one 16-bit dtype: tensor cores in that dtype (Â, M rounded to it, fp32
+    accumulate). Otherwise fp32 with "tf32x3" (see ``fused._triton_common.dot_kind``).
     """
     kind = dot_kind(x_dtype, x_ref_dtype)
     return DOT_KIND_DTYPES[kind], kind
+
+
+# Anchors up to this many take the one-launch kernel (S and S_ref rows live in registers);
+# more take the tiled scalars kernel and the Gram-matrix gradient GEMM.
+ANCHOR_PATH_MAX_K = 128
+
+
+def alignment_path(K: int) -> str:
+    """"anchors" (K ≤ ANCHOR_PATH_MAX_K: one fused launch) or "gram" (tiled, any K)."""
+    return "anchors" if K <= ANCHOR_PATH_MAX_K else "gram"
+
+
+def _alignment_blocks(kind: int, K: int, arch: int) -> dict:
+    """Block sizes, warps and stages of the alignment kernels for operands of DOT_KIND ``kind``.
+
+    Every tile dim is a power of two ≥ 16 (tl.dot on a GPU), 64 rows a program (a wgmma M tile
+    on sm_90); fp32 operands (tf32x3: three products per tile) take half the D chunk of 16-bit
+    ones. Shared memory per stage ≤ 32 KiB, so 2 stages fit every arch's limit (≥ 99 KiB).
+    """
+    wide = kind != 0
+    block_d = 64 if wide else 32
+    k_pad = max(16, next_pow2(K))
+    return {
+        "anchors": dict(BLOCK_N=64, K_PAD=k_pad, BLOCK_D=block_d, num_warps=4 if k_pad <= 64 else 8, num_stages=2),
+        "scalars": dict(BLOCK_N=64, BLOCK_J=64, BLOCK_D=block_d, num_warps=4, num_stages=2),
+        "gram_grad": dict(BLOCK_N=64, BLOCK_E=64, BLOCK_D=block_d, num_warps=4, num_stages=2),
+    }
+
+
+def plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx: bool, need_dx_ref: bool,
+                             arch: int, path: Optional[str] = None) -> list:
+    """The launches computing ``loss`` (and ``dx`` / ``dxr`` when asked) for these tensors on ``arch``.
+
+    ``a_hat`` [K, D] and ``gram`` [D, D] (None on the anchor path) are in the tensor-core dtype;
+    ``coef`` is the [N, 8] fp32 coefficient buffer of the gram path (None on the anchor path).
+    """
+    N, D = x.shape
+    K = a_hat.shape[0]
+    path = path or alignment_path(K)
+    kind = DOT_KIND_DTYPES.index(a_hat.dtype)
+    cfg = _alignment_blocks(kind, K, arch)
+    common = dict(DOT_KIND=kind)
+    dtype = str(x.dtype).replace("torch.", "")
+    if path == "anchors":
+        c = dict(cfg["anchors"])
+        warps, stages = c.pop("num_warps"), c.pop("num_stages")
+        return [Launch(
+            "alignment.anchors", _alignment_anchor_kernel, (triton.cdiv(N, c["BLOCK_N"]),),
+            (x, x_ref, a_hat, loss, dx, dxr, N, K, D,
+             x.stride(0), x_ref.stride(0), a_hat.stride(0), dx.stride(0), dxr.stride(0)),
+            dict(**c, NEED_DX=need_dx, NEED_DXR=need_dx_ref, **common, NORM_EPS=NORMALIZE_EPS, COS_EPS=COSINE_EPS),
+            warps, stages, config=dict(**{k.lower(): v for k, v in c.items()}, dot=dtype), kind="mma",
+        )]
+    use_gram = K > D
+    b = gram if use_gram else a_hat
+    c = dict(cfg["scalars"])
+    warps, stages = c.pop("num_warps"), c.pop("num_stages")
+    need_coef = need_dx or need_dx_ref
+    launches = [Launch(
+        "alignment.scalars", _alignment_scalars_kernel, (triton.cdiv(N, c["BLOCK_N"]),),
+        (x, x_ref, b, loss, coef if need_coef else loss, N, b.shape[0], D,
+         x.stride(0), x_ref.stride(0), b.stride(0)),
+        dict(GRAM=use_gram, STORE_COEF=need_coef, **c, **common, NORM_EPS=NORMALIZE_EPS, COS_EPS=COSINE_EPS),
+        warps, stages, config=dict(**{k.lower(): v for k, v in c.items()}, via="gram" if use_gram else "anchors",
+                                   dot=dtype), kind="mma",
+    )]
+    g = dict(cfg["gram_grad"])
+    warps, stages = g.pop("num_warps"), g.pop("num_stages")
+    grid = (triton.cdiv(N, g["BLOCK_N"]), triton.cdiv(D, g["BLOCK_E"]))
+    for want, own, other, out, col in ((need_dx, x, x_ref, dx, 0), (need_dx_ref, x_ref, x, dxr, 4)):
+        if want:
+            launches.append(Launch(
+                "alignment.gram_grad", _alignment_gram_grad_kernel, grid,
+                (own, other, gram, coef[:, col:], out, N, D, own.stride(0), other.stride(0), gram.stride(0),
+                 out.stride(0)),
+                dict(**g, **common), warps, stages,
+                config=dict(**{k.lower(): v for k, v in g.items()}, dot=dtype), kind="mma",
+            ))
+    return launches
+
+
+# Â and M = ÂᵀÂ of the last anchors seen, per (device, operand dtype): anchors are frozen during
+# a run, so the D×D Gram matrix is computed once, not every step. An entry is valid only for the
+# very same tensor (a weak reference) at the same version counter (no in-place change since).
+_ANCHOR_CACHE: dict = {}
+
+
+def _anchor_operands(anchors: torch.Tensor, a_dtype: torch.dtype, need_gram: bool):
+    """(Â in ``a_dtype``, M = ÂᵀÂ in ``a_dtype`` or None), cached for the same unchanged anchors."""
+    key = (anchors.device, a_dtype)
+    tracing = torch.compiler.is_compiling()
+    hit = None if tracing else _ANCHOR_CACHE.get(key)
+    if hit is not None and hit[0]() is anchors and hit[1] == anchors._version and (hit[3] is not None or not need_gram):
+        return hit[2], hit[3]
+    a32 = F.normalize(anchors.detach().to(torch.float32), dim=1, eps=NORMALIZE_EPS)
+    a_hat = a32.to(a_dtype).contiguous()
+    gram = (a32.T @ a32).to(a_dtype).contiguous() if need_gram else None
+    if not tracing:
+        _ANCHOR_CACHE[key] = (weakref.ref(anchors), anchors._version, a_hat, gram)
+    return a_hat, gram
+
+
+# Tests force a path with this (None: alignment_path(K) decides).
+_FORCE_PATH: Optional[str] = None
 
 
 @triton_library_op("fused::structure_alignment_fwd", mutates_args=())
 def _structure_alignment_triton(
     x: torch.Tensor, x_ref: torch.Tensor, anchors: torch.Tensor, need_dx: bool, need_dx_ref: bool
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch: per-row loss ℓ [N] (fp32) and, when asked, ∂ℓ_i/∂x_i, ∂ℓ_i/∂x_ref_i ([N, D] in the
-    inputs' dtypes; an empty [0] placeholder when not asked). Anchors are constants here."""
+    """Per-row loss ℓ [N] (fp32) and, when asked, ∂ℓ_i/∂x_i, ∂ℓ_i/∂x_ref_i ([N, D] in the inputs'
+    dtypes; an empty [0] placeholder when not asked). Anchors are constants here.
+
+    One launch for K ≤ ANCHOR_PATH_MAX_K; otherwise one scalars launch + one GEMM per gradient."""
     N, D = x.shape
     K = anchors.shape[0]
-    a_dtype, kind = _dot_config(x.dtype, x_ref.dtype)
-    # Â once on the host side: K×D is small, and the kernel then needs no anchor norms.
-    a_hat = F.normalize(anchors.to(torch.float32), dim=1, eps=NORMALIZE_EPS).to(a_dtype).contiguous()
+    a_dtype, _ = _dot_config(x.dtype, x_ref.dtype)
     x = x.contiguous()
     x_ref = x_ref.contiguous()
     loss = torch.empty((N,), dtype=torch.float32, device=x.device)
@@ -327,19 +547,34 @@ def _structure_alignment_triton(
     dxr = torch.empty((N, D) if need_dx_ref else (0,), dtype=x_ref.dtype, device=x.device)
     if N == 0:
         return loss, dx, dxr
-    block_n, block_k, d_pad, num_warps = _alignment_config(N, K, D, a_hat.element_size())
-    grid = (triton.cdiv(N, block_n),)
-    launcher(_structure_alignment_kernel)[grid](
-        x, x_ref, a_hat, loss, dx, dxr,
-        N, K, D,
-        x.stride(0), x_ref.stride(0), a_hat.stride(0), dx.stride(0), dxr.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, D_PAD=d_pad,
-        NEED_DX=need_dx, NEED_DXR=need_dx_ref,
-        DOT_KIND=kind,
-        NORM_EPS=NORMALIZE_EPS, COS_EPS=COSINE_EPS,
-        num_warps=num_warps, num_stages=1,  # one anchor tile in flight: shared memory stays bounded
-    )
+    path = _FORCE_PATH or alignment_path(K)
+    need_gram = path == "gram" and (need_dx or need_dx_ref or K > D)
+    a_hat, gram = _anchor_operands(anchors, a_dtype, need_gram)
+    coef = torch.empty((N, 8), dtype=torch.float32, device=x.device) if path == "gram" else None
+    for launch in plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx, need_dx_ref,
+                                           device_arch(x.device), path):
+        launch.run(wrap=True)
     return loss, dx, dxr
+
+
+def preflight_launches(spec: dict, arch: int) -> list:
+    """Launches for a shape spec on meta tensors: N, D, K, dtype (of x and x_ref; default fp32),
+    grad ("x" default, "x,x_ref" or "none"), path (default: the launcher's choice)."""
+    N, D, K = int(spec["N"]), int(spec["D"]), int(spec["K"])
+    dtype = spec.get("dtype", torch.float32)
+    grad = spec.get("grad", "x")
+    need_dx, need_dxr = "x" in grad.split(","), "x_ref" in grad.split(",")
+    a_dtype, _ = _dot_config(dtype, dtype)
+    path = spec.get("path") or alignment_path(K)
+    meta = dict(device="meta")
+    x = torch.empty((N, D), dtype=dtype, **meta)
+    x_ref = torch.empty((N, D), dtype=dtype, **meta)
+    gram = torch.empty((D, D), dtype=a_dtype, **meta) if path == "gram" else None
+    return plan_structure_alignment(
+        x, x_ref, torch.empty((K, D), dtype=a_dtype, **meta), gram, torch.empty((N,), **meta),
+        torch.empty((N, 8), **meta) if path == "gram" else None,
+        torch.empty((N, D) if need_dx else (0,), dtype=dtype, **meta),
+        torch.empty((N, D) if need_dxr else (0,), dtype=dtype, **meta), need_dx, need_dxr, arch, path)
 
 
 @_structure_alignment_triton.register_fake
@@ -435,8 +670,8 @@ def structure_alignment_loss(
         * Anchors are frozen in the method. The Triton path computes no anchor gradient: with
           ``anchors.requires_grad`` under grad mode, backend=None uses the reference path (which
           differentiates w.r.t. anchors) and backend="triton" raises ValueError.
-        * backend=None also uses the reference for fp64 inputs and for D > 1024 (the Triton
-          kernel keeps whole rows in registers); backend="triton" raises ValueError there.
+        * backend=None also uses the reference for fp64 inputs; backend="triton" raises ValueError
+          there. The Triton path serves any D (the kernels tile over D) and any K.
     """
     device = _check_inputs(x, x_ref, anchors, reduction)
     resolved = resolve_backend(backend, device)
@@ -444,8 +679,6 @@ def structure_alignment_loss(
         why = None
         if torch.float64 in (x.dtype, x_ref.dtype, anchors.dtype):
             why = "does not support float64 inputs"
-        elif x.shape[1] > TRITON_MAX_D:
-            why = f"supports D <= {TRITON_MAX_D} (got D = {x.shape[1]})"
         elif anchors.requires_grad and torch.is_grad_enabled():
             why = "has no gradient for anchors (frozen in the method); pass anchors.detach()"
         if why is not None:

@@ -9,9 +9,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fused.alignment as alignment_module
 from fused.alignment import (
-    _alignment_config,
+    ANCHOR_PATH_MAX_K,
+    _alignment_blocks,
     _structure_alignment_triton,
+    alignment_path,
     structure_alignment_loss,
     structure_alignment_rows_reference,
 )
@@ -52,9 +55,24 @@ def make_inputs(N, K, D, dtype, device, seed, ref_noise=0.5):
 SHAPES = [(1, 1, 33), (5, 1000, 33), (70, 37, 100), (9, 10, 384), (3, 130, 1000)]
 
 
+@pytest.fixture(params=["anchors", "gram"])
+def path(request, monkeypatch):
+    """Run a test on both Triton paths: the one-launch anchor kernel and the tiled Gram path."""
+    monkeypatch.setattr(alignment_module, "_FORCE_PATH", request.param)
+    return request.param
+
+
+# Each shape on each Triton path that can serve it: the anchor kernel holds at most
+# ANCHOR_PATH_MAX_K anchors; K = 1 stays off the Gram path (ℓ ≡ 0 and its gradient is exactly 0,
+# which through M arises from a cancellation inside the GEMM, zero only to the operand rounding;
+# the default path for K = 1 is the anchor kernel, where g = 0 is formed exactly).
+PATH_SHAPES = [("anchors", *s) for s in SHAPES if s[1] <= ANCHOR_PATH_MAX_K] + [("gram", *s) for s in SHAPES if s[1] > 1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("N,K,D", SHAPES)
-def test_triton_matches_fp64(device, dtype, N, K, D):
+@pytest.mark.parametrize("forced,N,K,D", PATH_SHAPES)
+def test_triton_matches_fp64(device, dtype, forced, N, K, D, monkeypatch):
+    monkeypatch.setattr(alignment_module, "_FORCE_PATH", forced)
     x, x_ref, anchors = make_inputs(N, K, D, dtype, device, seed=N + K + D)
     upstream = torch.rand(N, device=device) + 0.5  # per-row weights for reduction="none"
 
@@ -93,7 +111,7 @@ def test_reductions_and_gradients(device, backend, reduction):
     torch.testing.assert_close(xo.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_near_identical_rows_keep_gradient_accuracy(device):
+def test_near_identical_rows_keep_gradient_accuracy(device, path):
     # x ≈ x_ref (early unlearning): ∂ℓ/∂s = −(ŝ0 − cŝ)/‖s‖ is a small difference of large terms.
     x, x_ref, anchors = make_inputs(16, 50, 64, torch.float32, device, seed=3, ref_noise=1e-3)
     x64 = x.double().requires_grad_()
@@ -115,7 +133,7 @@ def test_only_x_gets_gradient(device):
     assert x.grad.abs().sum() > 0
 
 
-def test_zero_rows_match_torch(device):
+def test_zero_rows_match_torch(device, path):
     # x row 1 = 0 (F.normalize clamps, gradient 1e12·dx̂); x_ref row 2 = 0 (S_ref row 0: cos = 0).
     x, x_ref, anchors = make_inputs(4, 6, 20, torch.float32, device, seed=5)
     x[1] = 0
@@ -131,7 +149,7 @@ def test_zero_rows_match_torch(device):
         torch.testing.assert_close(xo.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_clamped_cosine_matches_torch(device):
+def test_clamped_cosine_matches_torch(device, path):
     # 0 < ‖s‖ < 1e-8: x almost orthogonal to both anchors, so cosine_similarity's eps clamp is
     # active and s·∂ℓ/∂s ≠ 0 (the x̂ term of the normalisation backward matters).
     anchors = torch.zeros(2, 20, device=device)
@@ -210,9 +228,21 @@ def test_fp64_and_wide_d_dispatch(device):
     torch.testing.assert_close(loss, naive_rows(x, x_ref, anchors).mean())
     with pytest.raises(ValueError, match="float64"):
         structure_alignment_loss(x, x_ref, anchors, backend="triton")
-    wide = torch.randn(2, 1025, device=device)
-    with pytest.raises(ValueError, match="D <= 1024"):
-        structure_alignment_loss(wide, wide, torch.randn(3, 1025, device=device), backend="triton")
+
+
+@pytest.mark.parametrize("K", [3, 300])
+def test_wide_d_on_triton(device, K):
+    # D up to 4096 (and beyond) is tiled over D on both paths: no fallback to the reference.
+    N, D = 3, 4097
+    x, x_ref, anchors = make_inputs(N, K, D, torch.float32, device, seed=K)
+    x64 = x.double().requires_grad_()
+    naive_rows(x64, x_ref.double(), anchors.double()).sum().backward()
+    xo = x.clone().requires_grad_()
+    rows = structure_alignment_loss(xo, x_ref, anchors, reduction="none", backend="triton")
+    rows.sum().backward()
+    torch.testing.assert_close(rows.double(), naive_rows(x.double(), x_ref.double(), anchors.double()),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xo.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
 
 
 @settings(max_examples=8, deadline=None)
@@ -237,12 +267,17 @@ def test_properties(N, K, D, scale, seed):
     torch.testing.assert_close(same, torch.zeros_like(same), rtol=0, atol=1e-6)
 
 
-def test_block_config_fits_gpu_limits():
-    for N, K, D, b in [(1, 1, 1, 4), (128, 1000, 512, 2), (65536, 256, 768, 2), (64, 1000, 1024, 4), (5, 3, 33, 4)]:
-        block_n, block_k, d_pad, _ = _alignment_config(N, K, D, b)
-        assert min(block_n, block_k, d_pad) >= 16  # tl.dot on a GPU
-        assert d_pad >= D and block_n * d_pad <= 16384  # gradient accumulator ≤ 64 KiB of registers
-        assert block_k * d_pad * b <= 65536  # one anchor tile ≤ 64 KiB of shared memory
+def test_block_config_is_dot_shaped():
+    # What fits a card is the preflight's to say (tests/fused/test_preflight.py); here: every tile
+    # dim is a power of two >= 16 (tl.dot on a GPU), and the anchor kernel holds all K anchors.
+    for kind in (0, 1, 2):
+        for K in (1, 10, 100, 128, 1000, 4096):
+            for name, cfg in _alignment_blocks(kind, K, 90).items():
+                for key, v in cfg.items():
+                    if key.startswith(("BLOCK", "K_PAD")):
+                        assert v >= 16 and v & (v - 1) == 0, (name, key, v)
+            if alignment_path(K) == "anchors":
+                assert _alignment_blocks(kind, K, 90)["anchors"]["K_PAD"] >= K
 
 
 X_BAD = torch.randn(4, 8)
