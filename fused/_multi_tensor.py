@@ -1,14 +1,28 @@
 """Multi-tensor launches over a list of tensors (fused.update, fused.importance).
 
-One launch covers every tensor of a group (tensors whose operands share their dtypes), however
-many tensors. A small int64 device table gives, per tensor, the addresses of its operands, its
-numel and its first chunk; the grid is flat over the ``BLOCK``-element chunks of all tensors (no
-idle programs for small tensors), and each program finds its tensor through a chunk → tensor map
-(:func:`program_chunk`). Tables are cached on (addresses, numels), so a steady training loop copies
-nothing to the device.
+One launch covers every tensor of a group (tensors whose operands share their dtypes and whose
+operand addresses are all 16-byte aligned, or not), however many tensors. The grid is flat over the
+``BLOCK``-element chunks of all tensors (no idle programs for small tensors), and each program finds
+its tensor through a chunk → tensor map (:func:`program_chunk`).
+
+Addressing. Each operand slot of a group (ψ, g, ... of every tensor) has one *base* tensor, passed
+as an ordinary pointer argument (the slot's first tensor); a small int64 device table gives, per
+tensor, the *element offset* of each of its operands from the slot's base (may be negative), its
+numel and its first chunk. Why offsets and not raw addresses: a pointer made from an integer loaded
+from memory carries no alignment information, so the compiler emits 32-bit accesses whatever
+``tl.multiple_of`` says about the integer. A pointer *argument* is specialised as 16-byte aligned
+when it is, and in an aligned group every offset is a multiple of VEC = 16 / element size, so
+``base + multiple_of(offset, VEC) + tile`` is provably 16-byte aligned and the full tiles compile to
+128-bit loads and stores (LDG.E.128 / STG.E.128) for every operand dtype. A tensor's last, masked
+tile stays narrow (its bound comes from memory), as does an unaligned group. Byte operands
+(bool / uint8 masks) need 16 elements a thread for a 128-bit access: :func:`tile_config` sizes the
+tile per group accordingly.
+
+Tables are cached on (offsets, numels), so a steady training loop copies nothing to the device.
 
 Host side: :class:`MultiTensorGroups` sorts the operands into groups (and lays out non-dense
-operands), :func:`multi_tensor_chunk_table` builds a group's tables, :func:`check_layout_and_device`
+operands) and gives each group's bases and offsets, :func:`multi_tensor_chunk_table` builds a
+group's tables, :class:`MultiTensorPlan` holds an op's launches, :func:`check_layout_and_device`
 checks lists of operands. Kernel side (``@triton.jit``): :func:`program_chunk`,
 :func:`operand_pointer`, :func:`load_tile`, :func:`store_tile`. Reference side:
 :class:`ScratchRows`, the temporaries of the per-tensor reference loops.
@@ -24,11 +38,27 @@ import torch
 
 from fused._dispatch import HAS_TRITON, compute_dtype
 
-# Elements per program. 2048 fp32 over 8 warps = 8 elements (two 16-byte vectors) per thread and
-# operand: enough bytes in flight per SM for bandwidth, and per-program overhead (one table row,
-# 64 B) is < 0.2 % of the 20 B/element the masked update moves.
+# Elements per program. 2048 elements over 8 warps = 8 elements a thread and operand (two 16-byte
+# vectors in fp32, one in fp16/bf16): enough bytes in flight per SM for bandwidth, and the
+# per-program overhead (one table row, 64 B) is < 0.2 % of the 20 B/element the masked update moves.
+# Groups with a byte operand run 2048 elements over 4 warps: 16 a thread, one 16-byte vector of
+# the byte operand (four of an fp32 one). See tile_config.
 BLOCK = 2048
 NUM_WARPS = 8
+VECTOR_BYTES = 16  # one 128-bit global access
+
+
+def tile_config(element_sizes: Sequence[int], arch: int) -> Tuple[int, int]:
+    """(BLOCK, num_warps) of a multi-tensor launch whose operands have these element sizes.
+
+    Every thread must hold at least one whole 16-byte vector of every operand: 16 // size
+    consecutive elements of the narrowest. Same on every supported arch (80 ... 100): the kernels
+    are bandwidth-bound and the tile fits the registers of all of them (checked by the preflight).
+    """
+    per_thread = max(8, max(VECTOR_BYTES // s for s in element_sizes))
+    num_warps = NUM_WARPS if per_thread <= 8 else max(1, NUM_WARPS * 8 // per_thread)
+    return per_thread * 32 * num_warps, num_warps
+
 
 if HAS_TRITON:
     import triton
@@ -49,7 +79,7 @@ if HAS_TRITON:
         """This program's chunk: (its tensor's table row, element offsets, bounds mask, full tile?).
 
         ``rows`` is the int64 [T, ROW_LEN] table of :func:`multi_tensor_chunk_table` (operand
-        addresses, then numel, then first chunk); ``chunk_tensor`` maps program → tensor.
+        offsets, then numel, then first chunk); ``chunk_tensor`` maps program → tensor.
         """
         pid = tl.program_id(0)
         row = rows + tl.load(chunk_tensor + pid) * ROW_LEN
@@ -61,14 +91,15 @@ if HAS_TRITON:
         return row, offs, offs < numel, start + BLOCK <= numel
 
     @triton.jit
-    def operand_pointer(row, column, T: tl.constexpr, ALIGNED: tl.constexpr):
-        """Address ``row[column]`` as a ``T*``. Addresses come from memory, so the compiler knows
-        nothing of their alignment; ALIGNED (checked on the host) tells it they are 16-byte
-        multiples, which lets it vectorise the loads (128-bit accesses)."""
-        address = tl.load(row + column)
+    def operand_pointer(base, row, column, offs, ALIGNED: tl.constexpr):
+        """Pointers to the tile ``offs`` of the operand whose element offset from ``base`` is
+        ``row[column]``. ALIGNED (checked on the host: base and every operand of the group
+        16-byte aligned) tells the compiler the offset is a multiple of a 16-byte vector, which
+        lets it use 128-bit accesses."""
+        offset = tl.load(row + column)
         if ALIGNED:
-            address = tl.multiple_of(address, 16)
-        return address.to(tl.pointer_type(T))
+            offset = tl.multiple_of(offset, 128 // base.dtype.element_ty.primitive_bitwidth)
+        return base + offset + offs
 
     @triton.jit
     def load_tile(ptr, inb, MASKED: tl.constexpr):
@@ -86,7 +117,7 @@ if HAS_TRITON:
 
 
 def device_guard(device: torch.device):
-    """Launch on ``device`` (its CUDA device; nothing to do on the CPU)."""
+    """Launch on ``device`` (its CUDA device; nothing to do on the CPU or for meta tensors)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -97,34 +128,37 @@ _TABLE_CACHE_SIZE = 64
 
 
 def multi_tensor_chunk_table(
-    addresses: Sequence[int], numels: Sequence[int], device: torch.device, block: int
+    offsets: Sequence[int], numels: Sequence[int], device: torch.device, block: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Device tables for one multi-tensor launch over ``len(numels)`` tensors.
 
-    ``addresses`` holds, tensor after tensor, the same number of operand addresses for each tensor
-    (0 = absent; the kernel must not read it). Returns ``rows``, int64 ``[T, n_operands + 2]`` =
-    (addresses..., numel, first chunk), and ``chunk_tensor``, int64 ``[n_chunks]``: the tensor of
+    ``offsets`` holds, tensor after tensor, the same number of operand element offsets (from the
+    slot's base, see :meth:`MultiTensorGroups.launch_operands`) for each tensor (0 for an absent
+    operand; the kernel must not read it). Returns ``rows``, int64 ``[T, n_operands + 2]`` =
+    (offsets..., numel, first chunk), and ``chunk_tensor``, int64 ``[n_chunks]``: the tensor of
     every program, ``ceil(numel / block)`` programs per tensor.
 
-    A table depends only on addresses and numels, so it is cached on them: a training loop whose
+    A table depends only on offsets and numels, so it is cached on them: a training loop whose
     tensors stay put reuses it with no host-to-device copy, which also makes the step CUDA-graph
-    capturable. (If memory is freed and reused, a hit still describes those same addresses.)
+    capturable. On ``meta`` (the preflight) the tables are meta tensors of the right shapes.
     """
-    key = (device, block, tuple(addresses), tuple(numels))
+    key = (device, block, tuple(offsets), tuple(numels))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
         return hit
-    n_ops = len(addresses) // max(len(numels), 1)
+    n_ops = len(offsets) // max(len(numels), 1)
     rows: List[int] = []
     chunk_tensor: List[int] = []
     for t, numel in enumerate(numels):
-        rows.extend(addresses[t * n_ops : (t + 1) * n_ops])
+        rows.extend(offsets[t * n_ops : (t + 1) * n_ops])
         rows.extend((numel, len(chunk_tensor)))
         chunk_tensor.extend([t] * -(-numel // block))
     host = torch.tensor(rows + chunk_tensor, dtype=torch.int64)
     if device.type == "cuda":  # pinned + non_blocking: no host synchronisation
         host = host.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        host = host.to(device)
     tables = (host[: len(rows)].view(-1, n_ops + 2), host[len(rows) :])
     _TABLE_CACHE[key] = tables
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
@@ -161,36 +195,55 @@ class MultiTensorGroups:
     in one element order. Contiguous operands (the usual case) are used as they are; otherwise the
     first operand, if not dense, and any operand in another order are replaced by copies in a
     common order, and the copies of written operands are copied back by :meth:`write_back`.
+    (So is an operand whose address is not a multiple of its element size, which no offset in
+    elements can reach: only odd hand-made views have one.)
 
-    ``groups`` maps (operand dtypes..., all 16-byte aligned) to (addresses, numels), the arguments
-    of :func:`multi_tensor_chunk_table`.
+    ``groups`` maps (operand dtypes..., all 16-byte aligned) to (operand lists, numels);
+    :meth:`launch_operands` turns a group into kernel bases and table offsets.
     """
 
     def __init__(self, written: Sequence[int]):
         self.written = frozenset(written)
-        self.groups: Dict[tuple, Tuple[List[int], List[int]]] = {}  # key -> (addresses, numels)
+        self.groups: Dict[tuple, Tuple[List[Sequence[Optional[torch.Tensor]]], List[int]]] = {}
         self._keep_alive: List[torch.Tensor] = []  # copies whose addresses are in a table
         self._write_back: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
     def add(self, ops: Sequence[Optional[torch.Tensor]]) -> None:
-        if not all(x is None or x.is_contiguous() for x in ops):
+        if not all(x is None or (x.is_contiguous() and x.data_ptr() % x.element_size() == 0) for x in ops):
             ops = self._in_common_order(ops)
-        addresses = [0 if x is None else x.data_ptr() for x in ops]
         # 16-byte aligned operands let the kernel vectorise (fresh allocations are; views may not be)
-        key = (*(None if x is None else x.dtype for x in ops), not any(a % 16 for a in addresses))
+        aligned = not any(x is not None and x.data_ptr() % 16 for x in ops)
+        key = (*(None if x is None else x.dtype for x in ops), aligned)
         entry = self.groups.get(key)
         if entry is None:
             entry = self.groups[key] = ([], [])
-        entry[0].extend(addresses)
+        entry[0].append(tuple(ops))
         entry[1].append(ops[0].numel())
+
+    def launch_operands(self, key: tuple) -> Tuple[List[torch.Tensor], List[int], List[int]]:
+        """(bases, offsets, numels) of a group: one base tensor per operand slot (the slot's first
+        tensor, bool viewed as uint8; the first operand's for an absent slot, never read), and
+        the element offset of every operand from its slot's base, tensor after tensor."""
+        tensors, numels = self.groups[key]
+        bases: List[torch.Tensor] = []
+        for j in range(len(tensors[0])):
+            base = next((ops[j] for ops in tensors if ops[j] is not None), tensors[0][0])
+            bases.append(base.view(torch.uint8) if base.dtype == torch.bool else base)
+        base_addr = [b.data_ptr() for b in bases]
+        offsets = [
+            0 if x is None else (x.data_ptr() - base_addr[j]) // x.element_size()
+            for ops in tensors
+            for j, x in enumerate(ops)
+        ]
+        return bases, offsets, numels
 
     def _in_common_order(self, ops):
         first = ops[0]
-        if not _is_dense(first):
-            first = self._copy(0, ops[0], ops[0].contiguous())
+        if not _is_dense(first) or first.data_ptr() % first.element_size():
+            first = self._copy(0, ops[0], ops[0].clone(memory_format=torch.contiguous_format))
         out = [first]
         for j, x in enumerate(ops[1:], 1):
-            if x is not None and not _same_element_order(x, first):
+            if x is not None and (not _same_element_order(x, first) or x.data_ptr() % x.element_size()):
                 x = self._copy(j, x, torch.empty_like(first, dtype=x.dtype).copy_(x))
             out.append(x)
         return out
@@ -205,6 +258,22 @@ class MultiTensorGroups:
         """Copy the results in temporary copies back into the caller's tensors."""
         for original, copy in self._write_back:
             original.copy_(copy)
+
+
+class MultiTensorPlan(list):
+    """An op's launches (a ``list`` of :class:`fused._launch.Launch`), plus what the launcher needs
+    after running them: the groups (:meth:`write_back` of temporary copies) and ``partials``
+    (an op's per-program output buffer, or None)."""
+
+    def __init__(self, launches=(), groups: Optional[MultiTensorGroups] = None,
+                 partials: Optional[torch.Tensor] = None):
+        super().__init__(launches)
+        self.groups = groups
+        self.partials = partials
+
+    def write_back(self) -> None:
+        if self.groups is not None:
+            self.groups.write_back()
 
 
 def check_layout_and_device(**lists: Sequence[Optional[torch.Tensor]]) -> torch.device:

@@ -28,48 +28,49 @@ from fused._dispatch import (
     compute_dtype,
     resolve_backend,
 )
+from fused._launch import Launch, device_arch
 from fused._multi_tensor import (
-    BLOCK,
-    NUM_WARPS,
     MultiTensorGroups,
+    MultiTensorPlan,
     ScratchRows,
     check_layout_and_device,
     device_guard,
     multi_tensor_chunk_table,
+    tile_config,
 )
 
-__all__ = ["accumulate_importance", "accumulate_importance_reference"]
+__all__ = ["accumulate_importance", "accumulate_importance_reference", "plan_accumulate_importance", "preflight_launches"]
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from fused._multi_tensor import TL_DTYPES, load_tile, operand_pointer, program_chunk, store_tile
+    from fused._multi_tensor import load_tile, operand_pointer, program_chunk, store_tile
 
     @triton.jit
-    def _accumulate_importance_tile(row, offs, inb, weight, I_T: tl.constexpr, G_T: tl.constexpr,
+    def _accumulate_importance_tile(i_base, g_base, row, offs, inb, weight,
                                     C_T: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-        i_ptr = operand_pointer(row, 0, I_T, ALIGNED) + offs
-        g = load_tile(operand_pointer(row, 1, G_T, ALIGNED) + offs, inb, MASKED).to(C_T)
+        i_ptr = operand_pointer(i_base, row, 0, offs, ALIGNED)
+        g = load_tile(operand_pointer(g_base, row, 1, offs, ALIGNED), inb, MASKED).to(C_T)
         imp = load_tile(i_ptr, inb, MASKED).to(C_T)
-        store_tile(i_ptr, (imp + weight * tl.abs(g)).to(I_T), inb, MASKED)
+        store_tile(i_ptr, (imp + weight * tl.abs(g)).to(i_base.dtype.element_ty), inb, MASKED)
 
     @triton.jit
     def _accumulate_importance_kernel(
-        rows,  # int64 [T, 4]: address of I, address of g, numel, first chunk
+        i_base,  # the group's first importance tensor (the element type)
+        g_base,  # the group's first gradient
+        rows,  # int64 [T, 4]: element offsets of I and g from their bases, numel, first chunk
         chunk_tensor,  # int64 [n_chunks]: the tensor each program works on
         weight,
-        I_T: tl.constexpr,
-        G_T: tl.constexpr,
         C_T: tl.constexpr,
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row, offs, inb, full = program_chunk(rows, chunk_tensor, 4, BLOCK)
         if full:  # only a tensor's last tile needs the bounds mask (see program_chunk)
-            _accumulate_importance_tile(row, offs, inb, weight, I_T, G_T, C_T, ALIGNED, False)
+            _accumulate_importance_tile(i_base, g_base, row, offs, inb, weight, C_T, ALIGNED, False)
         else:
-            _accumulate_importance_tile(row, offs, inb, weight, I_T, G_T, C_T, ALIGNED, True)
+            _accumulate_importance_tile(i_base, g_base, row, offs, inb, weight, C_T, ALIGNED, True)
 
 
 def accumulate_importance_reference(
@@ -88,33 +89,63 @@ def accumulate_importance_reference(
             imp.copy_(acc)
 
 
+def plan_accumulate_importance(
+    importance: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]], weight: float, arch: int
+) -> MultiTensorPlan:
+    """The launches (real or ``meta`` tensors): one ``importance.accumulate`` launch per
+    (importance dtype, gradient dtype, 16-byte aligned) group; the returned list also carries the
+    groups' :meth:`~fused._multi_tensor.MultiTensorPlan.write_back`."""
+    device = importance[0].device
+    groups = MultiTensorGroups(written=(0,))  # operands: I, g
+    for imp, g in zip(importance, grads):
+        if g is not None:
+            groups.add((imp, g))
+    plan = MultiTensorPlan(groups=groups)
+    for key in groups.groups:
+        i_dt, g_dt, aligned = key
+        bases, offsets, numels = groups.launch_operands(key)
+        block, num_warps = tile_config([b.element_size() for b in bases], arch)
+        rows, chunk_tensor = multi_tensor_chunk_table(offsets, numels, device, block)
+        if chunk_tensor.numel() == 0:
+            continue
+        plan.append(Launch(
+            name="importance.accumulate",
+            kernel=_accumulate_importance_kernel,
+            grid=(chunk_tensor.numel(),),
+            args=(*bases, rows, chunk_tensor, weight),
+            constexprs=dict(C_T=tl.float64 if i_dt == torch.float64 else tl.float32, ALIGNED=aligned, BLOCK=block),
+            num_warps=num_warps,
+            config=dict(dtypes=f"{str(i_dt).replace('torch.', '')}/{str(g_dt).replace('torch.', '')}",
+                        BLOCK=block, aligned=aligned, tensors=rows.shape[0]),
+            kind="bandwidth",
+        ))
+    return plan
+
+
 @torch.library.custom_op("fused::accumulate_importance", mutates_args=("importance",))
 def _accumulate_importance_triton(
     importance: List[torch.Tensor], grads: List[Optional[torch.Tensor]], weight: float
 ) -> None:
     """One kernel launch per (importance dtype, gradient dtype) group."""
     device = importance[0].device
-    groups = MultiTensorGroups(written=(0,))  # operands: I, g
-    for imp, g in zip(importance, grads):
-        if g is not None:
-            groups.add((imp, g))
+    plan = plan_accumulate_importance(importance, grads, weight, device_arch(device))
     with device_guard(device):
-        for (i_dt, g_dt, aligned), (addresses, numels) in groups.groups.items():
-            rows, chunk_tensor = multi_tensor_chunk_table(addresses, numels, device, BLOCK)
-            if chunk_tensor.numel() == 0:
-                continue
-            _accumulate_importance_kernel[(chunk_tensor.numel(),)](
-                rows,
-                chunk_tensor,
-                weight,
-                I_T=TL_DTYPES[i_dt],
-                G_T=TL_DTYPES[g_dt],
-                C_T=tl.float64 if i_dt == torch.float64 else tl.float32,
-                ALIGNED=aligned,
-                BLOCK=BLOCK,
-                num_warps=NUM_WARPS,
-            )
-    groups.write_back()
+        for launch in plan:
+            launch.run()
+    plan.write_back()
+
+
+def preflight_launches(spec: dict, arch: int) -> List[Launch]:
+    """The launches for a shape ``spec``, on ``meta`` tensors (for the preflight).
+
+    Keys (defaults in brackets): ``params`` list of shapes [[(4096,)]]; ``dtype`` of the importance
+    [fp32]; ``grad_dtype`` [dtype]; ``weight`` [0.5].
+    """
+    dtype = spec.get("dtype", torch.float32)
+    shapes = [tuple(s) for s in spec.get("params", [(4096,)])]
+    imp = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
+    grads = [torch.empty(s, dtype=spec.get("grad_dtype", dtype), device="meta") for s in shapes]
+    return list(plan_accumulate_importance(imp, grads, float(spec.get("weight", 0.5)), arch))
 
 
 @_accumulate_importance_triton.register_fake

@@ -44,17 +44,18 @@ from fused._dispatch import (
     compute_dtype,
     resolve_backend,
 )
+from fused._launch import Launch, device_arch
 from fused._multi_tensor import (
-    BLOCK,
-    NUM_WARPS,
     MultiTensorGroups,
+    MultiTensorPlan,
     ScratchRows,
     check_layout_and_device,
     device_guard,
     multi_tensor_chunk_table,
+    tile_config,
 )
 
-__all__ = ["masked_regularized_sgd_step", "masked_regularized_sgd_step_reference"]
+__all__ = ["masked_regularized_sgd_step", "masked_regularized_sgd_step_reference", "plan_masked_sgd", "preflight_launches"]
 
 BINARY_DTYPES = (torch.bool, torch.uint8)
 
@@ -62,33 +63,33 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from fused._multi_tensor import TL_DTYPES, load_tile, operand_pointer, program_chunk, store_tile
+    from fused._multi_tensor import load_tile, operand_pointer, program_chunk, store_tile
 
     @triton.jit
     def _masked_sgd_tile(
+        p_base, g_base, r_base, i_base, m_base, b_base,
         row, offs, inb, lr, lam, momentum, weight_decay,
-        P_T: tl.constexpr, G_T: tl.constexpr, R_T: tl.constexpr, I_T: tl.constexpr,
-        M_T: tl.constexpr, B_T: tl.constexpr, C_T: tl.constexpr,
+        C_T: tl.constexpr,
         HAS_GRAD: tl.constexpr, HAS_IMP: tl.constexpr, BINARY_IMP: tl.constexpr,
         HAS_MASK: tl.constexpr, BINARY_MASK: tl.constexpr, HAS_DECAY: tl.constexpr,
         HAS_MOMENTUM: tl.constexpr, PROXIMAL: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
     ):
         """The step on one tile of one tensor; returns the tile's ½ΣI(ψ−ψ0)² (fp32)."""
-        p_ptr = operand_pointer(row, 0, P_T, ALIGNED) + offs
+        p_ptr = operand_pointer(p_base, row, 0, offs, ALIGNED)
         p = load_tile(p_ptr, inb, MASKED).to(C_T)
         sr = tl.full([], 0.0, tl.float32)
         if HAS_IMP:
-            ref = load_tile(operand_pointer(row, 2, R_T, ALIGNED) + offs, inb, MASKED).to(C_T)
-            imp = load_tile(operand_pointer(row, 3, I_T, ALIGNED) + offs, inb, MASKED)
+            ref = load_tile(operand_pointer(r_base, row, 2, offs, ALIGNED), inb, MASKED).to(C_T)
+            imp = load_tile(operand_pointer(i_base, row, 3, offs, ALIGNED), inb, MASKED)
             if BINARY_IMP:
                 imp = imp != 0  # bool / uint8 mask: I = 1 where nonzero
             imp = imp.to(C_T)
             diff = p - ref
             sr = tl.sum(0.5 * imp * diff * diff).to(tl.float32)
         if HAS_GRAD:
-            u = load_tile(operand_pointer(row, 1, G_T, ALIGNED) + offs, inb, MASKED).to(C_T)
+            u = load_tile(operand_pointer(g_base, row, 1, offs, ALIGNED), inb, MASKED).to(C_T)
             if HAS_MASK:
-                m = load_tile(operand_pointer(row, 4, M_T, ALIGNED) + offs, inb, MASKED)
+                m = load_tile(operand_pointer(m_base, row, 4, offs, ALIGNED), inb, MASKED)
                 if BINARY_MASK:
                     m = m != 0
                 u = u * m.to(C_T)
@@ -98,32 +99,27 @@ if HAS_TRITON:
                 if not PROXIMAL:
                     u = u + lam * imp * diff  # explicit: gradient of ½λΣI(ψ−ψ0)²
             if HAS_MOMENTUM:
-                b_ptr = operand_pointer(row, 5, B_T, ALIGNED) + offs
+                b_ptr = operand_pointer(b_base, row, 5, offs, ALIGNED)
                 u = momentum * load_tile(b_ptr, inb, MASKED).to(C_T) + u
-                store_tile(b_ptr, u.to(B_T), inb, MASKED)
+                store_tile(b_ptr, u.to(b_base.dtype.element_ty), inb, MASKED)
             new = p - lr * u
             if HAS_IMP:
                 if PROXIMAL:
                     a = (lr * lam) * imp  # implicit: ψ = (ψ − lr·u + a·ψ0)/(1 + a)
                     new = (new + a * ref) / (1.0 + a)
-            store_tile(p_ptr, new.to(P_T), inb, MASKED)
+            store_tile(p_ptr, new.to(p_base.dtype.element_ty), inb, MASKED)
         return sr
 
     @triton.jit
     def _masked_sgd_kernel(
-        rows,  # int64 [T, 8]: addresses of ψ, g, ψ0, I, m, b; numel; first chunk
+        p_base, g_base, r_base, i_base, m_base, b_base,  # one base tensor per operand (element types)
+        rows,  # int64 [T, 8]: element offsets of ψ, g, ψ0, I, m, b from their bases; numel; first chunk
         chunk_tensor,  # int64 [n_chunks]: the tensor each program works on
         partials,  # fp32 [n_chunks]: ½ΣI(ψ−ψ0)² of each program's chunk
         lr,
         lam,
         momentum,
         weight_decay,
-        P_T: tl.constexpr,
-        G_T: tl.constexpr,
-        R_T: tl.constexpr,
-        I_T: tl.constexpr,
-        M_T: tl.constexpr,
-        B_T: tl.constexpr,
         C_T: tl.constexpr,  # compute dtype: fp32 (fp64 for fp64 parameters)
         HAS_GRAD: tl.constexpr,
         HAS_IMP: tl.constexpr,
@@ -139,13 +135,15 @@ if HAS_TRITON:
         row, offs, inb, full = program_chunk(rows, chunk_tensor, 8, BLOCK)
         if full:  # only a tensor's last tile needs the bounds mask (see program_chunk)
             sr = _masked_sgd_tile(
-                row, offs, inb, lr, lam, momentum, weight_decay, P_T, G_T, R_T, I_T, M_T, B_T, C_T,
+                p_base, g_base, r_base, i_base, m_base, b_base,
+                row, offs, inb, lr, lam, momentum, weight_decay, C_T,
                 HAS_GRAD, HAS_IMP, BINARY_IMP, HAS_MASK, BINARY_MASK, HAS_DECAY, HAS_MOMENTUM,
                 PROXIMAL, ALIGNED, False,
             )
         else:
             sr = _masked_sgd_tile(
-                row, offs, inb, lr, lam, momentum, weight_decay, P_T, G_T, R_T, I_T, M_T, B_T, C_T,
+                p_base, g_base, r_base, i_base, m_base, b_base,
+                row, offs, inb, lr, lam, momentum, weight_decay, C_T,
                 HAS_GRAD, HAS_IMP, BINARY_IMP, HAS_MASK, BINARY_MASK, HAS_DECAY, HAS_MOMENTUM,
                 PROXIMAL, ALIGNED, True,
             )
@@ -230,9 +228,78 @@ def masked_regularized_sgd_step_reference(
 # ----------------------------------------------------------------------------- Triton path
 
 
-def _tl_dtype(param_dtype: torch.dtype, dtype: Optional[torch.dtype]):
-    """Triton element type of an operand; an absent operand (never read) takes the param's."""
-    return TL_DTYPES[dtype if dtype is not None else param_dtype]
+def plan_masked_sgd(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[Optional[torch.Tensor]],
+    ref_params: Sequence[Optional[torch.Tensor]],
+    importance: Sequence[Optional[torch.Tensor]],
+    momentum_buffers: Sequence[torch.Tensor],
+    grad_masks: Sequence[Optional[torch.Tensor]],
+    lr: float,
+    lam: float,
+    momentum: float,
+    weight_decay: float,
+    proximal: bool,
+    arch: int,
+) -> MultiTensorPlan:
+    """The launches of one step (real or ``meta`` tensors): one ``update.masked_sgd`` launch per
+    group of tensors sharing their operand dtypes (and 16-byte alignment). The returned list also
+    holds the fp32 ``partials`` buffer (one ½ΣI(ψ−ψ0)² per program of every launch, summed by the
+    caller) and the groups' :meth:`~MultiTensorPlan.write_back`."""
+    device = params[0].device
+    has_momentum = momentum != 0
+    groups = MultiTensorGroups(written=(0, 5))  # operands: ψ, g, ψ0, I, m, b
+    for i, p in enumerate(params):
+        g, imp = grads[i], importance[i]
+        if g is None:
+            if imp is not None:  # not updated, but its SR term counts
+                groups.add((p, None, ref_params[i], imp, None, None))
+        else:
+            groups.add((
+                p, g, ref_params[i] if imp is not None else None, imp, grad_masks[i],
+                momentum_buffers[i] if has_momentum else None,
+            ))
+
+    prepared = []
+    for key in groups.groups:
+        bases, offsets, numels = groups.launch_operands(key)
+        block, num_warps = tile_config([b.element_size() for b, dt in zip(bases, key) if dt is not None], arch)
+        rows, chunk_tensor = multi_tensor_chunk_table(offsets, numels, device, block)
+        if chunk_tensor.numel():
+            prepared.append((key, bases, rows, chunk_tensor, block, num_warps))
+    # One fp32 partial SR sum per program of every launch, summed by torch at the end.
+    partials = torch.empty(sum(ct.numel() for *_, ct, _, _ in prepared), dtype=torch.float32, device=device)
+    plan = MultiTensorPlan(groups=groups, partials=partials)
+    offset = 0
+    for key, bases, rows, chunk_tensor, block, num_warps in prepared:
+        n_chunks = chunk_tensor.numel()
+        p_dt, g_dt, r_dt, i_dt, m_dt, b_dt, aligned = key
+        flags = dict(
+            HAS_GRAD=g_dt is not None,
+            HAS_IMP=i_dt is not None,
+            BINARY_IMP=i_dt in BINARY_DTYPES,
+            HAS_MASK=m_dt is not None,
+            BINARY_MASK=m_dt in BINARY_DTYPES,
+            HAS_DECAY=weight_decay != 0,
+            HAS_MOMENTUM=b_dt is not None,
+            PROXIMAL=bool(proximal),
+            ALIGNED=aligned,
+        )
+        plan.append(Launch(
+            name="update.masked_sgd",
+            kernel=_masked_sgd_kernel,
+            grid=(n_chunks,),
+            args=(*bases, rows, chunk_tensor, partials[offset : offset + n_chunks], lr, lam, momentum, weight_decay),
+            constexprs=dict(C_T=tl.float64 if p_dt == torch.float64 else tl.float32, **flags, BLOCK=block),
+            num_warps=num_warps,
+            config=dict(
+                dtypes="/".join("-" if d is None else str(d).replace("torch.", "") for d in key[:-1]),
+                BLOCK=block, aligned=aligned, tensors=rows.shape[0],
+            ),
+            kind="bandwidth",
+        ))
+        offset += n_chunks
+    return plan
 
 
 @torch.library.custom_op("fused::masked_regularized_sgd_step", mutates_args=("params", "momentum_buffers"))
@@ -254,59 +321,47 @@ def _masked_regularized_sgd_step_triton(
     ``momentum_buffers`` is empty when ``momentum == 0``; other lists have one entry per param.
     """
     device = params[0].device
-    has_momentum = momentum != 0
-    groups = MultiTensorGroups(written=(0, 5))  # operands: ψ, g, ψ0, I, m, b
-    for i, p in enumerate(params):
-        g, imp = grads[i], importance[i]
-        if g is None:
-            if imp is not None:  # not updated, but its SR term counts
-                groups.add((p, None, ref_params[i], imp, None, None))
-        else:
-            groups.add((
-                p, g, ref_params[i] if imp is not None else None, imp, grad_masks[i],
-                momentum_buffers[i] if has_momentum else None,
-            ))
-
-    # One fp32 partial SR sum per program of every launch, summed by torch at the end.
-    tables = [multi_tensor_chunk_table(a, n, device, BLOCK) for a, n in groups.groups.values()]
-    partials = torch.empty(sum(ct.numel() for _, ct in tables), dtype=torch.float32, device=device)
-    offset = 0
+    plan = plan_masked_sgd(params, grads, ref_params, importance, momentum_buffers, grad_masks,
+                           lr, lam, momentum, weight_decay, proximal, device_arch(device))
     with device_guard(device):
-        for key, (rows, chunk_tensor) in zip(groups.groups, tables):
-            n_chunks = chunk_tensor.numel()
-            if n_chunks == 0:
-                continue
-            p_dt, g_dt, r_dt, i_dt, m_dt, b_dt, aligned = key
-            _masked_sgd_kernel[(n_chunks,)](
-                rows,
-                chunk_tensor,
-                partials[offset : offset + n_chunks],
-                lr,
-                lam,
-                momentum,
-                weight_decay,
-                P_T=TL_DTYPES[p_dt],
-                G_T=_tl_dtype(p_dt, g_dt),
-                R_T=_tl_dtype(p_dt, r_dt),
-                I_T=_tl_dtype(p_dt, i_dt),
-                M_T=_tl_dtype(p_dt, m_dt),
-                B_T=_tl_dtype(p_dt, b_dt),
-                C_T=tl.float64 if p_dt == torch.float64 else tl.float32,
-                HAS_GRAD=g_dt is not None,
-                HAS_IMP=i_dt is not None,
-                BINARY_IMP=i_dt in BINARY_DTYPES,
-                HAS_MASK=m_dt is not None,
-                BINARY_MASK=m_dt in BINARY_DTYPES,
-                HAS_DECAY=weight_decay != 0,
-                HAS_MOMENTUM=b_dt is not None,
-                PROXIMAL=bool(proximal),
-                ALIGNED=aligned,
-                BLOCK=BLOCK,
-                num_warps=NUM_WARPS,
-            )
-            offset += n_chunks
-    groups.write_back()
-    return partials.sum()
+        for launch in plan:
+            launch.run()
+    plan.write_back()
+    return plan.partials.sum()
+
+
+def preflight_launches(spec: dict, arch: int) -> List[Launch]:
+    """The launches of one step for a shape ``spec``, on ``meta`` tensors (for the preflight).
+
+    Keys (defaults in brackets): ``params`` list of shapes [[(4096,)]]; ``dtype`` of the params
+    [fp32]; ``grad_dtype`` [dtype]; ``ref_dtype`` of ψ0 [dtype]; ``importance`` "none" | "float" |
+    "bool" | "uint8" ["float"]; ``importance_dtype`` of a float importance [dtype]; ``mask`` of
+    the gradient "none" | "float" | "bool" | "uint8" ["none"]; ``mask_dtype`` of a float mask
+    [dtype]; ``momentum`` [0.0]; ``momentum_dtype`` of the buffers [dtype]; ``proximal`` [False];
+    ``weight_decay`` [0.0]; ``lr`` [0.1]; ``lam`` [1.0].
+    """
+    dtype = spec.get("dtype", torch.float32)
+    shapes = [tuple(s) for s in spec.get("params", [(4096,)])]
+
+    def meta(kind_dtype):
+        return [torch.empty(s, dtype=kind_dtype, device="meta") for s in shapes]
+
+    def optional(kind, float_dtype):
+        if kind == "none":
+            return [None] * len(shapes)
+        return meta({"float": float_dtype, "bool": torch.bool, "uint8": torch.uint8}[kind])
+
+    momentum = float(spec.get("momentum", 0.0))
+    importance = optional(spec.get("importance", "float"), spec.get("importance_dtype", dtype))
+    return list(plan_masked_sgd(
+        meta(dtype), meta(spec.get("grad_dtype", dtype)),
+        meta(spec.get("ref_dtype", dtype)) if importance[0] is not None else [None] * len(shapes),
+        importance,
+        meta(spec.get("momentum_dtype", dtype)) if momentum != 0 else [],
+        optional(spec.get("mask", "none"), spec.get("mask_dtype", dtype)),
+        float(spec.get("lr", 0.1)), float(spec.get("lam", 1.0)), momentum,
+        float(spec.get("weight_decay", 0.0)), bool(spec.get("proximal", False)), arch,
+    ))
 
 
 @_masked_regularized_sgd_step_triton.register_fake
