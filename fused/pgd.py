@@ -32,12 +32,12 @@ from fused._dispatch import (
     check_same_device,
     check_tensor,
     compute_dtype,
-    launcher,
     resolve_backend,
     triton_library_op,
 )
+from fused._launch import Launch, device_arch
 
-__all__ = ["l2_pgd_step", "l2_pgd_step_reference"]
+__all__ = ["l2_pgd_step", "l2_pgd_step_reference", "plan_pgd_step", "preflight_launches"]
 
 # ‖g‖ is clamped from below so a zero gradient gives a zero step instead of 0/0 = NaN.
 GRAD_NORM_FLOOR = 1e-12
@@ -157,12 +157,37 @@ if HAS_TRITON:
                 tl.store(out_ptr + base + start + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _launch_config(D: int) -> Tuple[bool, int, int]:
-    """(single block?, BLOCK, num_warps) for a sample of D values."""
+def _launch_config(D: int, arch: int = 90) -> Tuple[bool, int, int]:
+    """(single block?, BLOCK, num_warps) for a sample of D values (the same on every arch 80-100:
+    the single-block tile of 8192 holds 96 fp32 registers a thread, the loop tile 2048 over 4
+    warps 48; both fit without spills, checked by the preflight)."""
     if D <= _MAX_SINGLE_BLOCK:
         block = max(triton.next_power_of_2(D), 128)
         return True, block, max(1, min(8, block // 512))
     return False, _LOOP_BLOCK, 4
+
+
+def plan_pgd_step(x, x_orig, grad, out, eps_per_sample, step_size, eps, direction, lo, hi, use_clamp,
+                  arch: int) -> list:
+    """The launches of one step (real or ``meta`` tensors, all sample-major dense with one
+    layout): one ``pgd.step`` program per sample. ``[]`` for an empty batch."""
+    B = x.shape[0]
+    if x.numel() == 0:
+        return []
+    D = x.numel() // B
+    single, block, num_warps = _launch_config(D, arch)
+    per_sample = eps_per_sample is not None
+    return [Launch(
+        name="pgd.step",
+        kernel=_l2_pgd_step_kernel,
+        grid=(B,),
+        args=(x, x_orig, grad, out, eps_per_sample if per_sample else x, D, step_size, eps, lo, hi),
+        constexprs=dict(DIRECTION=direction, PER_SAMPLE_EPS=per_sample, CLAMP=use_clamp,
+                        SINGLE_BLOCK=single, BLOCK=block),
+        num_warps=num_warps,
+        config=dict(D=D, BLOCK=block, single_block=single, per_sample_eps=per_sample, clamp=use_clamp),
+        kind="bandwidth",
+    )]
 
 
 @triton_library_op("fused::l2_pgd_step", mutates_args=("out",))
@@ -180,22 +205,29 @@ def _l2_pgd_step_triton(
     use_clamp: bool,
 ) -> None:
     """Triton path. All tensors are sample-major dense with identical strides (see _layout)."""
-    B = x.shape[0]
-    if x.numel() == 0:
-        return
-    D = x.numel() // B
-    single, block, num_warps = _launch_config(D)
-    per_sample = eps_per_sample is not None
-    launcher(_l2_pgd_step_kernel)[(B,)](
-        x, x_orig, grad, out, eps_per_sample if per_sample else x,
-        D,
-        step_size, eps, lo, hi,
-        DIRECTION=direction,
-        PER_SAMPLE_EPS=per_sample,
-        CLAMP=use_clamp,
-        SINGLE_BLOCK=single,
-        BLOCK=block,
-        num_warps=num_warps,
+    for launch in plan_pgd_step(x, x_orig, grad, out, eps_per_sample, step_size, eps, direction, lo, hi,
+                                use_clamp, device_arch(x.device)):
+        launch.run(wrap=True)
+
+
+def preflight_launches(spec: dict, arch: int) -> list:
+    """The launches of one step for a shape ``spec``, on ``meta`` tensors (for the preflight).
+
+    Keys (defaults in brackets): ``B`` samples [128]; ``D`` values per sample [3072]; ``dtype``
+    of x, x0 and out [fp32]; ``grad_dtype`` [dtype]; ``per_sample_eps`` a [B] fp32 radius tensor
+    [False]; ``clamp`` [True]; ``targeted`` [True].
+    """
+    B, D = int(spec.get("B", 128)), int(spec.get("D", 3072))
+    dtype = spec.get("dtype", torch.float32)
+
+    def meta(dt):
+        return torch.empty((B, D), dtype=dt, device="meta")
+
+    eps_t = torch.empty(B, dtype=torch.float32, device="meta") if spec.get("per_sample_eps", False) else None
+    return plan_pgd_step(
+        meta(dtype), meta(dtype), meta(spec.get("grad_dtype", dtype)), meta(dtype), eps_t,
+        0.1, 0.0 if eps_t is not None else 1.0, -1.0 if spec.get("targeted", True) else 1.0,
+        0.0, 1.0, bool(spec.get("clamp", True)), arch,
     )
 
 
