@@ -103,3 +103,42 @@ def test_opcheck_registered_op(device):
 def test_bad_input(args, exc, match):
     with pytest.raises(exc, match=match):
         accumulate_importance(*args)
+
+
+# ----------------------------------------------------------------------------- addressing (issue 9)
+
+
+def test_negative_offsets_mixed_alignment_and_ragged_numels(device):
+    # importance slices of one pool, the first at its far end (the others at negative offsets from
+    # it, up to ~1M elements), plus an unaligned view (narrow group) and ragged numels.
+    n = 1_000_000
+    pool = torch.rand(n + 8192, device=device)
+    before = pool.clone()
+    slots = [(n, 4099), (0, 2049), (4096, 13), (2056, 4 * 7 + 1)]
+    imp = [pool[s : s + m] for s, m in slots] + [torch.rand(2051, device=device)[3:]]
+    assert imp[-1].data_ptr() % 16 == 12
+    grads = [torch.randn(i.shape, device=device) for i in imp]
+    grads[2] = grads[2].half()  # a second (fp32, fp16) group
+    plan = importance_mod.plan_accumulate_importance(imp, grads, 0.25, 90)
+    groups = {(launch.args[1].dtype, launch.constexprs["ALIGNED"]) for launch in plan}
+    assert groups == {(torch.float32, True), (torch.float16, True), (torch.float32, False)}
+    aligned32 = next(l for l in plan if l.constexprs["ALIGNED"] and l.args[1].dtype == torch.float32)
+    assert aligned32.args[2][:, 0].cpu().tolist() == [0, -n, 2056 - n]
+    expected = [i.double() + 0.25 * g.double().abs() for i, g in zip(imp, grads)]
+    accumulate_importance(imp, grads, 0.25)
+    assert max_err(imp, expected) < 1e-6
+    written = torch.zeros(n + 8192, dtype=torch.bool, device=device)
+    for s, m in slots:
+        written[s : s + m] = True
+    assert torch.equal(pool[~written], before[~written])
+
+
+def test_preflight_launches_from_a_spec():
+    (launch,) = importance_mod.preflight_launches(dict(params=[(4096,), (7, 3)], dtype=torch.bfloat16,
+                                                       grad_dtype=torch.float32), 86)
+    assert launch.name == "importance.accumulate" and launch.kind == "bandwidth"
+    assert [t.dtype for t in launch.args[:2]] == [torch.bfloat16, torch.float32]
+    assert all(t.device.type == "meta" for t in launch.args if isinstance(t, torch.Tensor))
+    assert launch.grid == (3,) and launch.constexprs["ALIGNED"]
+    (default,) = importance_mod.preflight_launches({}, 90)
+    assert default.args[0].dtype == default.args[1].dtype == torch.float32

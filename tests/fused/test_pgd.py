@@ -214,3 +214,18 @@ def test_device_mismatch():
         l2_pgd_step(x, x.to("meta"), x, step_size=0.1, eps=1.0)
     with pytest.raises(ValueError, match="eps is on meta"):
         l2_pgd_step(x, x, x, step_size=0.1, eps=torch.ones(3, device="meta"))
+
+
+def test_preflight_launches_from_a_spec():
+    import fused.pgd as pgd
+
+    (launch,) = pgd.preflight_launches(dict(B=4, D=3072, dtype=torch.bfloat16, grad_dtype=torch.float32,
+                                            per_sample_eps=True, clamp=False), 89)
+    assert launch.name == "pgd.step" and launch.kind == "bandwidth" and launch.grid == (4,)
+    assert [t.dtype for t in launch.args[:3]] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    assert launch.args[4].shape == (4,) and launch.args[4].device.type == "meta"
+    c = launch.constexprs
+    assert c["SINGLE_BLOCK"] and c["BLOCK"] == 4096 and c["PER_SAMPLE_EPS"] and not c["CLAMP"]
+    (loop,) = pgd.preflight_launches(dict(D=3 * 224 * 224), 90)
+    assert not loop.constexprs["SINGLE_BLOCK"] and loop.grid == (128,)
+    assert pgd.preflight_launches(dict(B=0), 90) == []

@@ -367,3 +367,125 @@ def test_torch_compile_keeps_the_in_place_update(device):
         sr_ref = run("reference", ref, lr=0.1, momentum=0.9)
     assert max_err(case[0], ref[0]) < 1e-6 and max_err(case[5], ref[5]) < 1e-6
     assert sr.item() == pytest.approx(sr_ref.item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- addressing (issue 9)
+# The kernel addresses every operand as base + element offset (fused._multi_tensor): the slot's
+# first tensor is the base, so the other tensors' offsets may be negative or large; unaligned
+# operands go to a narrow group of their own.
+
+
+def _plan(params, grads, refs, imp, masks=None, bufs=None, momentum=0.0):
+    n = len(params)
+    return update.plan_masked_sgd(
+        params, grads, refs, imp, bufs or [], masks or [None] * n, 0.1, 1.0, momentum, 0.0, False, 90
+    )
+
+
+def test_negative_and_large_offsets_from_the_base(device):
+    # One allocation per operand; the first param sits at its far end, so the others lie below the
+    # base (negative offsets), one of them ~3M elements (12 MB) away.
+    n = 3_000_000
+    pool = {k: torch.zeros(n + 4096, device=device) for k in "pgri"}
+    for k, v in pool.items():
+        v.normal_(generator=torch.Generator(device=device).manual_seed(ord(k))) if k != "i" else v.uniform_()
+    slots = [(n, 4096), (0, 2049), (4096, 300)]  # (start, numel): starts 16-byte aligned
+    params, grads, refs, imp = ([pool[k][s : s + m] for s, m in slots] for k in "pgri")
+    before = pool["p"].clone()
+    plan = _plan(params, grads, refs, imp)
+    assert len(plan) == 1 and plan[0].constexprs["ALIGNED"]
+    rows = plan[0].args[6].cpu()
+    assert rows[:, 0].tolist() == [0, -n, 4096 - n]  # ψ offsets from the first ψ
+    case = (params, grads, refs, imp, None, None)
+    ref = tuple(clone(x) for x in case)
+    exp_p, _, exp_sr = expected_fp64(*case, lr=0.1, lam=1.0, momentum=0, wd=0.0, proximal=False)
+    sr = run("triton", case, lr=0.1)
+    run("reference", ref, lr=0.1)
+    assert max_err(params, ref[0]) < 1e-6
+    assert max_err(params, exp_p) < 1e-5
+    assert sr.item() == pytest.approx(exp_sr, rel=1e-5)
+    written = torch.zeros(n + 4096, dtype=torch.bool, device=device)
+    for s, m in slots:
+        written[s : s + m] = True
+    assert torch.equal(pool["p"][~written], before[~written])  # nothing outside the tensors is touched
+
+
+def test_mixed_alignment_list_goes_to_two_groups(device):
+    gen = torch.Generator().manual_seed(11)
+    full = torch.randn(4100, generator=gen).to(device)
+    params = [torch.randn(2049, generator=gen).to(device), full[1:4097], torch.randn(13, generator=gen).to(device)]
+    assert params[1].data_ptr() % 16 == 4  # a view 4 bytes into its allocation
+    grads = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+    refs = [p + 0.1 for p in params]
+    imp = [torch.rand(p.shape, generator=gen).to(device) for p in params]
+    masks = [torch.rand(p.shape, generator=gen).to(device) > 0.5 for p in params]
+    plan = _plan(params, grads, refs, imp, masks)
+    assert sorted(launch.constexprs["ALIGNED"] for launch in plan) == [False, True]
+    case = (params, grads, refs, imp, masks, None)
+    ref = tuple(clone(x) for x in case)
+    before = full.clone()
+    run("triton", case, lr=0.1, lam=0.5)
+    run("reference", ref, lr=0.1, lam=0.5)
+    assert max_err(params, ref[0]) < 1e-6
+    assert full[0] == before[0] and torch.equal(full[4097:], before[4097:])  # outside the view
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "uint8"])
+@pytest.mark.parametrize("imp_kind", ["bool", "uint8", "float"])
+def test_byte_operands_and_ragged_numels(device, imp_kind, mask_kind):
+    # numels that are neither multiples of BLOCK nor of a 16-byte vector (4 fp32 / 16 bytes)
+    shapes = [(2049,), (4097,), (13,), (16 * 3 + 1,), (5, 3), (2048,)]
+    case = make_case(shapes, torch.float32, imp_kind, mask_kind, seed=12, device=device)
+    plan = _plan(*case[:4], case[4])
+    assert len(plan) == 1
+    block, warps = plan[0].constexprs["BLOCK"], plan[0].num_warps
+    assert block // (32 * warps) == 16  # a byte operand: 16 elements (one 16-byte vector) a thread
+    kw = dict(lr=0.1, lam=0.7, momentum=0.9, weight_decay=0.01)
+    ref = tuple(clone(x) for x in case)
+    exp_p, exp_b, exp_sr = expected_fp64(*case, lr=0.1, lam=0.7, momentum=0.9, wd=0.01, proximal=False)
+    sr = run("triton", case, **kw)
+    run("reference", ref, **kw)
+    assert max_err(case[0], ref[0]) < 1e-6
+    assert max_err(case[5], ref[5]) < 1e-6
+    assert max_err(case[0], exp_p) < 1e-5
+    assert sr.item() == pytest.approx(exp_sr, rel=1e-5)
+
+
+def test_fp16_byte_group_ragged(device):
+    case = make_case([(4099,), (7,), (8 * 5 + 3,)], torch.float16, "uint8", "bool", seed=13, device=device)
+    ref = tuple(clone(x) for x in case)
+    exp_p, _, _ = expected_fp64(*case, lr=0.1, lam=1.0, momentum=0, wd=0.0, proximal=True)
+    run("triton", case, lr=0.1, proximal=True)
+    run("reference", ref, lr=0.1, proximal=True)
+    assert max_err(case[0], exp_p) <= max_err(ref[0], exp_p) + TOL[torch.float16]
+
+
+def test_steady_loop_reuses_tables(device):
+    case = make_case(SHAPES, torch.float32, "float", "bool", seed=14, device=device)
+    first = _plan(*case[:4], case[4])
+    again = _plan(*case[:4], case[4])
+    assert [launch.args[6] for launch in first] == [launch.args[6] for launch in again]  # same table objects
+    assert all(a.args[6] is b.args[6] and a.args[7] is b.args[7] for a, b in zip(first, again))
+
+
+def test_preflight_launches_from_a_spec():
+    import fused._launch as launch_mod
+
+    spec = dict(params=[(4096,), (33, 65), (3,)], dtype=torch.bfloat16, grad_dtype=torch.float32,
+                importance="float", importance_dtype=torch.float32, mask="uint8", momentum=0.9,
+                proximal=True, weight_decay=0.01)
+    (launch,) = update.preflight_launches(spec, 80)
+    assert isinstance(launch, launch_mod.Launch)
+    assert launch.name == "update.masked_sgd" and launch.kind == "bandwidth"
+    assert all(t.device.type == "meta" for t in launch.args if isinstance(t, torch.Tensor))
+    assert [t.dtype for t in launch.args[:6]] == [torch.bfloat16, torch.float32, torch.bfloat16, torch.float32,
+                                                 torch.uint8, torch.bfloat16]
+    c = launch.constexprs
+    assert c["ALIGNED"] and c["HAS_MOMENTUM"] and c["PROXIMAL"] and c["BINARY_MASK"] and not c["BINARY_IMP"]
+    assert launch.grid == (2 + 2 + 1,)  # ceil(numel / 2048) chunks per tensor
+    assert "BLOCK=2048" in launch.describe()
+    # defaults: one fp32 param of 4096 with float importance
+    (default,) = update.preflight_launches({}, 90)
+    assert default.constexprs["HAS_IMP"] and not default.constexprs["HAS_MASK"]
+    sr_only = update.preflight_launches(dict(importance="bool", mask="bool"), 90)
+    assert sr_only[0].constexprs["BINARY_IMP"]
