@@ -48,6 +48,16 @@ NUM_WARPS = 8
 VECTOR_BYTES = 16  # one 128-bit global access
 
 
+def spec_dtype(value) -> torch.dtype:
+    """A dtype of a preflight spec: a torch dtype or its name ("float32", "bfloat16", "bool")."""
+    if isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {value!r} in a preflight spec")
+    return dtype
+
+
 def tile_config(element_sizes: Sequence[int], arch: int) -> Tuple[int, int]:
     """(BLOCK, num_warps) of a multi-tensor launch whose operands have these element sizes.
 

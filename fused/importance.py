@@ -7,10 +7,13 @@ classifier head) are skipped and keep I = 0.
 
 Bandwidth-bound: P·(2·b_I + b_g) bytes (12 B/param in fp32). Like the masked update
 (``fused.update``), the Triton path is one multi-tensor kernel launch per (importance dtype,
-gradient dtype) group over the whole list, with the pointer table of
-:func:`fused._multi_tensor.multi_tensor_chunk_table`; it adds in fp32 (fp64 for fp64 importance) and
+gradient dtype) group over the whole list, with the offset table of
+:func:`fused._multi_tensor.multi_tensor_chunk_table` (128-bit accesses in the full tiles of aligned
+groups), built by :func:`plan_accumulate_importance`; it adds in fp32 (fp64 for fp64 importance) and
 stores in the importance dtype. Registered as the opaque custom op ``fused::accumulate_importance``
 with ``mutates_args=("importance",)`` for the reason given in ``fused.update``.
+
+``preflight_launches(spec, arch)`` keys: ``params`` (shapes), ``dtype`` (importance), ``grad_dtype``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from fused._multi_tensor import (
     check_layout_and_device,
     device_guard,
     multi_tensor_chunk_table,
+    spec_dtype,
     tile_config,
 )
 
@@ -141,10 +145,10 @@ def preflight_launches(spec: dict, arch: int) -> List[Launch]:
     Keys (defaults in brackets): ``params`` list of shapes [[(4096,)]]; ``dtype`` of the importance
     [fp32]; ``grad_dtype`` [dtype]; ``weight`` [0.5].
     """
-    dtype = spec.get("dtype", torch.float32)
+    dtype = spec_dtype(spec.get("dtype", torch.float32))
     shapes = [tuple(s) for s in spec.get("params", [(4096,)])]
     imp = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
-    grads = [torch.empty(s, dtype=spec.get("grad_dtype", dtype), device="meta") for s in shapes]
+    grads = [torch.empty(s, dtype=spec_dtype(spec.get("grad_dtype", dtype)), device="meta") for s in shapes]
     return list(plan_accumulate_importance(imp, grads, float(spec.get("weight", 0.5)), arch))
 
 

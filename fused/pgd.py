@@ -221,6 +221,8 @@ def preflight_launches(spec: dict, arch: int) -> list:
     dtype = spec.get("dtype", torch.float32)
 
     def meta(dt):
+        if not isinstance(dt, torch.dtype):  # a dtype name ("bfloat16")
+            dt = getattr(torch, str(dt).replace("torch.", ""))
         return torch.empty((B, D), dtype=dt, device="meta")
 
     eps_t = torch.empty(B, dtype=torch.float32, device="meta") if spec.get("per_sample_eps", False) else None

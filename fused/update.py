@@ -18,15 +18,20 @@ Kernel design (PERFORMANCE.md hot spot 4): always bandwidth-bound, so the kernel
 operand once and writes ψ (and b) once: P·(2b_ψ + b_g + b_ψ0 + b_I) bytes, 20 B/param in fp32
 (17 with a uint8 mask), + 2·b_b with momentum. It is a multi-tensor kernel (``fused._multi_tensor``):
 one launch per group of tensors sharing the same dtypes, however many tensors, over a cached device
-table of operand addresses. The SR value is one fp32 partial sum per program, added by one torch sum
+table of operand offsets from one base pointer per operand (so the full tiles of a 16-byte aligned
+group compile to 128-bit loads and stores for every operand dtype; a tensor's last tile and
+unaligned groups stay narrow). Launches are built by :func:`plan_masked_sgd` (``fused._launch``),
+the same code ``python -m fused preflight`` compiles for each card. The SR value is one fp32 partial sum per program, added by one torch sum
 afterwards (deterministic, unlike float atomics). A call is thus one Triton launch per dtype group
 (one in the usual single-dtype model) + one reduction, with no host synchronisation anywhere.
 
 torch.library: the Triton path is the custom op ``fused::masked_regularized_sgd_step`` with
 ``mutates_args=("params", "momentum_buffers")``. It is registered as an opaque ``custom_op`` on every
 device, not through ``_dispatch.triton_library_op`` (``triton_op`` on a GPU): the kernel writes
-through addresses loaded from a table, which inductor's mutation analysis of user kernels cannot
+through offsets loaded from a table, which inductor's mutation analysis of user kernels cannot
 see, and ``triton_op`` traces the body with fake tensors, which have no addresses.
+
+``preflight_launches(spec, arch)`` keys: see its docstring.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from fused._multi_tensor import (
     check_layout_and_device,
     device_guard,
     multi_tensor_chunk_table,
+    spec_dtype,
     tile_config,
 )
 
@@ -340,11 +346,11 @@ def preflight_launches(spec: dict, arch: int) -> List[Launch]:
     [dtype]; ``momentum`` [0.0]; ``momentum_dtype`` of the buffers [dtype]; ``proximal`` [False];
     ``weight_decay`` [0.0]; ``lr`` [0.1]; ``lam`` [1.0].
     """
-    dtype = spec.get("dtype", torch.float32)
+    dtype = spec_dtype(spec.get("dtype", torch.float32))
     shapes = [tuple(s) for s in spec.get("params", [(4096,)])]
 
     def meta(kind_dtype):
-        return [torch.empty(s, dtype=kind_dtype, device="meta") for s in shapes]
+        return [torch.empty(s, dtype=spec_dtype(kind_dtype), device="meta") for s in shapes]
 
     def optional(kind, float_dtype):
         if kind == "none":
