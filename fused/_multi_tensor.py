@@ -64,8 +64,12 @@ def tile_config(element_sizes: Sequence[int], arch: int) -> Tuple[int, int]:
     Every thread must hold at least one whole 16-byte vector of every operand: 16 // size
     consecutive elements of the narrowest. Same on every supported arch (80 ... 100): the kernels
     are bandwidth-bound and the tile fits the registers of all of them (checked by the preflight).
+    Exception: a group with an fp64 operand keeps 8 elements a thread (16 fp64 values of five
+    operands would take ~230 registers a thread); its byte operands then load 8 bytes at a time.
     """
     per_thread = max(8, max(VECTOR_BYTES // s for s in element_sizes))
+    if max(element_sizes) >= 8:
+        per_thread = 8
     num_warps = NUM_WARPS if per_thread <= 8 else max(1, NUM_WARPS * 8 // per_thread)
     return per_thread * 32 * num_warps, num_warps
 
