@@ -43,7 +43,9 @@ from fused._multi_tensor import (
     tile_config,
 )
 
-__all__ = ["accumulate_importance", "accumulate_importance_reference", "plan_accumulate_importance", "preflight_launches"]
+__all__ = [
+    "accumulate_importance", "accumulate_importance_reference", "plan_accumulate_importance", "preflight_launches",
+]
 
 if HAS_TRITON:
     import triton

@@ -21,8 +21,8 @@ one launch per group of tensors sharing the same dtypes, however many tensors, o
 table of operand offsets from one base pointer per operand (so the full tiles of a 16-byte aligned
 group compile to 128-bit loads and stores for every operand dtype; a tensor's last tile and
 unaligned groups stay narrow). Launches are built by :func:`plan_masked_sgd` (``fused._launch``),
-the same code ``python -m fused preflight`` compiles for each card. The SR value is one fp32 partial sum per program, added by one torch sum
-afterwards (deterministic, unlike float atomics). A call is thus one Triton launch per dtype group
+the same code ``python -m fused preflight`` compiles for each card. The SR value is one fp32
+partial sum per program, added by one torch sum afterwards (deterministic, unlike float atomics). A call is thus one Triton launch per dtype group
 (one in the usual single-dtype model) + one reduction, with no host synchronisation anywhere.
 
 torch.library: the Triton path is the custom op ``fused::masked_regularized_sgd_step`` with
@@ -61,7 +61,9 @@ from fused._multi_tensor import (
     tile_config,
 )
 
-__all__ = ["masked_regularized_sgd_step", "masked_regularized_sgd_step_reference", "plan_masked_sgd", "preflight_launches"]
+__all__ = [
+    "masked_regularized_sgd_step", "masked_regularized_sgd_step_reference", "plan_masked_sgd", "preflight_launches",
+]
 
 BINARY_DTYPES = (torch.bool, torch.uint8)
 
