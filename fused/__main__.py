@@ -1,8 +1,11 @@
-"""``python -m fused <command>``; commands: ``validate`` (see fused.validate).
+"""``python -m fused <command>``; commands: ``validate`` (see fused.validate) and ``preflight``
+(see fused.preflight).
 
 Without a CUDA device the Triton kernels can only run under the CPU interpreter, which
 ``triton.jit`` enables at decoration time. So, unless the user set ``TRITON_INTERPRET`` themselves,
 it is switched on here, before any kernel module is imported, and the output says so.
+``preflight`` compiles the kernels instead (for any arch, no GPU needed), so it never interprets:
+its worker processes run with the variable removed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from typing import Optional, Sequence
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m fused", description="fused kernel library tools")
-    parser.add_argument("command", choices=["validate"], help="validate: every op vs an fp64 oracle")
+    parser.add_argument("command", choices=["validate", "preflight"],
+                        help="validate: every op vs an fp64 oracle; preflight: compile every kernel for "
+                             "each arch and check its resources statically (python -m fused preflight -h)")
     args = parser.parse_args(argv[:1])
     note = None
     if args.command == "validate":
@@ -33,6 +38,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from fused.validate import main as validate_main
 
         return validate_main(argv[1:], note=note)
+    if args.command == "preflight":
+        from fused.preflight import main as preflight_main
+
+        return preflight_main(argv[1:])
     return 2  # pragma: no cover - argparse rejects other commands
 
 
