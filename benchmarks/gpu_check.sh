@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# GPU check (PERFORMANCE.md "On a GPU machine"): kernel tests on the card, the fp64 validation, then
-# the benchmarks and their plots, all in about 8 minutes. Uses the machine's own torch and triton
+# GPU check (PERFORMANCE.md "On a GPU machine"): the static preflight (every kernel compiled for
+# sm_80-sm_100 and the live card), kernel tests on the card, the fp64 validation, then the
+# benchmarks and their plots, all in about 8 minutes. Uses the machine's own torch and triton
 # (installs nothing). Run from the repository root:
 #
 #     PYTHONPATH=. bash benchmarks/gpu_check.sh
 #
-# Everything (logs, results.json/.csv, PNGs, summary.txt) goes to $OUT when set, else to
+# Everything (logs, preflight.json, results.json/.csv, PNGs, summary.txt) goes to $OUT when set, else to
 # benchmarks/results/<card>/. A failing test run is recorded and the benchmarks still run; the
 # exit status is non-zero if any step failed.
 set -euo pipefail
@@ -56,8 +57,16 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $DEST/NAME.l
     fi
 }
 
-# 1. Kernel tests on the card (bf16 cases run only on CUDA).
-step tests_fused 150 python -m pytest tests/fused -x -q -p no:cacheprovider
+# 0. Static checks first (python -m fused preflight): every kernel of every op at its launcher's
+#    configuration for sm_80, 86, 89, 90, 100 and for this card with its own driver (which also loads
+#    each kernel): shared memory, registers, spills, 128-bit accesses, wgmma. A few hundred compiles,
+#    one worker per arch; about a minute cold on a 16-core host.
+JOBS=$(python -c "import os; print(max(1, min(6, (os.cpu_count() or 2) - 1)))")
+step preflight 100 python -m fused preflight --json "$DEST/preflight.json" --jobs "$JOBS" --no-progress
+# 1. Kernel tests on the card (bf16 cases run only on CUDA). The preflight's whole-grid test is
+#    step 0 (with the live card), so it is not run twice.
+step tests_fused 150 python -m pytest tests/fused -x -q -p no:cacheprovider \
+    --deselect tests/fused/test_preflight.py::test_default_grid_passes_on_every_arch
 # 2. Every op against the fp64 oracle.
 step validate 75 python -m fused validate --json "$DEST/validate.json" --no-progress
 # 3. Benchmarks: the remaining time, less a margin for the plots. The end-to-end rows run first, then
