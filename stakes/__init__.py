@@ -4,6 +4,10 @@ Entry points:
 
 * :func:`stakes.unlearn` — remove a forget set from a pretrained classifier (StructGuard or a
   baseline), returning an :class:`UnlearnResult` with the deployed model, metrics and trajectory.
+* :func:`stakes.register_method` / :func:`stakes.available_methods` — bring your own method (an
+  :class:`UnlearningMethod`), run by name like the built-ins.
+* :func:`stakes.as_classifier` — the view of a timm / torchvision / Hugging Face classifier (or a
+  ``(features, head)`` pair) that the methods work on.
 * :class:`stakes.UnlearnConfig` — every hyper-parameter in one object; presets ``"stable"``
   (default) and ``"paper"``.
 * the ``stakes`` command line (``stakes --help``).
@@ -19,6 +23,12 @@ _EXPORTS = {
     "unlearn": "stakes.methods",
     "UnlearnResult": "stakes.methods",
     "METHODS": "stakes.methods",
+    "UnlearningMethod": "stakes.methods",
+    "Batch": "stakes.methods",
+    "register_method": "stakes.methods",
+    "unregister_method": "stakes.methods",
+    "available_methods": "stakes.methods",
+    "as_classifier": "stakes.models",
     "UnlearnConfig": "stakes.config",
     "preset": "stakes.config",
 }

@@ -195,21 +195,23 @@ _PRESET_VALUES = {
 }
 
 
-# The paper's baselines use their own optimiser settings (METHOD.md §10).
-_PAPER_BASELINE_VALUES = dict(lr=0.001, momentum=0.9, weight_decay=1e-4, eps=4.0)
-
-
 def preset(name: str = "stable", method: str = "structguard", **overrides) -> UnlearnConfig:
     """The config of preset ``name`` ("stable" or "paper") for ``method``, with ``overrides``.
 
-    Under ``paper`` the baselines get the paper's baseline optimiser (SGD lr 0.001, momentum 0.9,
-    weight decay 1e-4, PGD ε 4.0); under ``stable`` every method shares the same values.
+    Under ``paper`` each method adds its own ``paper_preset`` values (the baselines: the paper's
+    baseline optimiser, SGD lr 0.001, momentum 0.9, weight decay 1e-4, PGD ε 4.0; StructGuard:
+    none); under ``stable`` every method shares the same values.
     """
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
     values = dict(_PRESET_VALUES[name])
-    if name == "paper" and method != "structguard":
-        values.update(_PAPER_BASELINE_VALUES)
+    if name == "paper":
+        from stakes.methods.base import PAPER_BASELINE_VALUES, get_method
+
+        try:
+            values.update(get_method(method).paper_preset)
+        except ValueError:   # a name not registered (yet): a baseline's values
+            values.update(PAPER_BASELINE_VALUES)
     values.update(overrides)
     values["preset"] = name
     try:

@@ -1,13 +1,18 @@
-"""The unlearner: StructGuard (METHOD.md §4-9) and the baselines of §10, under one API and one
-stopping rule.
+"""The loop that runs every unlearning method (StructGuard, METHOD.md §4-9, the baselines of §10 and
+a user's registered ones) under one API and one stopping rule.
 
     result = stakes.unlearn(model, (forget_x, forget_y), method="structguard", anchors=A)
 
-Every method runs the same loop: an epoch zips the proxy batches with a cycled forget loader; the
+The loop knows no method names: a method (:mod:`stakes.methods.base`) gives its loss terms,
+importance or mask, optimiser groups and options. Every method runs the same loop: an epoch zips the proxy batches with a cycled forget loader; the
 update is :class:`fused.optim.StructureSGD` (the fused masked, regularised step) for every method,
 so L2UL's inverted importance, SalUn's saliency mask and StructGuard's structure importance all go
 through the same kernel; the run stops at the end of the first epoch where the deployed model
 misclassifies every forget image (forget accuracy 0 %), after at most ``max_epochs``.
+
+Between logging points a step makes no host synchronisation: a non-finite loss is recorded in a
+flag on the device and raised (:class:`NonFiniteError`, naming the first bad step and the terms)
+at the next log point, epoch end or the end of the run.
 """
 
 from __future__ import annotations
@@ -28,10 +33,9 @@ import fused
 from fused.optim import StructureSGD
 from stakes._io import atomic_torch_save
 from stakes.config import UnlearnConfig, preset
+from stakes.methods.base import Batch, UnlearningMethod, ce_bounded, get_method, margin_deletion
 from stakes.metrics import accuracy, accuracy_from_logits, structure_drift
-from stakes.proxy import ProxySet, calibrate_radius, generate_proxies, random_targets
-
-METHODS = ("structguard", "neggrad", "adv", "l2ul", "salun", "finetune", "retrain")
+from stakes.proxy import ProxySet, calibrate_radius, generate_proxies
 
 
 class NonFiniteError(RuntimeError):
@@ -149,7 +153,7 @@ class UnlearnResult:
     """What :func:`unlearn` returns."""
 
     method: str
-    model: nn.Module                  # the deployed model
+    model: nn.Module                  # the deployed model (the user's own type for adapted models, see model_info)
     metrics: dict                     # final forget / retain / test accuracy etc. (percent)
     history: list                     # trajectory entries (step, accuracies, losses, drift)
     config: dict
@@ -159,6 +163,27 @@ class UnlearnResult:
     stopped: str = ""                 # why the run ended
     wall_time_s: float = 0.0
     timings: dict = field(default_factory=dict)
+    deployed: Optional[nn.Module] = None   # stakes' view of the deployed model: images in [0, 1] → logits
+    model_info: dict = field(default_factory=dict)   # what ``model`` is: type, input normalisation
+
+
+def _deployed_info(run) -> dict:
+    """What :attr:`UnlearnResult.model` is: the user's own type (an adapted timm / torchvision /
+    Hugging Face model, inputs normalised as before), or stakes' DeployedModel."""
+    adapter = getattr(run.work, "adapter", None)
+    if adapter is None:
+        form = "h∘p∘g" if run.projector is not None else "h∘g"
+        return {"type": "stakes.methods.DeployedModel", "form": form, "input": "images in [0, 1]"}
+    info = {"source": adapter.kind, "normalization": dict(adapter.normalization)}
+    if run.projector is None:
+        info.update(type=adapter.model_type, form="h∘g",
+                    input="as the model passed in (its own normalisation, not images in [0, 1])")
+    else:
+        info.update(type="stakes.methods.DeployedModel", form="h∘p∘g",
+                    input="images in [0, 1] (the normalisation layer is inside)",
+                    note=f"a trained projector sits between the features and the head, so the deployed model "
+                         f"is stakes' own module, not a {adapter.model_type}")
+    return info
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -188,40 +213,6 @@ def _check_forget_set(forget_set, num_classes: int, device):
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"forget_set labels must lie in [0, {num_classes}) (the model's classes), got [{lo}, {hi}]")
     return x.to(device), y.long().to(device)
-
-
-def _ce_bounded(logits: torch.Tensor, y: torch.Tensor, bound: float) -> torch.Tensor:
-    """mean_i min(CE_i, B): a sample with CE > ln C is already misclassified, so stop pushing it (§12)."""
-    return F.cross_entropy(logits, y, reduction="none").clamp(max=bound).mean()
-
-
-def _margin_deletion(logits: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
-    """mean_i relu(z_{y_i} − max_{j≠y_i} z_j + m) [ours]: the smallest push that misclassifies.
-
-    A forget sample stops contributing once another class beats its true class by ``margin``;
-    unlike −CE its gradient does not vanish on a saturated model, and unlike ascent it never
-    pushes a sample further than needed.
-    """
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return F.relu(true - others + margin).mean()
-
-
-def _minmax_invert(t: torch.Tensor) -> torch.Tensor:
-    """L2UL's Ω̂ = 1 − (Ω − min)/(max − min), per tensor (a constant tensor gets Ω̂ = 1)."""
-    lo, hi = t.min(), t.max()
-    span = hi - lo
-    return torch.where(span > 0, 1.0 - (t - lo) / span.clamp_min(1e-30), torch.ones_like(t))
-
-
-def _topq_mask(tensors: Sequence[torch.Tensor], q: float) -> list:
-    """Binary mask of the global top-q fraction of the entries of ``tensors`` (SalUn-style)."""
-    flat = torch.cat([t.flatten().float() for t in tensors])
-    if flat.numel() == 0:
-        return [torch.zeros_like(t, dtype=torch.bool) for t in tensors]
-    n_keep = max(1, int(round(q * flat.numel())))
-    threshold = torch.topk(flat, n_keep, sorted=False).values.min()
-    return [t >= threshold for t in tensors]
 
 
 # ----------------------------------------------------------------------------- proxies
@@ -260,11 +251,16 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
 
 
 class _Run:
-    """State of one unlearning run; the loop lives in :meth:`fit`."""
+    """State of one unlearning run; the loop lives in :meth:`fit`, one step in :meth:`train_step`.
+
+    ``method`` is a registered name or an :class:`UnlearningMethod`; the method's hooks get this
+    object (see :class:`UnlearningMethod` for what they may use)."""
 
     def __init__(self, model, forget_set, method, anchors, cfg: UnlearnConfig, eval_sets, proxies, callbacks,
                  checkpoint_path, retain_size):
-        self.method, self.cfg = method, cfg
+        self.method_def: UnlearningMethod = method if isinstance(method, UnlearningMethod) else get_method(method)
+        self.method = self.method_def.name or type(self.method_def).__name__
+        self.cfg = cfg
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         clf = _as_parts(model)
@@ -276,6 +272,7 @@ class _Run:
         for p in self.orig.parameters():
             p.requires_grad_(False)
         work = copy.deepcopy(clf).to(self.device)
+        self.work = work
         self.features, self.head = work.features, work.head
         for p in work.parameters():
             p.requires_grad_(True)
@@ -290,11 +287,15 @@ class _Run:
         self.step = 0
         self.epoch = 0
         self._drift_orig: Optional[torch.Tensor] = None   # g_ψ0(x_test)·R_p, fixed for the run
+        # non-finite losses, kept on the device (no host sync per step): first bad step, bad terms
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._bad_terms: dict = {}
+        self._checked_step = 0
 
         # anchors and random projection (needed by StructGuard, and by every method for drift logging)
         if anchors is None:
-            if method == "structguard":
-                raise ValueError("method 'structguard' needs anchors: pass anchors=stakes.anchors.build_anchors(...)")
+            if self.method_def.needs_anchors:
+                raise ValueError(f"method {self.method!r} needs anchors: pass anchors=stakes.anchors.build_anchors(...)")
         else:
             if not isinstance(anchors, torch.Tensor) or anchors.dim() != 2 or not anchors.is_floating_point():
                 raise ValueError("anchors must be a floating tensor [num_classes, d_a]")
@@ -306,12 +307,9 @@ class _Run:
         self.anchor_dim = self.anchors.shape[1] if self.anchors is not None else self.feature_dim
         self.rp = random_projection(self.feature_dim, self.anchor_dim, cfg.seed).to(self.device)
 
+        self.method_def.check(self)
         self.projector = None
-        if method == "structguard" and not cfg.warm_start and cfg.projector_lr == 0:
-            raise ValueError("config.projector_lr=0 needs warm_start=True for StructGuard: a cold projector that is "
-                             "never trained stays a random map on the deployed path (set projector_lr > 0, e.g. "
-                             "0.009 as in the paper, or warm_start=True)")
-        if self.needs_projector():
+        if self.method_def.needs_projector(self):
             hidden = max(self.anchor_dim, self.feature_dim) if cfg.warm_start else self.anchor_dim
             self.projector = Projector(self.feature_dim, self.anchor_dim, hidden).to(self.device)
         self.deployed = DeployedModel(self.features, self.head, self.projector)
@@ -320,136 +318,51 @@ class _Run:
         self.opt: Optional[StructureSGD] = None
 
     # ------------------------------------------------------------------ set-up pieces
-    def needs_projector(self) -> bool:
-        """StructGuard's projector, except a warm-started one that is never trained: that one is the
-        identity on the features, so it is left out and the deployed model is h∘g."""
-        return self.method == "structguard" and not (self.cfg.warm_start and self.cfg.projector_lr == 0)
-
     def make_proxies(self) -> ProxySet:
         proxies, timings = build_proxies(self.orig, self.fx, self.fy, self.cfg)
         self.timings.update(timings)
         return proxies
 
-    def _orig_structure_input(self, x: torch.Tensor) -> torch.Tensor:
+    def orig_structure_input(self, x: torch.Tensor) -> torch.Tensor:
         """v^ori before normalisation: g_ψ0(x)·R_p (the op normalises rows)."""
         with torch.no_grad():
             return self.orig.features(x) @ self.rp
 
-    def unlearned_structure_input(self, x: torch.Tensor):
-        """(projector output, v^unl before normalisation).
-
-        Paper: v^unl = z, the projector's d_a-dim representation (§4). With the deployed-model warm
-        start [ours], v^unl = p(g(x))·R_p instead: the structure of what the head actually sees, read
-        through the same fixed R_p as the original branch, so both structures coincide at step 0.
-        """
-        if self.projector is None:   # fixed warm start: the deployed representation is g(x) itself
-            out = self.features(x)
-            return out, out @ self.rp
-        out, z = self.projector(self.features(x))
-        if self.cfg.warm_start:
-            z = out @ self.rp
-        return out, z
-
-    def param_groups(self) -> list:
-        cfg = self.cfg
-        groups = [{"params": list(self.features.parameters()), "name": "features", "lr": cfg.lr}]
-        head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
-        if head_lr > 0:
-            groups.append({"params": list(self.head.parameters()), "name": "head", "lr": head_lr})
-        else:  # a frozen head: the deletion has to go through the representation
-            for p in self.head.parameters():
-                p.requires_grad_(False)
-        if self.projector is not None and cfg.projector_lr > 0:
-            groups.append({"params": list(self.projector.parameters()), "name": "projector", "lr": cfg.projector_lr})
-        elif self.projector is not None:  # a fixed projector (with warm start: the identity on features)
-            for p in self.projector.parameters():
-                p.requires_grad_(False)
-        return groups
-
-    def _importance_structguard(self) -> dict:
-        """I_p = (1/N_tot) Σ_B |B|·|∂L(B)/∂ψ_p| over proxy batches cycled to N_tot (§6).
-
-        L is the alignment loss (the paper). With the deployed-model warm start both structures
-        coincide at step 0, so the alignment loss sits at its minimum and its gradient is exactly
-        zero; there L is the structure's own sensitivity, mean_i ‖S_i^unl‖² (MAS applied to the
-        structure [ours]), which measures how much each parameter moves the anchor profile.
-        """
-        cfg = self.cfg
-        params = list(self.features.parameters())
-        imp = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        n_tot = cfg.importance_samples or self.retain_size or len(self.proxies)
-        n_tot = max(n_tot, 1)
-        seen = 0
-        g = torch.Generator().manual_seed(cfg.seed + 31)
-        self._set_train()
-        while seen < n_tot:
-            order = torch.randperm(len(self.proxies), generator=g).to(self.device)
-            for i in range(0, len(order), cfg.proxy_batch_size):
-                idx = order[i:i + cfg.proxy_batch_size]
-                if seen >= n_tot:
-                    break
-                xb = self.proxies.x[idx]
-                _, z = self.unlearned_structure_input(xb)
-                if cfg.warm_start:
-                    loss = fused.anchor_similarity(z, self.anchors, backend=cfg.backend).pow(2).sum(1).mean()
-                else:
-                    loss = fused.structure_alignment_loss(z, self._orig_structure_input(xb), self.anchors,
-                                                          backend=cfg.backend)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                fused.accumulate_importance(imp, list(grads), weight=len(idx) / n_tot, backend=cfg.backend)
-                seen += len(idx)
-        if seen != n_tot:  # the last batch overshot N_tot: divide by the samples actually seen
-            torch._foreach_mul_(imp, n_tot / seen)
-        return self._finish_importance(dict(zip(params, imp)))
-
-    def _finish_importance(self, imp: dict) -> dict:
-        kind = self.cfg.importance
-        if kind == "topq":
-            masks = _topq_mask(list(imp.values()), self.cfg.importance_topq)
-            return {p: m.float() for p, m in zip(imp, masks)}
-        if kind == "inverted":
-            return {p: _minmax_invert(v) for p, v in imp.items()}
-        return imp
-
-    def _importance_l2ul(self) -> dict:
-        """Ω = |∂ mean_x ‖f(x_f)‖₂ / ∂θ| on the forget set, min-max normalised per tensor, inverted (§10)."""
-        params = [p for p in self.deployed.parameters() if p.requires_grad]
-        self._set_train()
-        out = self.deployed(self.fx).norm(dim=1).mean()
-        grads = torch.autograd.grad(out, params, allow_unused=True)
-        return {p: _minmax_invert(g.abs() if g is not None else torch.zeros_like(p)) for p, g in zip(params, grads)}
-
-    def _salun_masks(self) -> dict:
-        """Top-q of |∇θ CE(f(x_f), y_f)| over all parameters, as a binary gradient mask (§10)."""
-        params = [p for p in self.deployed.parameters() if p.requires_grad]
-        self._set_train()
-        loss = F.cross_entropy(self.deployed(self.fx), self.fy)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        mags = [g.abs() if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
-        return dict(zip(params, _topq_mask(mags, self.cfg.importance_topq)))
-
     def new_optimizer(self) -> StructureSGD:
-        cfg = self.cfg
-        # SalUn: only masked weights move, so weight decay is folded into the gradient before the
-        # mask (see fit) instead of being applied to every weight by the update [ours]
-        wd = 0.0 if self.method == "salun" else cfg.weight_decay
-        return StructureSGD(self.param_groups(), lr=cfg.lr, lam=cfg.lam, momentum=cfg.momentum,
-                            weight_decay=wd, proximal=cfg.proximal, backend=cfg.backend)
+        return StructureSGD(self.method_def.param_groups(self), **self.method_def.optimizer_options(self))
 
     def build_optimizer(self) -> StructureSGD:
+        """The optimizer with the method's importance (SR term) and gradient masks, timed."""
         opt = self.new_optimizer()
         t0 = time.perf_counter()
-        if self.method == "structguard":
-            opt.set_importance(self._importance_structguard())
-        elif self.method == "l2ul":
-            opt.set_importance(self._importance_l2ul())
-        elif self.method == "salun":
-            opt.set_grad_masks(self._salun_masks())
+        importance = self.method_def.importance(self)
+        if importance is not None:
+            opt.set_importance(importance)
+        masks = self.method_def.grad_masks(self)
+        if masks is not None:
+            opt.set_grad_masks(masks)
         self.timings["importance_s"] = time.perf_counter() - t0
         return opt
 
+    # ------------------------------------------------------------------ shared loss pieces
+    def loss_weights(self, batch: Batch) -> tuple:
+        """(w_f, w_a): the batch fractions n_f/(n_f+n_a), n_a/(n_f+n_a) of METHOD.md §8, or 1 and 1."""
+        if self.cfg.loss_weighting == "equal":
+            return 1.0, 1.0
+        n_f, n_a = batch.forget_x.shape[0], batch.proxy_x.shape[0]
+        return n_f / (n_f + n_a), n_a / (n_f + n_a)
+
+    def deletion(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The configured deletion loss on forget logits: −CE (ascent), bounded −CE or the margin loss."""
+        cfg = self.cfg
+        if cfg.deletion == "bounded":
+            return -ce_bounded(logits, y, cfg.deletion_bound or (math.log(self.num_classes) + 1.0))
+        if cfg.deletion == "margin":
+            return margin_deletion(logits, y, cfg.deletion_margin)
+        return -F.cross_entropy(logits, y)
+
     # ------------------------------------------------------------------ modes and evaluation
-    def _set_train(self):
+    def set_train(self):
         self.deployed.train()
         if not self.cfg.bn_train_mode:   # backbone BatchNorm statistics stay as pretrained [ours]
             self.features.eval()
@@ -469,11 +382,11 @@ class _Run:
             emb = feats if self.projector is None else self.projector(feats)[0]
             entry[f"{name}_accuracy"] = accuracy_from_logits(self.head(emb), y)
             if self._drift_orig is None:
-                self._drift_orig = torch.cat([self._orig_structure_input(x[i:i + 512])
+                self._drift_orig = torch.cat([self.orig_structure_input(x[i:i + 512])
                                               for i in range(0, len(x), 512)])
             entry["structure_drift"] = structure_drift(self._drift_orig, feats @ self.rp, self.anchors)
         entry.update({k: float(v) for k, v in losses.items()})
-        self._set_train()
+        self.set_train()
         self.check_finite(f"trajectory log at step {self.step}")
         self.history.append(entry)
         for cb in self.callbacks:
@@ -481,13 +394,18 @@ class _Run:
         return entry
 
     def check_finite(self, where: str):
-        for name, module in (("features", self.features), ("head", self.head), ("projector", self.projector)):
-            if module is None:
-                continue
-            for pname, p in module.named_parameters():
-                if not torch.isfinite(p).all():
-                    raise NonFiniteError(f"{self.method}: parameter {name}.{pname} became non-finite at step "
-                                         f"{self.step} ({where}); the run was stopped and no model was written")
+        """Raise :class:`NonFiniteError` naming the first non-finite parameter (one host sync if none)."""
+        named = [(f"{name}.{pname}", p) for name, module in
+                 (("features", self.features), ("head", self.head), ("projector", self.projector))
+                 if module is not None for pname, p in module.named_parameters()]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named])
+        if bool(finite.all()):
+            return
+        bad = next(n for (n, _), ok in zip(named, finite.tolist()) if not ok)
+        raise NonFiniteError(f"{self.method}: parameter {bad} became non-finite at step {self.step} ({where}); "
+                             "the run was stopped and no model was written")
 
     # ------------------------------------------------------------------ checkpoints (resume)
     def fingerprint(self) -> dict:
@@ -563,49 +481,51 @@ class _Run:
         return ProxySet(x=proxies.x.to(self.device), y=proxies.y.to(self.device),
                         source=proxies.source.to(self.device), eps=proxies.eps, success_rate=proxies.success_rate)
 
-    # ------------------------------------------------------------------ the loss of one step
-    def loss_terms(self, xf, yf, xa, ya) -> dict:
-        cfg, m = self.cfg, self.method
-        n_f, n_a = xf.shape[0], xa.shape[0]
-        if cfg.loss_weighting == "equal":
-            w_f = w_a = 1.0
-        else:  # the batch fractions of METHOD.md §8
-            w_f, w_a = n_f / (n_f + n_a), n_a / (n_f + n_a)
-        bound = cfg.deletion_bound or (math.log(self.num_classes) + 1.0)
-        terms = {}
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batch: Batch) -> tuple:
+        """Loss terms, backward, the method's gradient hook, clipping and the fused update; returns
+        ``(terms, loss)`` as device tensors. No host synchronisation: a non-finite loss only sets
+        a device flag, raised by :meth:`check_losses` at the next log point or epoch end."""
+        cfg = self.cfg
+        terms = self.method_def.loss_terms(self, batch)
+        loss = sum(terms.values())
+        self._record_non_finite(terms, loss)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.method_def.before_update(self)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]],
+                                           cfg.grad_clip)
+        skip_sr = cfg.skip_sr_first_steps and batch.index < 2
+        if skip_sr:
+            saved = [grp["lam"] for grp in self.opt.param_groups]
+            for grp in self.opt.param_groups:
+                grp["lam"] = 0.0
+        self.opt.step()
+        if skip_sr:
+            for grp, lam in zip(self.opt.param_groups, saved):
+                grp["lam"] = lam
+        return terms, loss
 
-        def deletion(logits):
-            if cfg.deletion == "bounded":
-                return -_ce_bounded(logits, yf, bound)
-            if cfg.deletion == "margin":
-                return _margin_deletion(logits, yf, cfg.deletion_margin)
-            return -F.cross_entropy(logits, yf)
+    def _record_non_finite(self, terms: dict, loss: torch.Tensor) -> None:
+        """Device-side bookkeeping: the first step whose loss is non-finite, and which terms were."""
+        first = ~torch.isfinite(loss.detach()) & (self._bad_step < 0)   # this step is the first bad one
+        self._bad_step = torch.where(first, self.step, self._bad_step)
+        for name, value in terms.items():   # the terms that were non-finite at that first step
+            flag = first & ~torch.isfinite(torch.as_tensor(value).detach()).all()
+            prev = self._bad_terms.get(name)
+            self._bad_terms[name] = flag if prev is None else prev | flag
 
-        if m == "neggrad":
-            terms["deletion"] = deletion(self.deployed(xf))
-        elif m in ("adv", "l2ul"):
-            terms["deletion"] = w_f * deletion(self.deployed(xf))
-            terms["retention"] = w_a * F.cross_entropy(self.deployed(xa), ya)
-        elif m == "finetune":
-            terms["retention"] = F.cross_entropy(self.deployed(xa), ya)
-        elif m == "salun":
-            g = torch.Generator().manual_seed(cfg.seed * 100003 + self.step)
-            yr = random_targets(yf, self.num_classes, g)
-            terms["random_label"] = w_f * F.cross_entropy(self.deployed(xf), yr)
-            terms["retention"] = w_a * F.cross_entropy(self.deployed(xa), ya)
-        elif m == "structguard":
-            # deletion through h∘g (no projector); retention and alignment through the projector (§7-8)
-            del_model = self.deployed if cfg.deletion_path == "deployed" else (lambda x: self.head(self.features(x)))
-            terms["deletion"] = w_f * deletion(del_model(xf))
-            out, z = self.unlearned_structure_input(xa)
-            terms["retention"] = w_a * F.cross_entropy(self.head(out), ya)
-            terms["alignment"] = cfg.align_weight * fused.structure_alignment_loss(
-                z, self._orig_structure_input(xa), self.anchors, backend=cfg.backend)
-            w = self.head.weight
-            terms["classifier_reg"] = cfg.cr_weight * (0.99 * w.abs().sum() + 0.5 * 0.01 * w.pow(2).sum())
-        else:  # pragma: no cover - guarded in unlearn()
-            raise ValueError(m)
-        return terms
+    def check_losses(self, where: str) -> None:
+        """Raise :class:`NonFiniteError` if a loss since the last check was non-finite (one host sync)."""
+        first = int(self._bad_step)
+        if first >= 0:
+            names = [n for n, flag in self._bad_terms.items() if bool(flag)]
+            raise NonFiniteError(
+                f"{self.method}: non-finite loss at step {first} (detected at the {where}, after steps "
+                f"{self._checked_step}-{self.step}; non-finite at that step: {', '.join(names) or 'the sum only'}); "
+                "the run was stopped and no model was written")
+        self._checked_step = self.step
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> tuple[str, float]:
@@ -620,7 +540,8 @@ class _Run:
         stopped = "max_epochs"
         t0 = time.perf_counter()
         before = self.timings.get("loop_s", 0.0)   # a resumed run carries the loop time it had already spent
-        self._set_train()
+        self._checked_step = self.step
+        self.set_train()
         if not self.history:
             self.log_entry({})
         while self.epoch < cfg.max_epochs and self.step < total:
@@ -638,46 +559,25 @@ class _Run:
                     f_order, f_pos = torch.randperm(self.k, generator=g).to(self.device), 0
                 jf = f_order[f_pos:f_pos + nf]
                 f_pos += nf
-                xf, yf, xa, ya = self.fx[jf], self.fy[jf], self.proxies.x[ia], self.proxies.y[ia]
-
-                terms = self.loss_terms(xf, yf, xa, ya)
-                loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-                    raise NonFiniteError(f"{self.method}: non-finite loss at step {self.step} ({detail}); "
-                                         "the run was stopped and no model was written")
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.method == "salun" and cfg.weight_decay > 0:
-                    for grp in self.opt.param_groups:
-                        torch._foreach_add_([p.grad for p in grp["params"] if p.grad is not None],
-                                            [p for p in grp["params"] if p.grad is not None], alpha=cfg.weight_decay)
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]],
-                                                   cfg.grad_clip)
-                skip_sr = cfg.skip_sr_first_steps and (i // cfg.proxy_batch_size) < 2
-                if skip_sr:
-                    saved = [grp["lam"] for grp in self.opt.param_groups]
-                    for grp in self.opt.param_groups:
-                        grp["lam"] = 0.0
-                self.opt.step()
-                if skip_sr:
-                    for grp, lam in zip(self.opt.param_groups, saved):
-                        grp["lam"] = lam
+                batch = Batch(self.fx[jf], self.fy[jf], self.proxies.x[ia], self.proxies.y[ia],
+                              index=i // cfg.proxy_batch_size)
+                terms, loss = self.train_step(batch)
                 self.step += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0:
+                    self.check_losses(f"trajectory log at step {self.step}")
                     sr = self.opt.last_sr_loss
                     entry = self.log_entry({**terms, "loss": loss, "sr": sr if sr is not None else 0.0})
                     bar.set_postfix(forget=f"{entry['forget_accuracy']:.1f}",
                                     test=f"{entry.get('test_accuracy', float('nan')):.1f}")
             self.epoch += 1
+            self.check_losses(f"end of epoch {self.epoch}")
             self.check_finite(f"end of epoch {self.epoch}")
             # stop rule: forget accuracy through the deployed model, checked after every epoch (§9)
             if self.step >= cfg.stop_warmup_steps:
                 self.deployed.eval()
                 acc = accuracy(self.deployed, self.fx, self.fy)
-                self._set_train()
+                self.set_train()
                 if acc == 0.0:
                     stopped = "forget_accuracy_zero"
                     break
@@ -686,6 +586,7 @@ class _Run:
         else:
             stopped = "max_steps" if self.step >= total and self.epoch < cfg.max_epochs else "max_epochs"
         bar.close()
+        self.check_losses("end of the run")
         if not self.history or self.history[-1]["step"] != self.step:
             self.log_entry({})
         return stopped, before + time.perf_counter() - t0
@@ -699,10 +600,12 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
     """Unlearn ``forget_set`` from ``model``.
 
     Args:
-        model: a :class:`stakes.models.Classifier`, a ``(features, head)`` pair, or a
-            torchvision-style ResNet (split at ``fc``). It is not modified.
+        model: anything :func:`stakes.models.as_classifier` accepts: a ``Classifier``, a
+            ``(features, head)`` pair, a timm, torchvision or Hugging Face image classifier (its
+            input normalisation taken from its config, see ``as_classifier``). It is not modified.
         forget_set: ``(images [k, C, H, W] in [0, 1], labels [k])``.
-        method: one of :data:`METHODS` except ``"retrain"`` (see :func:`stakes.methods.retrain`).
+        method: a registered method name (:func:`stakes.available_methods`, except the retrain
+            oracle) or an :class:`UnlearningMethod` instance.
         anchors: ``[num_classes, d_a]`` semantic anchors (required by StructGuard; used by every
             method for structure-drift logging when given).
         config: an :class:`UnlearnConfig`; default ``preset("stable")``.
@@ -717,15 +620,16 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
         keep_checkpoint: keep the checkpoint after the run finished (the CLI removes it only once
             the result file is written); by default it is removed.
     """
-    if method not in METHODS or method == "retrain":
-        valid = [m for m in METHODS if m != "retrain"]
-        raise ValueError(f"unknown method {method!r}; expected one of {valid} (retrain: stakes.methods.retrain)")
+    method_def = method if isinstance(method, UnlearningMethod) else get_method(method)
+    if getattr(method_def, "oracle", False):
+        raise ValueError(f"method {method_def.name!r} is an oracle, not an unlearning run: use "
+                         "stakes.methods.retrain.retrain_oracle(data, forget_idx, seed) or `stakes compare --retrain`")
     cfg = config if config is not None else preset("stable")
     if not isinstance(cfg, UnlearnConfig):
         raise TypeError(f"config must be a stakes.UnlearnConfig, got {type(cfg).__name__}")
     cfg.validate()
     start = time.perf_counter()
-    run = _Run(model, forget_set, method, anchors, cfg, eval_sets, proxies, callbacks, checkpoint_path, retain_size)
+    run = _Run(model, forget_set, method_def, anchors, cfg, eval_sets, proxies, callbacks, checkpoint_path, retain_size)
     state = None
     if resume:
         if not checkpoint_path:
@@ -749,10 +653,14 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
     run.check_finite("end of run")
     last = run.history[-1]
     metrics = {k: v for k, v in last.items() if k.endswith("_accuracy") or k == "structure_drift"}
+    deployed = run.deployed.eval()
+    model_out, info = deployed, _deployed_info(run)
+    if getattr(run.work, "adapter", None) is not None and run.projector is None:
+        model_out = run.work.adapter.rebuild(run.features, run.head).eval()
     result = UnlearnResult(
-        method=method, model=run.deployed.eval(), metrics=metrics, history=run.history, config=cfg.to_dict(),
+        method=run.method, model=model_out, metrics=metrics, history=run.history, config=cfg.to_dict(),
         proxies=run.proxies.summary(), steps=run.step, epochs=run.epoch, stopped=stopped,
-        wall_time_s=time.perf_counter() - start, timings=run.timings,
+        wall_time_s=time.perf_counter() - start, timings=run.timings, deployed=deployed, model_info=info,
     )
     if not keep_checkpoint:
         run.remove_checkpoint()  # the run finished: the resumable state is no longer needed

@@ -38,13 +38,13 @@ def test_fixed_warm_started_projector_is_left_out_exactly(digits, digits_model, 
                                                          fast_config, monkeypatch):
     """projector_lr=0 with the warm start deploys h∘g: the same model as keeping the warm-started
     (identity) projector in place untrained; a trained projector is part of the deployed model (§7)."""
-    from stakes.methods import _Run
+    from stakes.methods.structguard import StructGuard
 
     ev = {"test": (digits.test_x[:200], digits.test_y[:200])}
     cfg = fast_config(max_steps=6)
     fixed = unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, eval_sets=ev)
     with monkeypatch.context() as m:
-        m.setattr(_Run, "needs_projector", lambda self: self.method == "structguard")
+        m.setattr(StructGuard, "needs_projector", lambda self, run: True)
         kept = unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg, eval_sets=ev)
     assert fixed.model.projector is None and kept.model.projector is not None
     for p, q in zip(fixed.model.features.parameters(), kept.model.features.parameters()):

@@ -80,8 +80,9 @@ def test_as_classifier_torchvision_resnet_shares_parameters():
     net_params = {id(p) for p in net.parameters()}
     assert {id(p) for p in clf.parameters()} == net_params
     with torch.no_grad():
-        clf.features[0].weight.zero_()
+        clf.features.body.conv1.weight.zero_()
     assert net.conv1.weight.abs().sum() == 0
+    assert type(net.fc) is nn.Linear   # the user's model keeps its head (the features hold a structural copy)
 
 
 def test_as_classifier_other_forms():
@@ -92,7 +93,7 @@ def test_as_classifier_other_forms():
     assert clf.features is feats and clf.head is head and clf.feature_dim == 16
     x = torch.rand(5, 1, 8, 8)
     assert torch.equal(clf(x), head(feats(x)))
-    with pytest.raises(TypeError, match="torchvision-style ResNet"):
+    with pytest.raises(TypeError, match=r"not a timm, torchvision or Hugging Face classifier"):
         as_classifier(nn.Sequential(nn.Linear(3, 3)))
     with pytest.raises(TypeError, match="nn.Linear"):
         as_classifier(feats, nn.Conv2d(1, 1, 1))

@@ -1,0 +1,223 @@
+"""What an unlearning method is, and the registry that names them (timm's ``@register_model``
+shape: adding a method never touches the loop that runs methods).
+
+A method is one :class:`UnlearningMethod`: its loss terms (the only required part), and, when it
+needs them, its importance or gradient mask, its optimiser groups and options, a check of the
+config and whether it trains a projector. The loop (:mod:`stakes.methods.loop`) calls these hooks
+and knows no method names; every method shares its batches, its fused update
+(:class:`fused.optim.StructureSGD`), its stop rule, metrics and reports.
+
+    class MyMethod(stakes.UnlearningMethod):
+        def loss_terms(self, run, batch):
+            return {"retention": F.cross_entropy(run.deployed(batch.proxy_x), batch.proxy_y)}
+
+    stakes.register_method("mine", MyMethod())
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# The paper's baselines use their own optimiser settings under the `paper` preset (METHOD.md §10).
+PAPER_BASELINE_VALUES = dict(lr=0.001, momentum=0.9, weight_decay=1e-4, eps=4.0)
+
+
+@dataclass
+class Batch:
+    """One optimisation step's data: a forget batch (cycled) and a proxy batch.
+
+    ``index`` is the step's position within its epoch (0, 1, ...)."""
+
+    forget_x: torch.Tensor
+    forget_y: torch.Tensor
+    proxy_x: torch.Tensor
+    proxy_y: torch.Tensor
+    index: int = 0
+
+
+class UnlearningMethod:
+    """Base class of a method; override :meth:`loss_terms`, and the other hooks where needed.
+
+    Each hook gets the run (:class:`stakes.methods.loop._Run`), which exposes ``cfg`` (the
+    :class:`~stakes.UnlearnConfig`), ``deployed`` (the model being unlearned, images in [0, 1] →
+    logits), ``features``, ``head``, ``projector`` (or None), ``orig`` (the frozen pretrained
+    classifier), ``anchors`` (unit rows, or None), ``rp`` (the fixed projection R_p), ``fx``/``fy``
+    (the whole forget set), ``proxies``, ``num_classes``, ``step`` and the shared helpers
+    ``deletion(logits, y)`` and ``loss_weights(batch)``.
+
+    Class attributes:
+        needs_anchors: refuse to run without anchors.
+        uses_proxies: trains on the proxy set (a comparison charges the proxies' time to it).
+        paper_preset: config values this method gets under ``preset("paper")``.
+    """
+
+    name: Optional[str] = None          # set by register_method
+    needs_anchors: bool = False
+    uses_proxies: bool = True
+    paper_preset: dict = PAPER_BASELINE_VALUES
+
+    # ------------------------------------------------------------------ the loss
+    def loss_terms(self, run, batch: Batch) -> dict:
+        """The named loss terms of one step (summed into the loss; each is logged)."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss_terms(run, batch)")
+
+    # ------------------------------------------------------------------ optional hooks
+    def check(self, run) -> None:
+        """Raise ValueError for a config this method cannot run (called before anything is built)."""
+
+    def needs_projector(self, run) -> bool:
+        """Whether the run puts a trainable projector between features and head (METHOD.md §7)."""
+        return False
+
+    def param_groups(self, run) -> list:
+        """Optimiser groups: the features at ``lr``, the head at ``head_lr`` (0 = frozen), the
+        projector (if any) at ``projector_lr`` (0 = fixed)."""
+        cfg = run.cfg
+        groups = [{"params": list(run.features.parameters()), "name": "features", "lr": cfg.lr}]
+        head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
+        if head_lr > 0:
+            groups.append({"params": list(run.head.parameters()), "name": "head", "lr": head_lr})
+        else:  # a frozen head: the deletion has to go through the representation
+            for p in run.head.parameters():
+                p.requires_grad_(False)
+        if run.projector is not None and cfg.projector_lr > 0:
+            groups.append({"params": list(run.projector.parameters()), "name": "projector", "lr": cfg.projector_lr})
+        elif run.projector is not None:  # a fixed projector (with warm start: the identity on features)
+            for p in run.projector.parameters():
+                p.requires_grad_(False)
+        return groups
+
+    def optimizer_options(self, run) -> dict:
+        """Keyword arguments of :class:`fused.optim.StructureSGD` (lr, lam, momentum, weight decay,
+        proximal, backend)."""
+        cfg = run.cfg
+        return dict(lr=cfg.lr, lam=cfg.lam, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    proximal=cfg.proximal, backend=cfg.backend)
+
+    def importance(self, run) -> Optional[dict]:
+        """Per-parameter importance I for the SR term (dict parameter → tensor), or None."""
+        return None
+
+    def grad_masks(self, run) -> Optional[dict]:
+        """Per-parameter gradient masks (dict parameter → tensor), or None."""
+        return None
+
+    def before_update(self, run) -> None:
+        """Called after ``loss.backward()``, before gradient clipping and the update."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+# ----------------------------------------------------------------------------- shared loss pieces
+
+
+def ce_bounded(logits: torch.Tensor, y: torch.Tensor, bound: float) -> torch.Tensor:
+    """mean_i min(CE_i, B): a sample with CE > ln C is already misclassified, so stop pushing it (§12)."""
+    return F.cross_entropy(logits, y, reduction="none").clamp(max=bound).mean()
+
+
+def margin_deletion(logits: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
+    """mean_i relu(z_{y_i} − max_{j≠y_i} z_j + m) [ours]: the smallest push that misclassifies.
+
+    A forget sample stops contributing once another class beats its true class by ``margin``;
+    unlike −CE its gradient does not vanish on a saturated model, and unlike ascent it never
+    pushes a sample further than needed.
+    """
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    is_true = torch.arange(logits.shape[1], device=logits.device) == y[:, None]   # one_hot would sync (range check)
+    others = logits.masked_fill(is_true, float("-inf")).amax(1)
+    return F.relu(true - others + margin).mean()
+
+
+def minmax_invert(t: torch.Tensor) -> torch.Tensor:
+    """L2UL's Ω̂ = 1 − (Ω − min)/(max − min), per tensor (a constant tensor gets Ω̂ = 1)."""
+    lo, hi = t.min(), t.max()
+    span = hi - lo
+    return torch.where(span > 0, 1.0 - (t - lo) / span.clamp_min(1e-30), torch.ones_like(t))
+
+
+def topq_mask(tensors: Sequence[torch.Tensor], q: float) -> list:
+    """Binary mask of the global top-q fraction of the entries of ``tensors`` (SalUn-style)."""
+    flat = torch.cat([t.flatten().float() for t in tensors])
+    if flat.numel() == 0:
+        return [torch.zeros_like(t, dtype=torch.bool) for t in tensors]
+    n_keep = max(1, int(round(q * flat.numel())))
+    threshold = torch.topk(flat, n_keep, sorted=False).values.min()
+    return [t >= threshold for t in tensors]
+
+
+def finish_importance(imp: dict, kind: str, topq: float) -> dict:
+    """``config.importance``: the dense importance as is, its top-q binary mask, or L2UL's inversion."""
+    if kind == "topq":
+        masks = topq_mask(list(imp.values()), topq)
+        return {p: m.float() for p, m in zip(imp, masks)}
+    if kind == "inverted":
+        return {p: minmax_invert(v) for p, v in imp.items()}
+    return imp
+
+
+# ----------------------------------------------------------------------------- the registry
+
+_REGISTRY: dict = {}
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_+-.")
+
+
+def register_method(name: str, method, *, replace: bool = False):
+    """Register ``method`` (an :class:`UnlearningMethod` instance or subclass) under ``name``.
+
+    Registered methods run by name in :func:`stakes.unlearn`, ``stakes unlearn --method`` and
+    ``stakes compare --methods`` (the command line loads a user's module with ``--plugin``).
+    Returns the registered instance. A name already taken is an error unless ``replace=True``.
+    """
+    if not isinstance(name, str) or not name or not set(name) <= _NAME_CHARS or name[0] in "+-.":
+        raise ValueError(f"register_method: name must be a non-empty lower-case word (letters, digits, _ + - .), "
+                         f"got {name!r}")
+    if inspect.isclass(method) and issubclass(method, UnlearningMethod):
+        method = method()
+    if not isinstance(method, UnlearningMethod):
+        raise TypeError(f"register_method({name!r}, ...): method must be a stakes.UnlearningMethod instance or "
+                        f"subclass, got {type(method).__name__}")
+    if type(method).loss_terms is UnlearningMethod.loss_terms and not getattr(method, "oracle", False):
+        raise TypeError(f"register_method({name!r}, ...): {type(method).__name__} does not define loss_terms(run, batch)")
+    if name in _REGISTRY and not replace and _REGISTRY[name] is not method:
+        raise ValueError(f"method {name!r} is already registered ({_REGISTRY[name]!r}); pass replace=True to "
+                         "replace it")
+    method.name = name
+    _REGISTRY[name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    """Remove a registered method (a user's; the built-ins can be removed too, for a test)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"no method {name!r} is registered; registered: {available_methods()}")
+    del _REGISTRY[name]
+
+
+def available_methods(*, oracles: bool = True) -> list:
+    """Names of the registered methods, in registration order (built-ins first); ``oracles=False``
+    leaves out reference points that are not unlearning runs (the retrain oracle)."""
+    _load_builtins()
+    return [n for n, m in _REGISTRY.items() if oracles or not getattr(m, "oracle", False)]
+
+
+def get_method(name: str) -> UnlearningMethod:
+    """The registered method ``name`` (ValueError naming the registered ones otherwise)."""
+    _load_builtins()
+    method = _REGISTRY.get(name) if isinstance(name, str) else None
+    if method is None:
+        valid = available_methods(oracles=False)
+        raise ValueError(f"unknown method {name!r}; expected one of {valid} (register your own with "
+                         f"stakes.register_method(name, method))")
+    return method
+
+
+def _load_builtins() -> None:
+    """Import the built-in method modules (each registers itself) once."""
+    import stakes.methods  # noqa: F401  (its __init__ imports every built-in module)

@@ -1,0 +1,22 @@
+"""L2UL (METHOD.md §10): Adv's losses, with the SR term weighted by the inverted, min-max
+normalised importance Ω̂ of the forget set's output norm (in the same fused update)."""
+
+from __future__ import annotations
+
+import torch
+
+from stakes.methods.adv import Adv
+from stakes.methods.base import minmax_invert, register_method
+
+
+class L2UL(Adv):
+    def importance(self, run) -> dict:
+        """Ω = |∂ mean_x ‖f(x_f)‖₂ / ∂θ| on the forget set, min-max normalised per tensor, inverted (§10)."""
+        params = [p for p in run.deployed.parameters() if p.requires_grad]
+        run.set_train()
+        out = run.deployed(run.fx).norm(dim=1).mean()
+        grads = torch.autograd.grad(out, params, allow_unused=True)
+        return {p: minmax_invert(g.abs() if g is not None else torch.zeros_like(p)) for p, g in zip(params, grads)}
+
+
+register_method("l2ul", L2UL())
