@@ -58,8 +58,9 @@ def spec_dtype(value) -> torch.dtype:
     return dtype
 
 
-def tile_config(element_sizes: Sequence[int], arch: int) -> Tuple[int, int]:
-    """(BLOCK, num_warps) of a multi-tensor launch whose operands have these element sizes.
+def tile_config(element_sizes: Sequence[int], arch: int) -> Tuple[int, int, int]:
+    """(BLOCK, TAIL, num_warps) of a multi-tensor launch whose operands have these element sizes
+    (TAIL: the masked sub-tile of a tensor's last chunk, 4 elements a thread).
 
     Every thread must hold at least one whole 16-byte vector of every operand: 16 // size
     consecutive elements of the narrowest. Same on every supported arch (80 ... 100): the kernels
@@ -71,7 +72,7 @@ def tile_config(element_sizes: Sequence[int], arch: int) -> Tuple[int, int]:
     if max(element_sizes) >= 8:
         per_thread = 8
     num_warps = NUM_WARPS if per_thread <= 8 else max(1, NUM_WARPS * 8 // per_thread)
-    return per_thread * 32 * num_warps, num_warps
+    return per_thread * 32 * num_warps, 4 * 32 * num_warps, num_warps
 
 
 if HAS_TRITON:
@@ -90,19 +91,21 @@ if HAS_TRITON:
 
     @triton.jit
     def program_chunk(rows, chunk_tensor, ROW_LEN: tl.constexpr, BLOCK: tl.constexpr):
-        """This program's chunk: (its tensor's table row, element offsets, bounds mask, full tile?).
+        """This program's chunk: (its tensor's table row, first element, the tensor's numel).
 
         ``rows`` is the int64 [T, ROW_LEN] table of :func:`multi_tensor_chunk_table` (operand
-        offsets, then numel, then first chunk); ``chunk_tensor`` maps program → tensor.
+        offsets, then numel, then first chunk); ``chunk_tensor`` maps program → tensor. The chunk
+        is elements [start, start + BLOCK) of its tensor; it is *full* when start + BLOCK <= numel.
+        Only a tensor's last chunk needs a bounds mask: a mask the compiler cannot prove constant
+        over 16 B (numel comes from memory) keeps it from vectorising, so kernels run full chunks
+        unmasked as one tile and the last one masked, in narrow sub-tiles of TAIL elements (fewer
+        registers: 16 masked elements a thread make ptxas spill on sm_80/86).
         """
         pid = tl.program_id(0)
         row = rows + tl.load(chunk_tensor + pid) * ROW_LEN
         numel = tl.load(row + ROW_LEN - 2)
         start = (pid - tl.load(row + ROW_LEN - 1)) * BLOCK  # int64: tensors > 2^31 elements are fine
-        offs = start + tl.arange(0, BLOCK)
-        # Only a tensor's last tile needs the bounds mask; a mask the compiler cannot prove
-        # constant over 16 B (numel comes from memory) would keep it from vectorising.
-        return row, offs, offs < numel, start + BLOCK <= numel
+        return row, start, numel
 
     @triton.jit
     def operand_pointer(base, row, column, offs, ALIGNED: tl.constexpr):

@@ -71,12 +71,16 @@ if HAS_TRITON:
         C_T: tl.constexpr,
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
+        TAIL: tl.constexpr,
     ):
-        row, offs, inb, full = program_chunk(rows, chunk_tensor, 4, BLOCK)
-        if full:  # only a tensor's last tile needs the bounds mask (see program_chunk)
-            _accumulate_importance_tile(i_base, g_base, row, offs, inb, weight, C_T, ALIGNED, False)
-        else:
-            _accumulate_importance_tile(i_base, g_base, row, offs, inb, weight, C_T, ALIGNED, True)
+        row, start, numel = program_chunk(rows, chunk_tensor, 4, BLOCK)
+        if start + BLOCK <= numel:  # a full chunk: one unmasked tile (128-bit accesses)
+            offs = start + tl.arange(0, BLOCK)
+            _accumulate_importance_tile(i_base, g_base, row, offs, offs < numel, weight, C_T, ALIGNED, False)
+        else:  # a tensor's last chunk: masked sub-tiles of TAIL elements (see program_chunk)
+            for sub in range(start, numel, TAIL):
+                offs = sub + tl.arange(0, TAIL)
+                _accumulate_importance_tile(i_base, g_base, row, offs, offs < numel, weight, C_T, ALIGNED, True)
 
 
 def accumulate_importance_reference(
@@ -110,7 +114,7 @@ def plan_accumulate_importance(
     for key in groups.groups:
         i_dt, g_dt, aligned = key
         bases, offsets, numels = groups.launch_operands(key)
-        block, num_warps = tile_config([b.element_size() for b in bases], arch)
+        block, tail, num_warps = tile_config([b.element_size() for b in bases], arch)
         rows, chunk_tensor = multi_tensor_chunk_table(offsets, numels, device, block)
         if chunk_tensor.numel() == 0:
             continue
@@ -119,10 +123,11 @@ def plan_accumulate_importance(
             kernel=_accumulate_importance_kernel,
             grid=(chunk_tensor.numel(),),
             args=(*bases, rows, chunk_tensor, weight),
-            constexprs=dict(C_T=tl.float64 if i_dt == torch.float64 else tl.float32, ALIGNED=aligned, BLOCK=block),
+            constexprs=dict(C_T=tl.float64 if i_dt == torch.float64 else tl.float32, ALIGNED=aligned, BLOCK=block,
+                            TAIL=tail),
             num_warps=num_warps,
             config=dict(dtypes=f"{str(i_dt).replace('torch.', '')}/{str(g_dt).replace('torch.', '')}",
-                        BLOCK=block, aligned=aligned, tensors=rows.shape[0]),
+                        BLOCK=block, TAIL=tail, aligned=aligned, tensors=rows.shape[0]),
             kind="bandwidth",
         ))
     return plan

@@ -139,22 +139,27 @@ if HAS_TRITON:
         PROXIMAL: tl.constexpr,
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
+        TAIL: tl.constexpr,
     ):
-        row, offs, inb, full = program_chunk(rows, chunk_tensor, 8, BLOCK)
-        if full:  # only a tensor's last tile needs the bounds mask (see program_chunk)
+        row, start, numel = program_chunk(rows, chunk_tensor, 8, BLOCK)
+        if start + BLOCK <= numel:  # a full chunk: one unmasked tile (128-bit accesses)
+            offs = start + tl.arange(0, BLOCK)
             sr = _masked_sgd_tile(
                 p_base, g_base, r_base, i_base, m_base, b_base,
-                row, offs, inb, lr, lam, momentum, weight_decay, C_T,
+                row, offs, offs < numel, lr, lam, momentum, weight_decay, C_T,
                 HAS_GRAD, HAS_IMP, BINARY_IMP, HAS_MASK, BINARY_MASK, HAS_DECAY, HAS_MOMENTUM,
                 PROXIMAL, ALIGNED, False,
             )
-        else:
-            sr = _masked_sgd_tile(
-                p_base, g_base, r_base, i_base, m_base, b_base,
-                row, offs, inb, lr, lam, momentum, weight_decay, C_T,
-                HAS_GRAD, HAS_IMP, BINARY_IMP, HAS_MASK, BINARY_MASK, HAS_DECAY, HAS_MOMENTUM,
-                PROXIMAL, ALIGNED, True,
-            )
+        else:  # a tensor's last chunk: masked sub-tiles of TAIL elements (see program_chunk)
+            sr = tl.full([], 0.0, tl.float32)
+            for sub in range(start, numel, TAIL):
+                offs = sub + tl.arange(0, TAIL)
+                sr += _masked_sgd_tile(
+                    p_base, g_base, r_base, i_base, m_base, b_base,
+                    row, offs, offs < numel, lr, lam, momentum, weight_decay, C_T,
+                    HAS_GRAD, HAS_IMP, BINARY_IMP, HAS_MASK, BINARY_MASK, HAS_DECAY, HAS_MOMENTUM,
+                    PROXIMAL, ALIGNED, True,
+                )
         tl.store(partials + tl.program_id(0), sr)
 
 
@@ -271,15 +276,15 @@ def plan_masked_sgd(
     prepared = []
     for key in groups.groups:
         bases, offsets, numels = groups.launch_operands(key)
-        block, num_warps = tile_config([b.element_size() for b, dt in zip(bases, key) if dt is not None], arch)
+        block, tail, num_warps = tile_config([b.element_size() for b, dt in zip(bases, key) if dt is not None], arch)
         rows, chunk_tensor = multi_tensor_chunk_table(offsets, numels, device, block)
         if chunk_tensor.numel():
-            prepared.append((key, bases, rows, chunk_tensor, block, num_warps))
+            prepared.append((key, bases, rows, chunk_tensor, block, tail, num_warps))
     # One fp32 partial SR sum per program of every launch, summed by torch at the end.
-    partials = torch.empty(sum(ct.numel() for *_, ct, _, _ in prepared), dtype=torch.float32, device=device)
+    partials = torch.empty(sum(p[3].numel() for p in prepared), dtype=torch.float32, device=device)
     plan = MultiTensorPlan(groups=groups, partials=partials)
     offset = 0
-    for key, bases, rows, chunk_tensor, block, num_warps in prepared:
+    for key, bases, rows, chunk_tensor, block, tail, num_warps in prepared:
         n_chunks = chunk_tensor.numel()
         p_dt, g_dt, r_dt, i_dt, m_dt, b_dt, aligned = key
         flags = dict(
@@ -298,11 +303,11 @@ def plan_masked_sgd(
             kernel=_masked_sgd_kernel,
             grid=(n_chunks,),
             args=(*bases, rows, chunk_tensor, partials[offset : offset + n_chunks], lr, lam, momentum, weight_decay),
-            constexprs=dict(C_T=tl.float64 if p_dt == torch.float64 else tl.float32, **flags, BLOCK=block),
+            constexprs=dict(C_T=tl.float64 if p_dt == torch.float64 else tl.float32, **flags, BLOCK=block, TAIL=tail),
             num_warps=num_warps,
             config=dict(
                 dtypes="/".join("-" if d is None else str(d).replace("torch.", "") for d in key[:-1]),
-                BLOCK=block, aligned=aligned, tensors=rows.shape[0],
+                BLOCK=block, TAIL=tail, aligned=aligned, tensors=rows.shape[0],
             ),
             kind="bandwidth",
         ))
