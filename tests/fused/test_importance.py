@@ -114,7 +114,7 @@ def test_negative_offsets_mixed_alignment_and_ragged_numels(device):
     n = 1_000_000
     pool = torch.rand(n + 8192, device=device)
     before = pool.clone()
-    slots = [(n, 4099), (0, 2049), (4096, 13), (2056, 4 * 7 + 1)]
+    slots = [(n, 4099), (0, 2049), (4096, 13), (2056, 4 * 7 + 1), (4112, 2048 + 1500)]
     imp = [pool[s : s + m] for s, m in slots] + [torch.rand(2051, device=device)[3:]]
     assert imp[-1].data_ptr() % 16 == 12
     grads = [torch.randn(i.shape, device=device) for i in imp]
@@ -123,7 +123,7 @@ def test_negative_offsets_mixed_alignment_and_ragged_numels(device):
     groups = {(launch.args[1].dtype, launch.constexprs["ALIGNED"]) for launch in plan}
     assert groups == {(torch.float32, True), (torch.float16, True), (torch.float32, False)}
     aligned32 = next(l for l in plan if l.constexprs["ALIGNED"] and l.args[1].dtype == torch.float32)
-    assert aligned32.args[2][:, 0].cpu().tolist() == [0, -n, 2056 - n]
+    assert aligned32.args[2][:, 0].cpu().tolist() == [0, -n, 2056 - n, 4112 - n]
     expected = [i.double() + 0.25 * g.double().abs() for i, g in zip(imp, grads)]
     accumulate_importance(imp, grads, 0.25)
     assert max_err(imp, expected) < 1e-6

@@ -433,13 +433,15 @@ def test_mixed_alignment_list_goes_to_two_groups(device):
 @pytest.mark.parametrize("mask_kind", ["bool", "uint8"])
 @pytest.mark.parametrize("imp_kind", ["bool", "uint8", "float"])
 def test_byte_operands_and_ragged_numels(device, imp_kind, mask_kind):
-    # numels that are neither multiples of BLOCK nor of a 16-byte vector (4 fp32 / 16 bytes)
-    shapes = [(2049,), (4097,), (13,), (16 * 3 + 1,), (5, 3), (2048,)]
+    # numels that are neither multiples of BLOCK nor of a 16-byte vector (4 fp32 / 16 bytes); last
+    # chunks of 1 element up to several masked sub-tiles (TAIL = 512 here)
+    shapes = [(2049,), (4097,), (13,), (16 * 3 + 1,), (5, 3), (2048,), (2048 + 1500,), (1999,)]
     case = make_case(shapes, torch.float32, imp_kind, mask_kind, seed=12, device=device)
     plan = _plan(*case[:4], case[4])
     assert len(plan) == 1
     block, warps = plan[0].constexprs["BLOCK"], plan[0].num_warps
     assert block // (32 * warps) == 16  # a byte operand: 16 elements (one 16-byte vector) a thread
+    assert plan[0].constexprs["TAIL"] == 512
     kw = dict(lr=0.1, lam=0.7, momentum=0.9, weight_decay=0.01)
     ref = tuple(clone(x) for x in case)
     exp_p, exp_b, exp_sr = expected_fp64(*case, lr=0.1, lam=0.7, momentum=0.9, wd=0.01, proximal=False)
