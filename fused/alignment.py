@@ -436,19 +436,31 @@ def alignment_path(K: int) -> str:
 
 
 def _alignment_blocks(kind: int, K: int, arch: int) -> dict:
-    """Block sizes, warps and stages of the alignment kernels for operands of DOT_KIND ``kind``.
+    """Block sizes, warps and stages of the alignment kernels for operands of DOT_KIND ``kind`` on
+    ``arch`` (chosen with ``python -m fused preflight``: no spills, shared memory within every
+    card's limit, wgmma on sm_90).
 
-    Every tile dim is a power of two ≥ 16 (tl.dot on a GPU), 64 rows a program (a wgmma M tile
-    on sm_90); fp32 operands (tf32x3: three products per tile) take half the D chunk of 16-bit
-    ones. Shared memory per stage ≤ 32 KiB, so 2 stages fit every arch's limit (≥ 99 KiB).
+    Every tile dim is a power of two ≥ 16 (tl.dot on a GPU). 16-bit operands: 64 rows a program
+    (a wgmma M tile on sm_90), D chunks of 64. fp32 operands go through tf32x3 (three products
+    per tile, each operand split in two), which needs about twice the registers: D chunks of 16-32,
+    8 warps, and on sm_8x (mma.sync keeps the A operand in registers) 32 rows a program.
     """
-    wide = kind != 0
-    block_d = 64 if wide else 32
     k_pad = max(16, next_pow2(K))
+    if kind != 0:
+        # sm_8x: the largest anchor tile takes 32 rows (mma.sync has no 64-row constraint);
+        # sm_90+: 3 stages for the Gram GEMM (sm_100 otherwise keeps a stack slot).
+        anchor_rows = 32 if (arch < 90 and k_pad > 64) else 64
+        return {
+            "anchors": dict(BLOCK_N=anchor_rows, K_PAD=k_pad, BLOCK_D=64, num_warps=4 if k_pad <= 64 else 8,
+                            num_stages=2),
+            "scalars": dict(BLOCK_N=64, BLOCK_J=64, BLOCK_D=64, num_warps=4, num_stages=2),
+            "gram_grad": dict(BLOCK_N=64, BLOCK_E=64, BLOCK_D=64, num_warps=4, num_stages=3 if arch >= 90 else 2),
+        }
+    rows = 64 if arch >= 90 else 32
     return {
-        "anchors": dict(BLOCK_N=64, K_PAD=k_pad, BLOCK_D=block_d, num_warps=4 if k_pad <= 64 else 8, num_stages=2),
-        "scalars": dict(BLOCK_N=64, BLOCK_J=64, BLOCK_D=block_d, num_warps=4, num_stages=2),
-        "gram_grad": dict(BLOCK_N=64, BLOCK_E=64, BLOCK_D=block_d, num_warps=4, num_stages=2),
+        "anchors": dict(BLOCK_N=rows, K_PAD=k_pad, BLOCK_D=16, num_warps=8, num_stages=2),
+        "scalars": dict(BLOCK_N=rows, BLOCK_J=64, BLOCK_D=32, num_warps=8, num_stages=2),
+        "gram_grad": dict(BLOCK_N=rows, BLOCK_E=64, BLOCK_D=32, num_warps=4, num_stages=2),
     }
 
 
@@ -510,16 +522,40 @@ def plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx
 _ANCHOR_CACHE: dict = {}
 
 
+# The kernels see rows of a width that is a multiple of ROW_ALIGN elements, 16-byte aligned:
+# then every tile load and store vectorises (rows whose width the compiler cannot prove a
+# multiple of the vector width load element by element, and the tiles' addresses then spill).
+ROW_ALIGN = 16
+
+
+def kernel_width(D: int) -> int:
+    """The row width the kernels work on: D rounded up to a multiple of ROW_ALIGN (zero-padded)."""
+    return -(-D // ROW_ALIGN) * ROW_ALIGN
+
+
+def _kernel_rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` [N, D] as the kernels need it: contiguous, 16-byte aligned, ``width`` columns
+    (zero-padded). A no-op for the usual D (a multiple of 16) on a fresh tensor."""
+    t = t.contiguous()
+    if t.shape[1] == width and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0):
+        return t
+    out = t.new_zeros((t.shape[0], width))
+    out[:, : t.shape[1]] = t
+    return out
+
+
 def _anchor_operands(anchors: torch.Tensor, a_dtype: torch.dtype, need_gram: bool):
-    """(Â in ``a_dtype``, M = ÂᵀÂ in ``a_dtype`` or None), cached for the same unchanged anchors."""
+    """(Â [K, Dk] in ``a_dtype``, M = ÂᵀÂ [Dk, Dk] in ``a_dtype`` or None), Dk = kernel_width(D),
+    zero-padded; cached for the same unchanged anchors."""
     key = (anchors.device, a_dtype)
     tracing = torch.compiler.is_compiling()
     hit = None if tracing else _ANCHOR_CACHE.get(key)
     if hit is not None and hit[0]() is anchors and hit[1] == anchors._version and (hit[3] is not None or not need_gram):
         return hit[2], hit[3]
     a32 = F.normalize(anchors.detach().to(torch.float32), dim=1, eps=NORMALIZE_EPS)
-    a_hat = a32.to(a_dtype).contiguous()
-    gram = (a32.T @ a32).to(a_dtype).contiguous() if need_gram else None
+    a32 = _kernel_rows(a32, kernel_width(a32.shape[1]))  # zero columns: they add nothing
+    a_hat = a32.to(a_dtype)
+    gram = (a32.T @ a32).to(a_dtype) if need_gram else None
     if not tracing:
         _ANCHOR_CACHE[key] = (weakref.ref(anchors), anchors._version, a_hat, gram)
     return a_hat, gram
@@ -540,27 +576,33 @@ def _structure_alignment_triton(
     N, D = x.shape
     K = anchors.shape[0]
     a_dtype, _ = _dot_config(x.dtype, x_ref.dtype)
-    x = x.contiguous()
-    x_ref = x_ref.contiguous()
+    width = kernel_width(D)
     loss = torch.empty((N,), dtype=torch.float32, device=x.device)
-    dx = torch.empty((N, D) if need_dx else (0,), dtype=x.dtype, device=x.device)
-    dxr = torch.empty((N, D) if need_dx_ref else (0,), dtype=x_ref.dtype, device=x.device)
-    if N == 0:
-        return loss, dx, dxr
-    path = _FORCE_PATH or alignment_path(K)
-    need_gram = path == "gram" and (need_dx or need_dx_ref or K > D)
-    a_hat, gram = _anchor_operands(anchors, a_dtype, need_gram)
-    coef = torch.empty((N, 8), dtype=torch.float32, device=x.device) if path == "gram" else None
-    for launch in plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx, need_dx_ref,
-                                           device_arch(x.device), path):
-        launch.run(wrap=True)
+    # The kernels write dx / dx_ref rows of ``width`` columns (zeros in the padding); on the
+    # usual D (a multiple of 16) these are the outputs themselves, otherwise D columns are copied out.
+    dx = torch.empty((N, width) if need_dx else (0,), dtype=x.dtype, device=x.device)
+    dxr = torch.empty((N, width) if need_dx_ref else (0,), dtype=x_ref.dtype, device=x.device)
+    if N > 0:
+        path = _FORCE_PATH or alignment_path(K)
+        need_gram = path == "gram" and (need_dx or need_dx_ref or K > width)
+        a_hat, gram = _anchor_operands(anchors, a_dtype, need_gram)
+        coef = torch.empty((N, 8), dtype=torch.float32, device=x.device) if path == "gram" else None
+        for launch in plan_structure_alignment(
+            _kernel_rows(x, width), _kernel_rows(x_ref, width), a_hat, gram, loss, coef, dx, dxr,
+            need_dx, need_dx_ref, device_arch(x.device), path,
+        ):
+            launch.run(wrap=True)
+    if width != D:
+        dx = dx[:, :D].contiguous() if need_dx else dx
+        dxr = dxr[:, :D].contiguous() if need_dx_ref else dxr
     return loss, dx, dxr
 
 
 def preflight_launches(spec: dict, arch: int) -> list:
     """Launches for a shape spec on meta tensors: N, D, K, dtype (of x and x_ref; default fp32),
     grad ("x" default, "x,x_ref" or "none"), path (default: the launcher's choice)."""
-    N, D, K = int(spec["N"]), int(spec["D"]), int(spec["K"])
+    N, K = int(spec["N"]), int(spec["K"])
+    D = kernel_width(int(spec["D"]))  # what the launcher hands the kernels
     dtype = spec.get("dtype", torch.float32)
     grad = spec.get("grad", "x")
     need_dx, need_dxr = "x" in grad.split(","), "x_ref" in grad.split(",")

@@ -29,7 +29,9 @@ from fused._dispatch import (
     resolve_backend,
     triton_library_op,
 )
+from fused._launch import Launch, device_arch
 from fused._triton_common import (
+    DOT_KIND_DTYPES,
     NORMALIZE_EPS,
     check_features_and_anchors,
     dot_kind,
@@ -121,40 +123,58 @@ if HAS_TRITON:
         tl.store(s_ptrs, s.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _similarity_blocks(N: int, K: int, D: int):
-    """Block sizes from the problem size.
+def _similarity_blocks(N: int, K: int, D: int, kind: int, arch: int) -> dict:
+    """Block sizes, warps and stages for S = normalize(X)·normalize(A)ᵀ with DOT_KIND ``kind`` on ``arch``.
 
-    Every block dim is >= 16 (tl.dot on a GPU) and is a power of two; tiles are masked.
-    BLOCK_N ≤ 64 and BLOCK_K ≤ 128 keep the fp32 accumulator at ≤ 64 registers a thread with
-    4 warps; BLOCK_D ≤ 64 keeps the two operand tiles (≤ 24 KiB in fp32) well inside shared memory.
+    Every block dim is a power of two ≥ 16 (tl.dot on a GPU); tiles are masked. 16-bit operands:
+    64 rows a program (a wgmma M tile on sm_90), up to 128 anchors, D chunks of 64. fp32 operands
+    (tf32x3, twice the registers) take up to 64 anchors and D chunks of 32 with 8 warps.
+    Chosen with ``python -m fused preflight``: no spills, shared memory within every card's limit.
     """
-    block_n = min(64, max(16, next_pow2(N)))
-    block_k = min(128, max(16, next_pow2(K)))
-    block_d = min(64, max(16, next_pow2(D)))
-    return block_n, block_k, block_d
+    if kind != 0:
+        block_n, block_k, block_d, warps = 64, min(128, max(16, next_pow2(K))), 64, 4
+    else:
+        block_n = min(64, max(16, next_pow2(N)))
+        block_k, block_d, warps = min(64, max(16, next_pow2(K))), 32, 8 if block_n * max(16, next_pow2(K)) > 1024 else 4
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+
+
+def plan_anchor_similarity(x: torch.Tensor, anchors: torch.Tensor, S: torch.Tensor, arch: int) -> list:
+    """The launch writing S [N, K] for these (real or meta) tensors on ``arch``."""
+    N, D = x.shape
+    K = anchors.shape[0]
+    kind = dot_kind(x.dtype, anchors.dtype)
+    c = _similarity_blocks(N, K, D, kind, arch)
+    warps, stages = c.pop("num_warps"), c.pop("num_stages")
+    grid = (triton.cdiv(N, c["BLOCK_N"]), triton.cdiv(K, c["BLOCK_K"]))
+    return [Launch(
+        "similarity.forward", _anchor_similarity_kernel, grid,
+        (x, anchors, S, N, K, D, x.stride(0), anchors.stride(0), S.stride(0)),
+        dict(**c, DOT_KIND=kind, EPS=NORMALIZE_EPS), warps, stages,
+        config=dict(**{k.lower(): v for k, v in c.items()}, dot=str(DOT_KIND_DTYPES[kind]).replace("torch.", "")),
+        kind="mma",
+    )]
+
+
+def preflight_launches(spec: dict, arch: int) -> list:
+    """Launches for a shape spec on meta tensors: N, D, K, dtype (of x and anchors; default fp32)."""
+    N, D, K = int(spec["N"]), int(spec["D"]), int(spec["K"])
+    dtype = spec.get("dtype", torch.float32)
+    meta = dict(dtype=dtype, device="meta")
+    return plan_anchor_similarity(torch.empty((N, D), **meta), torch.empty((K, D), **meta),
+                                  torch.empty((N, K), **meta), arch)
 
 
 @triton_library_op("fused::anchor_similarity_fwd", mutates_args=())
 def _anchor_similarity_triton(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """Triton forward: S [N, K] in x's dtype (one launch)."""
-    N, D = x.shape
-    K = anchors.shape[0]
     x = x.contiguous()
     anchors = anchors.contiguous()
-    S = torch.empty((N, K), dtype=x.dtype, device=x.device)
-    if N == 0 or K == 0:
+    S = torch.empty((x.shape[0], anchors.shape[0]), dtype=x.dtype, device=x.device)
+    if S.numel() == 0:
         return S
-    block_n, block_k, block_d = _similarity_blocks(N, K, D)
-    kind = dot_kind(x.dtype, anchors.dtype)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
-    launcher(_anchor_similarity_kernel)[grid](
-        x, anchors, S,
-        N, K, D,
-        x.stride(0), anchors.stride(0), S.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-        DOT_KIND=kind, EPS=NORMALIZE_EPS,
-        num_warps=4,
-    )
+    for launch in plan_anchor_similarity(x, anchors, S, device_arch(x.device)):
+        launch.run(wrap=True)
     return S
 
 
