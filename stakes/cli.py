@@ -6,6 +6,9 @@
     stakes compare  --dataset digits --methods neggrad,adv,l2ul,salun,structguard --k 8,16 \
                     --seeds 0,1,2,3,4 --out report/
 
+The job-building code (data, model, anchors, config, one run) lives in :mod:`stakes.jobs`, shared
+with :mod:`stakes.compare`; this module is the top floor and nothing imports it back.
+
 Errors in the user's input print one line ``stakes: error: ...`` and exit with status 2; a run
 that diverges (non-finite loss) exits with status 3 and writes nothing.
 """
@@ -13,111 +16,16 @@ that diverges (non-finite loss) exits with status 3 and writes nothing.
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 from typing import Optional
 
 import torch
 
-from stakes._io import atomic_json_dump, atomic_torch_save
-from stakes.config import PRESETS, UnlearnConfig, preset
-
-
-class UsageError(ValueError):
-    """Bad command-line input."""
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def save_deployed_model(path: str, model: torch.nn.Module, meta: dict) -> None:
-    """Save the deployed model (whole module + meta) atomically; never a non-finite one."""
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ValueError(f"refusing to save a model with non-finite parameter {name!r}")
-    atomic_torch_save({"model": model, "meta": meta}, path)
-
-
-_WORDS = {"true": True, "false": False, "none": None, "null": None}
-
-
-def parse_overrides(items) -> dict:
-    """``--set key=value`` pairs; values are Python literals (numbers, None, True), the words
-    true/false/none in any case, or strings."""
-    out = {}
-    for item in items or ():
-        if "=" not in item:
-            raise UsageError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        if raw.strip().lower() in _WORDS:
-            value = _WORDS[raw.strip().lower()]
-        else:
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw
-        out[key.strip()] = value
-    return out
-
-
-def make_config(args, method: str) -> UnlearnConfig:
-    overrides = parse_overrides(getattr(args, "set", None))
-    overrides.setdefault("seed", args.seed)
-    overrides.setdefault("device", args.device)
-    overrides.setdefault("progress", not args.no_progress)
-    return preset(args.preset, method=method, **overrides)
-
-
-def load_data(args):
-    from stakes.data import load_dataset
-
-    return load_dataset(args.dataset, root=args.root, seed=0)
-
-
-def load_model(args, data):
-    """The pretrained model: ``--model`` checkpoint, else the cached/pretrained default for the data set."""
-    from stakes.pretrain import load_checkpoint, pretrained_model
-
-    if args.model:
-        model, meta = load_checkpoint(args.model)
-        if model.num_classes != data.num_classes:
-            raise UsageError(f"--model has {model.num_classes} classes but data set {data.name!r} has "
-                             f"{data.num_classes}")
-        return model, meta
-    if args.dataset not in ("digits", "shapes"):
-        raise UsageError(f"--model is required for data set {args.dataset!r} (pretrain one with `stakes pretrain`)")
-    return pretrained_model(args.dataset, data=data, cache_dir=args.cache_dir, progress=not args.no_progress)
-
-
-def anchor_cache_dir(args):
-    """Anchors are cached next to the pretrained models (keyed by encoder and prompts), so the text
-    encoder is loaded once per cache, not once per command."""
-    from stakes.pretrain import default_cache_dir
-
-    return args.cache_dir or default_cache_dir()
-
-
-def load_or_build_anchors(args, data, model=None):
-    from stakes.anchors import BUNDLED_DESCRIPTIONS, build_anchors, load_anchors, prototype_anchors
-
-    if getattr(args, "anchors", None):
-        anchors, meta = load_anchors(args.anchors)
-        if anchors.shape[0] != data.num_classes:
-            raise UsageError(f"--anchors has {anchors.shape[0]} anchors but data set {data.name!r} has "
-                             f"{data.num_classes} classes")
-        return anchors, {"source": args.anchors, **{k: v for k, v in meta.items() if k != "prompts"}}
-    if args.encoder == "prototype":
-        if model is None:
-            raise UsageError("--encoder prototype needs a model (class means of its features)")
-        return prototype_anchors(model, data.train_x, data.train_y, data.num_classes), {"encoder": "prototype"}
-    descriptions = args.descriptions
-    if descriptions is None and data.name in BUNDLED_DESCRIPTIONS:
-        descriptions = data.name
-    anchors = build_anchors(data.class_names, descriptions=descriptions, encoder=args.encoder,
-                            cache_dir=anchor_cache_dir(args), checkpoint=args.clip_checkpoint, arch=args.clip_arch,
-                            allow_random=args.clip_random)
-    return anchors, {"encoder": args.encoder, "descriptions": descriptions}
+from stakes._io import atomic_json_dump
+from stakes.config import PRESETS
+from stakes.jobs import (UsageError, anchor_cache_dir, load_data, load_model, load_or_build_anchors, load_plugins,
+                         make_config, run_one, save_deployed_model)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -162,81 +70,6 @@ def cmd_anchors(args) -> int:
     return 0
 
 
-def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxies=None, cfg=None,
-            checkpoint_path=None, resume=False, keep_checkpoint=False, pretrained=None):
-    """One unlearning run with the full evaluation; returns (record, result).
-
-    ``pretrained``: the pretrained model's ``evaluate_model`` figures for this forget set, when the
-    caller already has them (a grid shares them between methods)."""
-    from stakes.data import sample_forget_indices
-    from stakes.methods import unlearn
-    from stakes.metrics import ResourceMeter, evaluate_model, membership_inference
-
-    forget_idx = sample_forget_indices(data.train_y, k, seed)
-    fx, fy = data.train_x[forget_idx], data.train_y[forget_idx]
-    keep = torch.ones(len(data.train_y), dtype=torch.bool)
-    keep[forget_idx] = False
-    cfg = cfg or make_config(args, method).replace(seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    cap = cfg.eval_max_samples
-    retain_idx = keep.nonzero().squeeze(1)
-    if cap is not None and len(retain_idx) > cap:
-        retain_idx = retain_idx[torch.randperm(len(retain_idx), generator=g)[:cap]]
-    test_x, test_y = data.test_x, data.test_y
-    if cap is not None and len(test_y) > cap:
-        sel = torch.randperm(len(test_y), generator=g)[:cap]
-        test_x, test_y = test_x[sel], test_y[sel]
-    eval_sets = {"test": (test_x, test_y), "retain": (data.train_x[retain_idx], data.train_y[retain_idx])}
-    pre = pretrained if pretrained is not None else evaluate_model(model, data, forget_idx)
-    with ResourceMeter(cfg.device) as meter:
-        result = unlearn(model, (fx, fy), method=method, anchors=anchors, config=cfg, eval_sets=eval_sets,
-                         proxies=proxies, retain_size=int(keep.sum()), checkpoint_path=checkpoint_path,
-                         resume=resume, keep_checkpoint=keep_checkpoint)
-    final = evaluate_model(result.model, data, forget_idx)
-    mia = membership_inference(result.model, fx, fy, data.test_x, data.test_y, seed=seed)
-    gallery_x, gallery_y = eval_sets["retain"]
-    retrieval = embedding_metrics(model, result.model, fx, fy, test_x, test_y, gallery_x, gallery_y, seed=seed)
-    record = {
-        "method": method, "dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "k": k,
-        "seed": seed, **final,
-        "pretrained": pre,
-        "structure_drift": result.metrics.get("structure_drift"),
-        "mia": mia,
-        "retrieval": retrieval,
-        "peak_memory_mb": meter.peak_memory_mb,
-        "steps": result.steps, "epochs": result.epochs, "stopped": result.stopped,
-        "wall_time_s": result.wall_time_s, "timings": result.timings, "proxies": result.proxies,
-        "config": result.config, "history": result.history,
-    }
-    return record, result
-
-
-@torch.no_grad()
-def embedding(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """The representation the head sees: ``model.embed`` of a deployed model, else ``model.features``."""
-    embed = getattr(model, "embed", model.features)
-    was = model.training
-    model.eval()
-    out = [embed(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-    model.train(was)
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def embedding_metrics(original, deployed, fx, fy, query_x, query_y, gallery_x, gallery_y, *, seed: int) -> dict:
-    """Retrieval on embeddings (METHOD.md §11): test queries against the retained gallery
-    (recall@1/5, mAP), identification accuracy (1-NN), how often a forgotten image still retrieves
-    its own class, and the change of the retained embeddings' pairwise cosine matrix."""
-    from stakes.metrics import (forgotten_retrieval_rate, identification_accuracy, pairwise_cosine_change,
-                                retrieval_metrics)
-
-    q, gal, f = embedding(deployed, query_x), embedding(deployed, gallery_x), embedding(deployed, fx)
-    out = dict(retrieval_metrics(q, query_y, gal, gallery_y))
-    out["identification_accuracy"] = identification_accuracy(q, query_y, gal, gallery_y)
-    out["forgotten_retrieval_rate"] = forgotten_retrieval_rate(f, fy, gal, gallery_y)
-    out["pairwise_cosine_change"] = pairwise_cosine_change(embedding(original, gallery_x), gal, seed=seed)
-    return out
-
-
 def _summary_lines(rec: dict) -> list:
     pre = rec["pretrained"]
     px = rec.get("proxies") or {}
@@ -260,6 +93,12 @@ def _summary_lines(rec: dict) -> list:
     if ret:
         lines.append(f"  retrieval (test vs retained): recall@1 {ret['recall@1']:.1f} %, mAP {ret['mAP']:.1f} %; "
                      f"forgotten images retrieving their class {ret['forgotten_retrieval_rate']:.1f} %")
+    info = rec.get("model") or {}
+    if info.get("normalization"):
+        norm = info["normalization"]
+        stats = f" mean {norm['mean']}, std {norm['std']}" if norm.get("mean") is not None else ""
+        lines.append(f"  model: {info.get('source')} → {info.get('type')} ({info.get('form')}); input normalisation: "
+                     f"{norm['source']}{stats}")
     lines.append(f"  {rec['steps']} steps, {rec['epochs']} epochs, stopped: {rec['stopped']}, "
                  f"{rec['wall_time_s']:.1f} s")
     return lines
@@ -336,8 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
         sp.add_argument("--seed", type=int, default=0)
         if model:
-            sp.add_argument("--model", default=None, help="pretrained checkpoint (stakes pretrain); "
-                                                          "default: pretrain and cache one for digits/shapes")
+            sp.add_argument("--model", default=None,
+                            help="the model to unlearn: a stakes checkpoint (stakes pretrain), a whole pickled model "
+                                 "(torch.save(model); unpickled, so only your own files), or a state dict with "
+                                 "--arch; default: pretrain and cache one for digits/shapes")
+            sp.add_argument("--arch", default=None, metavar="FAMILY:NAME",
+                            help="what a --model state dict belongs to: timm:NAME, torchvision:NAME (random-weight "
+                                 "model built with the data set's classes) or hf:LOCAL_DIR (a save_pretrained folder; "
+                                 "without --model its own weights); never downloads")
+            sp.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                            help="extra keyword for the --arch constructor, e.g. patch_size=4 (repeatable)")
+            sp.add_argument("--mean", default=None, help="input mean per channel, comma-separated (with --std); "
+                                                         "default: the model's config (timm, Hugging Face) or none")
+            sp.add_argument("--std", default=None, help="input std per channel, comma-separated (with --mean)")
+            sp.add_argument("--plugin", action="append", metavar="PATH_OR_MODULE",
+                            help="a .py file or module that registers methods with stakes.register_method "
+                                 "(repeatable)")
 
     def anchor_args(sp):
         sp.add_argument("--encoder", default="minilm", choices=("minilm", "open_clip", "prototype"))
@@ -365,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("unlearn", help="unlearn k training instances")
     common(sp)
     anchor_args(sp)
-    from stakes.methods import METHODS
+    from stakes.methods import available_methods
 
-    sp.add_argument("--method", default="structguard", choices=[m for m in METHODS if m != "retrain"])
+    sp.add_argument("--method", default="structguard", choices=available_methods(oracles=False),
+                    help="a registered method (the built-ins, and those of --plugin)")
     sp.add_argument("--k", type=int, default=8, help="forget set size")
     sp.add_argument("--preset", default="stable", choices=PRESETS)
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
@@ -381,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("compare", help="run a grid of methods × k × seeds and write a report")
     common(sp)
     anchor_args(sp)
-    sp.add_argument("--methods", default="neggrad,adv,l2ul,salun,structguard")
+    sp.add_argument("--methods", default="neggrad,adv,l2ul,salun,structguard",
+                    help="comma-separated registered methods (the built-ins, and those of --plugin)")
     sp.add_argument("--k", type=_int_list, default=[8, 16])
     sp.add_argument("--seeds", type=_int_list, default=[0, 1, 2, 3, 4])
     sp.add_argument("--preset", default="stable", choices=PRESETS)
@@ -405,7 +260,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plugin_specs(argv: list) -> list:
+    """The ``--plugin`` values of ``argv``, read before the parser is built: a plugin's methods must
+    be registered for ``--method`` to accept them."""
+    specs = []
+    for i, arg in enumerate(argv):
+        if arg == "--plugin" and i + 1 < len(argv):
+            specs.append(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            specs.append(arg.split("=", 1)[1])
+    return specs
+
+
 def main(argv: Optional[list] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        load_plugins(_plugin_specs(argv))
+    except UsageError as err:
+        print(f"stakes: error: {err}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     from stakes.methods import NonFiniteError

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from stakes._io import atomic_json_dump, atomic_text
 from stakes.config import UnlearnConfig
+from stakes.methods.retrain import retrain_oracle  # noqa: F401  (also part of this module's API)
 
 MATCHED = (25.0, 10.0, 0.0)
 
@@ -35,24 +36,6 @@ def median_neighbour_distance(data, forget_idx: torch.Tensor) -> float:
             continue
         dists.append(float(torch.cdist(x[i:i + 1], x[same]).min()))
     return float(torch.tensor(dists).median()) if dists else float("nan")
-
-
-def retrain_oracle(data, forget_idx: torch.Tensor, seed: int, *, progress: bool = False, device: str = "cpu"):
-    """Train from scratch without the forget set (the data set's default recipe); returns the model."""
-    from stakes.data import ImageData
-    from stakes.models import build_model, default_arch
-    from stakes.pretrain import pretrain
-
-    keep = torch.ones(len(data.train_y), dtype=torch.bool)
-    keep[forget_idx] = False
-    retained = ImageData(name=data.name, class_names=data.class_names, train_x=data.train_x[keep],
-                         train_y=data.train_y[keep], test_x=data.test_x, test_y=data.test_y,
-                         synthetic=data.synthetic)
-    torch.manual_seed(seed)
-    c, h, _ = data.input_shape
-    model = build_model(default_arch(data.name), data.num_classes, in_channels=c, image_size=h)
-    pretrain(model, retained, seed=seed, progress=progress, device=device)
-    return model.eval()
 
 
 def _fmt(stats: dict, digits: int = 1) -> str:
@@ -237,13 +220,13 @@ def run_compare(args) -> int:
     """The ``stakes compare`` command (see the module docstring)."""
     import os
 
-    from stakes.cli import UsageError, load_data, load_model, load_or_build_anchors, make_config, run_one
     from stakes.data import sample_forget_indices
-    from stakes.methods import METHODS, build_proxies
+    from stakes.jobs import UsageError, load_data, load_model, load_or_build_anchors, make_config, run_one
+    from stakes.methods import available_methods, build_proxies, get_method
     from stakes.metrics import accuracy, evaluate_model, membership_inference
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    valid = [m for m in METHODS if m != "retrain"]
+    valid = available_methods(oracles=False)
     bad = [m for m in methods if m not in valid]
     if bad or not methods:
         raise UsageError(f"--methods: unknown {bad or 'empty list'}; expected a comma-separated subset of {valid}")
@@ -296,7 +279,7 @@ def run_compare(args) -> int:
                 record["method"] = label
                 record["timings"].update({f"shared_{n}": v for n, v in ptimes.items()})
                 # the proxy set is shared, but each method that trains on it would have had to build it alone
-                uses_proxies = method != "neggrad"
+                uses_proxies = get_method(method).uses_proxies
                 record["wall_time_with_proxies_s"] = record["wall_time_s"] + uses_proxies * sum(ptimes.values())
                 record["status"] = "ok"
                 radius = meta["radius"].setdefault(str(k), {"calibrated": cfg.eps is None, "eps": {},

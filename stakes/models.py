@@ -271,6 +271,24 @@ def _config_normalization(model, kind: str) -> Optional[dict]:
     return None
 
 
+def _input_channels(model: nn.Module) -> Optional[int]:
+    """The channel count of the model's first convolution (or patch embedding), if it has one."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            return mod.in_channels
+    return None
+
+
+def _fit_channels(norm: dict, model: nn.Module) -> dict:
+    """Config statistics are for RGB; a model built for another channel count gets their channel mean."""
+    channels = _input_channels(model)
+    if norm.get("mean") is None or channels is None or channels == len(norm["mean"]):
+        return norm
+    mean, std = sum(norm["mean"]) / len(norm["mean"]), sum(norm["std"]) / len(norm["std"])
+    return {"source": f"{norm['source']}, averaged over channels (the model takes {channels})",
+            "mean": [mean] * channels, "std": [std] * channels}
+
+
 def _normalization(model, kind: str, normalization) -> dict:
     """The input normalisation to put in front of an adapted model (see :func:`as_classifier`)."""
     if normalization is False or normalization is None:
@@ -281,7 +299,7 @@ def _normalization(model, kind: str, normalization) -> dict:
                              f"got {normalization!r}")
         found = _config_normalization(model, kind)
         if found is not None:
-            return found
+            return _fit_channels(found, model)
         return {"source": f"none: the {kind} model carries no mean/std (pass normalization=(mean, std)); "
                           "it sees images in [0, 1]", "mean": None, "std": None}
     if hasattr(normalization, "image_mean") and hasattr(normalization, "image_std"):   # an HF image processor
@@ -293,7 +311,8 @@ def _normalization(model, kind: str, normalization) -> dict:
             raise ValueError(f"normalization must be 'config', (mean, std), an image processor or None, "
                              f"got {normalization!r}") from None
         source = "given by the user"
-    mean, std = [float(v) for v in torch.as_tensor(mean).flatten()], [float(v) for v in torch.as_tensor(std).flatten()]
+    mean = [float(v) for v in torch.as_tensor(mean, dtype=torch.float64).flatten()]
+    std = [float(v) for v in torch.as_tensor(std, dtype=torch.float64).flatten()]
     if not mean or len(mean) != len(std) or any(v <= 0 for v in std):
         raise ValueError(f"normalization: mean and std need the same length (one value per channel) and std > 0, "
                          f"got mean={mean}, std={std}")

@@ -70,6 +70,8 @@ MODELS = {
     "timm-resnet10t": (_timm("resnet10t"), "fc"),
     "timm-vit": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=8), "head"),
     "timm-convnext": (_timm("convnext_atto"), "head.fc"),
+    "timm-test_resnet": (_timm("test_resnet"), "fc"),
+    "timm-test_vit": (_timm("test_vit", img_size=32), "head"),
     "tv-resnet18": (lambda: tv.models.resnet18(num_classes=C), "fc"),
     "tv-resnext": (lambda: tv.models.ResNet(tv.models.resnet.Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4,
                                             num_classes=C), "fc"),
@@ -133,8 +135,11 @@ def test_normalization_comes_from_the_config_or_the_user():
     with torch.no_grad():
         assert torch.equal(user(x), model((x - 0.5) / 0.25))
     # torchvision models carry no statistics: none is added, and the result says so
-    plain = as_classifier(_make("tv-resnet18"))
+    plain = as_classifier(_make("tv-resnext"))
     assert plain.normalization["mean"] is None and "carries no mean/std" in plain.normalization["source"]
+    # RGB statistics for a one-channel model: their channel mean
+    gray = as_classifier(timm.create_model("test_resnet", num_classes=C, in_chans=1))
+    assert gray.normalization["mean"] == [0.5] and "averaged over channels" in gray.normalization["source"]
     with pytest.raises(ValueError, match="same length"):
         as_classifier(model, normalization=([0.5, 0.5], [0.2]))
     with pytest.raises(ValueError, match="std > 0"):
@@ -162,7 +167,7 @@ def test_anything_else_gets_a_clear_error():
     with pytest.raises(TypeError, match=r"as_classifier\(features, head\)"):
         as_classifier(nn.Sequential(nn.Flatten(1), nn.Linear(12, 3)))
     with pytest.raises(TypeError, match="num_classes=0"):
-        as_classifier(timm.create_model("resnet10t", num_classes=0))
+        as_classifier(timm.create_model("test_resnet", num_classes=0))
     with pytest.raises(TypeError, match="layers after its last nn.Linear"):
         m = tv.models.resnet18(num_classes=C)
         m.fc = nn.Sequential(nn.Linear(512, C), nn.Softmax(dim=1))
@@ -177,18 +182,19 @@ def _data(n, seed):
 
 
 def _config(**over):
+    """A few steps, tiny PGD (2 repetitions of 2 steps), a small importance sample."""
     values = dict(repetitions=2, pgd_steps=2, eps=0.5, max_steps=2, log_every=1, progress=False, backend="reference",
                   stop_warmup_steps=100, importance_samples=8, lr=0.05)
     values.update(over)
     return stakes.preset("stable", **values)
 
 
-@pytest.mark.parametrize("name", ["timm-resnet10t", "timm-vit", "tv-resnet18", "tv-mobilenet_v3_small",
-                                  "tv-convnext", "hf-vit", "hf-resnet"])
+@pytest.mark.parametrize("name", ["timm-test_resnet", "timm-test_vit", "tv-resnext", "tv-swin", "tv-convnext",
+                                  "hf-vit", "hf-resnet"])
 def test_structguard_unlearns_a_users_model_and_returns_its_class(name, tmp_path):
     model = _make(name)
     before = copy.deepcopy(model.state_dict())
-    forget, test = _data(4, 1), _data(16, 2)
+    forget, test = _data(4, 1), _data(8, 2)
     anchors = torch.randn(C, 16, generator=torch.Generator().manual_seed(3))
     res = stakes.unlearn(model, forget, method="structguard", anchors=anchors, config=_config(),
                          eval_sets={"test": test})
@@ -221,7 +227,7 @@ def test_structguard_unlearns_a_users_model_and_returns_its_class(name, tmp_path
 
 
 def test_a_trained_projector_keeps_stakes_deployed_model_and_says_so():
-    model = _make("timm-resnet10t")
+    model = _make("timm-test_resnet")
     forget = _data(4, 1)
     res = stakes.unlearn(model, forget, anchors=torch.randn(C, 16), config=_config(projector_lr=0.009))
     assert res.model is res.deployed and res.model.projector is not None

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import stakes
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -13,17 +15,30 @@ def _python_blocks() -> list:
     return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
 
 
+def user_method_block() -> str:
+    """The README's complete user method (also run by tests/stakes/test_registry.py and, as a
+    --plugin file, by tests/stakes/test_cli_models.py)."""
+    return next(b for b in _python_blocks() if "stakes.register_method(" in b)
+
+
 def test_readme_has_the_api_examples():
     blocks = _python_blocks()
-    assert len(blocks) == 2 and "stakes.unlearn(" in blocks[0] and "fused.masked_regularized_sgd_step(" in blocks[1]
+    assert len(blocks) == 3 and "stakes.unlearn(" in blocks[0] and "fused.masked_regularized_sgd_step(" in blocks[2]
+    assert "class NearestWrongClass(stakes.UnlearningMethod)" in blocks[1] == user_method_block()
 
 
 @pytest.mark.slow
 def test_readme_python_examples_run(stakes_cache, digits_model, monkeypatch):
     monkeypatch.setenv("STAKES_CACHE", str(stakes_cache))   # the session's pretrained digits model
+    from stakes.methods import unregister_method
+
     ns: dict = {}
-    for block in _python_blocks():
-        exec(compile(block, str(README), "exec"), ns)
+    try:
+        for block in _python_blocks():
+            exec(compile(block, str(README), "exec"), ns)
+    finally:
+        if "nearest-wrong" in stakes.available_methods():
+            unregister_method("nearest-wrong")
     result = ns["result"]
     assert result.metrics["forget_accuracy"] == 0.0 and result.metrics["test_accuracy"] > 50.0
     assert result.history[0]["step"] == 0 and result.history[-1]["step"] == result.steps
@@ -32,3 +47,5 @@ def test_readme_python_examples_run(stakes_cache, digits_model, monkeypatch):
     assert all(torch.allclose(i, 0.5 * g.abs()) for i, g in zip(ns["importance"], ns["grads"]))
     offsets = (ns["x_adv"] - ns["x0"]).flatten(1).norm(dim=1)
     assert float(offsets.max()) <= 1.5 + 1e-4
+    assert torch.allclose(ns["loss_m"].detach(), ns["loss"].detach(), atol=1e-6)
+    assert torch.allclose(ns["S_m"], ns["S"], atol=1e-6)

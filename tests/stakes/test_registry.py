@@ -111,24 +111,12 @@ def test_a_non_finite_loss_is_reported_with_its_step_and_term(tmp_path, digits_m
     assert not ckpt.exists()
 
 
-TOY_README = '''
-import torch.nn.functional as F
-
-class NearestWrongClass(stakes.UnlearningMethod):
-    """Relabel each forget image to its current runner-up class; keep the proxies' labels."""
-    def loss_terms(self, run, batch):
-        logits = run.deployed(batch.forget_x)
-        runner_up = logits.scatter(1, batch.forget_y[:, None], float("-inf")).argmax(1)
-        return {"relabel": F.cross_entropy(logits, runner_up),
-                "retention": F.cross_entropy(run.deployed(batch.proxy_x), batch.proxy_y)}
-
-stakes.register_method("nearest-wrong", NearestWrongClass())
-'''
 
 
-def test_a_user_method_runs_by_name(digits, digits_model, forget_set, fast_config):
-    ns = {"stakes": stakes}
-    exec(TOY_README, ns)
+def test_the_readme_user_method_runs_by_name(digits, digits_model, forget_set, fast_config):
+    from tests.stakes.test_readme import user_method_block
+
+    exec(user_method_block(), {})
     try:
         assert "nearest-wrong" in stakes.available_methods() and "nearest-wrong" not in METHODS
         cfg = fast_config(max_steps=None, max_epochs=30, stop_warmup_steps=0, lr=0.05)

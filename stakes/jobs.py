@@ -1,0 +1,356 @@
+"""The jobs the command line runs, built from its arguments: data, model, anchors, config, one
+unlearning run with its full evaluation. ``stakes.cli`` (the command line) and ``stakes.compare``
+(the grid) both build on this module; nothing here imports them.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from stakes._io import atomic_torch_save
+from stakes.config import UnlearnConfig, preset
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def save_deployed_model(path: str, model: torch.nn.Module, meta: dict) -> None:
+    """Save the deployed model (whole module + meta) atomically; never a non-finite one."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"refusing to save a model with non-finite parameter {name!r}")
+    atomic_torch_save({"model": model, "meta": meta}, path)
+
+
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def parse_overrides(items) -> dict:
+    """``--set key=value`` pairs; values are Python literals (numbers, None, True), the words
+    true/false/none in any case, or strings."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        if raw.strip().lower() in _WORDS:
+            value = _WORDS[raw.strip().lower()]
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+        out[key.strip()] = value
+    return out
+
+
+def make_config(args, method: str) -> UnlearnConfig:
+    overrides = parse_overrides(getattr(args, "set", None))
+    overrides.setdefault("seed", args.seed)
+    overrides.setdefault("device", args.device)
+    overrides.setdefault("progress", not args.no_progress)
+    return preset(args.preset, method=method, **overrides)
+
+
+def load_data(args):
+    from stakes.data import load_dataset
+
+    return load_dataset(args.dataset, root=args.root, seed=0)
+
+
+def load_model(args, data):
+    """The pretrained model as a :class:`stakes.models.Classifier` (images in [0, 1]) and its meta.
+
+    ``--model`` is a stakes checkpoint (``stakes pretrain``), a whole pickled model (``torch.save(model)``,
+    or a ``--save-model`` file), or a state dict together with ``--arch timm:NAME | torchvision:NAME |
+    hf:LOCAL_DIR`` (``hf:DIR`` alone loads the folder's own weights). A user's model is split by
+    :func:`stakes.models.as_classifier`, with ``--mean/--std`` or its config's normalisation in front.
+    Without either, the cached/pretrained default of digits and shapes."""
+    from stakes.models import Classifier, as_classifier
+    from stakes.pretrain import pretrained_model
+
+    arch = getattr(args, "arch", None)
+    if args.model or arch:
+        model, meta = _user_model(args, data)
+        normalization = _cli_normalization(args)
+        if isinstance(model, Classifier) and normalization != "config":
+            raise UsageError("--mean/--std are for timm / torchvision / Hugging Face models; a stakes model "
+                             "normalises its input itself")
+        clf = as_classifier(model, normalization=normalization)
+        if clf.num_classes != data.num_classes:
+            raise UsageError(f"--model has {clf.num_classes} classes but data set {data.name!r} has "
+                             f"{data.num_classes}")
+        was = clf.training
+        try:
+            with torch.no_grad():
+                out = clf.eval()(data.train_x[:2])
+        except Exception as err:
+            raise UsageError(f"the model cannot take the images of data set {data.name!r} (shape "
+                             f"{tuple(data.train_x.shape[1:])}): {type(err).__name__}: {err}") from None
+        clf.train(was)
+        if out.shape != (min(2, len(data.train_x)), data.num_classes):
+            raise UsageError(f"the model maps images to shape {tuple(out.shape)}, expected [N, {data.num_classes}]")
+        if getattr(clf, "adapter", None) is not None:
+            meta = {**meta, "type": clf.adapter.model_type, "normalization": clf.normalization}
+        return clf, meta
+    if args.dataset not in ("digits", "shapes"):
+        raise UsageError(f"--model is required for data set {args.dataset!r} (pretrain one with `stakes pretrain`)")
+    return pretrained_model(args.dataset, data=data, cache_dir=args.cache_dir, progress=not args.no_progress)
+
+
+def _float_list(name: str, text):
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{name} expects comma-separated numbers (one per channel), got {text!r}") from None
+    if not values:
+        raise UsageError(f"{name} expects at least one number")
+    return values
+
+
+def _cli_normalization(args):
+    """``--mean/--std`` (both or neither), else the model's config ("config")."""
+    mean, std = getattr(args, "mean", None), getattr(args, "std", None)
+    if (mean is None) != (std is None):
+        raise UsageError("--mean and --std go together (one value per channel each)")
+    if mean is None:
+        return "config"
+    return _float_list("--mean", mean), _float_list("--std", std)
+
+
+def _user_model(args, data):
+    """The user's ``nn.Module`` from ``--model`` and/or ``--arch`` (see :func:`load_model`)."""
+    from stakes.pretrain import CHECKPOINT_FORMAT, load_checkpoint
+
+    arch, path = getattr(args, "arch", None), args.model
+    payload = None
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--model: no checkpoint at {path}")
+        try:   # a user's own file: whole pickled models need the full unpickler
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ValueError(f"--model {path} is not a readable torch file: {err}") from None
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        if arch:
+            raise UsageError(f"--model {path} is a stakes checkpoint (it names its architecture); drop --arch")
+        return load_checkpoint(path)[0], {"source": path}
+    if isinstance(payload, dict) and isinstance(payload.get("model"), torch.nn.Module):   # a --save-model file
+        payload = payload["model"]
+    if isinstance(payload, torch.nn.Module):
+        if arch:
+            raise UsageError(f"--model {path} is a whole model; drop --arch (it is for state dicts)")
+        return payload.eval(), {"source": path}
+    if payload is not None and not (isinstance(payload, dict) and all(isinstance(v, torch.Tensor)
+                                                                      for v in payload.values())):
+        raise ValueError(f"--model {path}: expected a stakes checkpoint, a pickled model or a state dict, got "
+                         f"{type(payload).__name__}")
+    if not arch:
+        raise UsageError(f"--model {path} is a state dict: say what it belongs to with --arch timm:NAME, "
+                         "torchvision:NAME or hf:LOCAL_DIR")
+    model = build_user_arch(arch, data, model_args=parse_overrides(getattr(args, "model_arg", None)),
+                            load_weights=payload is None)
+    if payload is not None:
+        try:
+            model.load_state_dict(payload)
+        except RuntimeError as err:
+            raise ValueError(f"--model {path} does not fit --arch {arch}: {str(err).splitlines()[0]}") from None
+    return model.eval(), {"source": path or arch, "arch": arch}
+
+
+def build_user_arch(arch: str, data, *, model_args: Optional[dict] = None, load_weights: bool = False):
+    """A random-weight model ``timm:NAME`` / ``torchvision:NAME`` for ``data`` (its classes; timm also
+    its channels and image size), or ``hf:LOCAL_DIR`` (a local folder: its config, and its weights when
+    ``load_weights``). Never downloads."""
+    family, _, name = arch.partition(":")
+    kw = dict(model_args or {})
+    c, h, _ = data.input_shape
+    if family == "timm" and name:
+        import timm
+
+        if not timm.is_model(name):
+            raise UsageError(f"--arch {arch}: timm has no model {name!r}")
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=data.num_classes, in_chans=c,
+                                     **{"img_size": h, **kw})
+        except TypeError:   # a model without an image size (CNNs)
+            return timm.create_model(name, pretrained=False, num_classes=data.num_classes, in_chans=c, **kw)
+    if family == "torchvision" and name:
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(name, weights=None, num_classes=data.num_classes, **kw)
+        except (ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"--arch {arch}: {err}") from None
+    if family == "hf" and name:
+        import transformers
+
+        if not os.path.isdir(name):
+            raise UsageError(f"--arch {arch}: {name!r} is not a local folder (a Hugging Face model saved with "
+                             "save_pretrained; nothing is downloaded)")
+        try:
+            if load_weights:
+                model = transformers.AutoModelForImageClassification.from_pretrained(name, local_files_only=True, **kw)
+            else:
+                config = transformers.AutoConfig.from_pretrained(name, local_files_only=True,
+                                                                 num_labels=data.num_classes, **kw)
+                model = transformers.AutoModelForImageClassification.from_config(config)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--arch {arch}: {str(err).splitlines()[0]}") from None
+        return model
+    raise UsageError(f"--arch must be timm:NAME, torchvision:NAME or hf:LOCAL_DIR, got {arch!r}")
+
+
+def load_plugins(specs) -> list:
+    """Import each ``--plugin`` (a .py file or a module name); a plugin registers its methods with
+    :func:`stakes.register_method` when imported. Returns the modules."""
+    import importlib
+    import importlib.util
+
+    modules = []
+    for spec in specs or ():
+        try:
+            if spec.endswith(".py") or os.path.sep in spec or os.path.exists(spec):
+                if not os.path.isfile(spec):
+                    raise FileNotFoundError(f"no such file {spec!r}")
+                name = "stakes_plugin_" + "".join(ch if ch.isalnum() else "_" for ch in os.path.abspath(spec))
+                if name in sys.modules:
+                    modules.append(sys.modules[name])
+                    continue
+                mspec = importlib.util.spec_from_file_location(name, spec)
+                module = importlib.util.module_from_spec(mspec)
+                sys.modules[name] = module
+                try:
+                    mspec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            else:
+                module = importlib.import_module(spec)
+        except Exception as err:
+            raise UsageError(f"--plugin {spec}: cannot load it ({type(err).__name__}: {err})") from None
+        modules.append(module)
+    return modules
+
+
+def anchor_cache_dir(args):
+    """Anchors are cached next to the pretrained models (keyed by encoder and prompts), so the text
+    encoder is loaded once per cache, not once per command."""
+    from stakes.pretrain import default_cache_dir
+
+    return args.cache_dir or default_cache_dir()
+
+
+def load_or_build_anchors(args, data, model=None):
+    from stakes.anchors import BUNDLED_DESCRIPTIONS, build_anchors, load_anchors, prototype_anchors
+
+    if getattr(args, "anchors", None):
+        anchors, meta = load_anchors(args.anchors)
+        if anchors.shape[0] != data.num_classes:
+            raise UsageError(f"--anchors has {anchors.shape[0]} anchors but data set {data.name!r} has "
+                             f"{data.num_classes} classes")
+        return anchors, {"source": args.anchors, **{k: v for k, v in meta.items() if k != "prompts"}}
+    if args.encoder == "prototype":
+        if model is None:
+            raise UsageError("--encoder prototype needs a model (class means of its features)")
+        return prototype_anchors(model, data.train_x, data.train_y, data.num_classes), {"encoder": "prototype"}
+    descriptions = args.descriptions
+    if descriptions is None and data.name in BUNDLED_DESCRIPTIONS:
+        descriptions = data.name
+    anchors = build_anchors(data.class_names, descriptions=descriptions, encoder=args.encoder,
+                            cache_dir=anchor_cache_dir(args), checkpoint=args.clip_checkpoint, arch=args.clip_arch,
+                            allow_random=args.clip_random)
+    return anchors, {"encoder": args.encoder, "descriptions": descriptions}
+
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxies=None, cfg=None,
+            checkpoint_path=None, resume=False, keep_checkpoint=False, pretrained=None):
+    """One unlearning run with the full evaluation; returns (record, result).
+
+    ``pretrained``: the pretrained model's ``evaluate_model`` figures for this forget set, when the
+    caller already has them (a grid shares them between methods)."""
+    from stakes.data import sample_forget_indices
+    from stakes.methods import unlearn
+    from stakes.models import as_classifier
+    from stakes.metrics import ResourceMeter, evaluate_model, membership_inference
+
+    model = as_classifier(model)
+    forget_idx = sample_forget_indices(data.train_y, k, seed)
+    fx, fy = data.train_x[forget_idx], data.train_y[forget_idx]
+    keep = torch.ones(len(data.train_y), dtype=torch.bool)
+    keep[forget_idx] = False
+    cfg = cfg or make_config(args, method).replace(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    cap = cfg.eval_max_samples
+    retain_idx = keep.nonzero().squeeze(1)
+    if cap is not None and len(retain_idx) > cap:
+        retain_idx = retain_idx[torch.randperm(len(retain_idx), generator=g)[:cap]]
+    test_x, test_y = data.test_x, data.test_y
+    if cap is not None and len(test_y) > cap:
+        sel = torch.randperm(len(test_y), generator=g)[:cap]
+        test_x, test_y = test_x[sel], test_y[sel]
+    eval_sets = {"test": (test_x, test_y), "retain": (data.train_x[retain_idx], data.train_y[retain_idx])}
+    pre = pretrained if pretrained is not None else evaluate_model(model, data, forget_idx)
+    with ResourceMeter(cfg.device) as meter:
+        result = unlearn(model, (fx, fy), method=method, anchors=anchors, config=cfg, eval_sets=eval_sets,
+                         proxies=proxies, retain_size=int(keep.sum()), checkpoint_path=checkpoint_path,
+                         resume=resume, keep_checkpoint=keep_checkpoint)
+    deployed = result.deployed   # stakes' view, images in [0, 1] (result.model may be the user's own class)
+    final = evaluate_model(deployed, data, forget_idx)
+    mia = membership_inference(deployed, fx, fy, data.test_x, data.test_y, seed=seed)
+    gallery_x, gallery_y = eval_sets["retain"]
+    retrieval = embedding_metrics(model, deployed, fx, fy, test_x, test_y, gallery_x, gallery_y, seed=seed)
+    record = {
+        "method": method, "dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "k": k,
+        "seed": seed, **final,
+        "pretrained": pre,
+        "structure_drift": result.metrics.get("structure_drift"),
+        "mia": mia,
+        "retrieval": retrieval,
+        "peak_memory_mb": meter.peak_memory_mb,
+        "steps": result.steps, "epochs": result.epochs, "stopped": result.stopped,
+        "wall_time_s": result.wall_time_s, "timings": result.timings, "proxies": result.proxies,
+        "config": result.config, "history": result.history, "model": result.model_info,
+    }
+    return record, result
+
+
+@torch.no_grad()
+def embedding(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The representation the head sees: ``model.embed`` of a deployed model, else ``model.features``."""
+    embed = getattr(model, "embed", model.features)
+    was = model.training
+    model.eval()
+    out = [embed(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    model.train(was)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def embedding_metrics(original, deployed, fx, fy, query_x, query_y, gallery_x, gallery_y, *, seed: int) -> dict:
+    """Retrieval on embeddings (METHOD.md §11): test queries against the retained gallery
+    (recall@1/5, mAP), identification accuracy (1-NN), how often a forgotten image still retrieves
+    its own class, and the change of the retained embeddings' pairwise cosine matrix."""
+    from stakes.metrics import (forgotten_retrieval_rate, identification_accuracy, pairwise_cosine_change,
+                                retrieval_metrics)
+
+    q, gal, f = embedding(deployed, query_x), embedding(deployed, gallery_x), embedding(deployed, fx)
+    out = dict(retrieval_metrics(q, query_y, gal, gallery_y))
+    out["identification_accuracy"] = identification_accuracy(q, query_y, gal, gallery_y)
+    out["forgotten_retrieval_rate"] = forgotten_retrieval_rate(f, fy, gal, gallery_y)
+    out["pairwise_cosine_change"] = pairwise_cosine_change(embedding(original, gallery_x), gal, seed=seed)
+    return out
+
+
