@@ -1,6 +1,6 @@
 """Pieces shared by the two structure ops built on S = normalize(X)·Âᵀ (fused.similarity,
 fused.alignment): the tensor-core operand dtype and the ``tl.dot`` helpers of their kernels, block
-sizing, the row-normalisation backward of their references, and their common argument check.
+sizing, the row padding of their kernels' operands, the row-normalisation backward of their references, and their common argument check.
 """
 
 from __future__ import annotations
@@ -30,6 +30,28 @@ def dot_kind(a_dtype: torch.dtype, b_dtype: torch.dtype) -> int:
     if a_dtype == b_dtype and a_dtype in (torch.float16, torch.bfloat16):
         return DOT_KIND_DTYPES.index(a_dtype)
     return 0
+
+
+# The kernels see rows of a width that is a multiple of ROW_ALIGN elements, 16-byte aligned:
+# then every tile load and store vectorises (rows whose width the compiler cannot prove a
+# multiple of the vector width load element by element, and the tiles' addresses then spill).
+ROW_ALIGN = 16
+
+
+def kernel_width(D: int) -> int:
+    """The row width the kernels work on: D rounded up to a multiple of ROW_ALIGN (zero-padded)."""
+    return -(-D // ROW_ALIGN) * ROW_ALIGN
+
+
+def _kernel_rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` [N, D] as the kernels need it: contiguous, 16-byte aligned, ``width`` columns
+    (zero-padded). A no-op for the usual D (a multiple of 16) on a fresh tensor."""
+    t = t.contiguous()
+    if t.shape[1] == width and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0):
+        return t
+    out = t.new_zeros((t.shape[0], width))
+    out[:, : t.shape[1]] = t
+    return out
 
 
 def normalize_backward(

@@ -60,6 +60,8 @@ from fused._launch import Launch, device_arch
 from fused._triton_common import (
     DOT_KIND_DTYPES,
     NORMALIZE_EPS,
+    _kernel_rows,
+    kernel_width,
     check_features_and_anchors,
     dot_kind,
     next_pow2,
@@ -520,28 +522,6 @@ def plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx
 # a run, so the D×D Gram matrix is computed once, not every step. An entry is valid only for the
 # very same tensor (a weak reference) at the same version counter (no in-place change since).
 _ANCHOR_CACHE: dict = {}
-
-
-# The kernels see rows of a width that is a multiple of ROW_ALIGN elements, 16-byte aligned:
-# then every tile load and store vectorises (rows whose width the compiler cannot prove a
-# multiple of the vector width load element by element, and the tiles' addresses then spill).
-ROW_ALIGN = 16
-
-
-def kernel_width(D: int) -> int:
-    """The row width the kernels work on: D rounded up to a multiple of ROW_ALIGN (zero-padded)."""
-    return -(-D // ROW_ALIGN) * ROW_ALIGN
-
-
-def _kernel_rows(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``t`` [N, D] as the kernels need it: contiguous, 16-byte aligned, ``width`` columns
-    (zero-padded). A no-op for the usual D (a multiple of 16) on a fresh tensor."""
-    t = t.contiguous()
-    if t.shape[1] == width and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0):
-        return t
-    out = t.new_zeros((t.shape[0], width))
-    out[:, : t.shape[1]] = t
-    return out
 
 
 def _anchor_operands(anchors: torch.Tensor, a_dtype: torch.dtype, need_gram: bool):

@@ -33,6 +33,8 @@ from fused._launch import Launch, device_arch
 from fused._triton_common import (
     DOT_KIND_DTYPES,
     NORMALIZE_EPS,
+    _kernel_rows,
+    kernel_width,
     check_features_and_anchors,
     dot_kind,
     next_pow2,
@@ -158,7 +160,8 @@ def plan_anchor_similarity(x: torch.Tensor, anchors: torch.Tensor, S: torch.Tens
 
 def preflight_launches(spec: dict, arch: int) -> list:
     """Launches for a shape spec on meta tensors: N, D, K, dtype (of x and anchors; default fp32)."""
-    N, D, K = int(spec["N"]), int(spec["D"]), int(spec["K"])
+    N, K = int(spec["N"]), int(spec["K"])
+    D = kernel_width(int(spec["D"]))  # what the launcher hands the kernel
     dtype = spec.get("dtype", torch.float32)
     meta = dict(dtype=dtype, device="meta")
     return plan_anchor_similarity(torch.empty((N, D), **meta), torch.empty((K, D), **meta),
@@ -168,12 +171,14 @@ def preflight_launches(spec: dict, arch: int) -> list:
 @triton_library_op("fused::anchor_similarity_fwd", mutates_args=())
 def _anchor_similarity_triton(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """Triton forward: S [N, K] in x's dtype (one launch)."""
-    x = x.contiguous()
-    anchors = anchors.contiguous()
     S = torch.empty((x.shape[0], anchors.shape[0]), dtype=x.dtype, device=x.device)
     if S.numel() == 0:
         return S
-    for launch in plan_anchor_similarity(x, anchors, S, device_arch(x.device)):
+    # Rows zero-padded to a multiple of 16 elements when D is not one (the dot products and
+    # norms are unchanged; the loads vectorise). A no-op for the usual D.
+    width = kernel_width(x.shape[1])
+    for launch in plan_anchor_similarity(_kernel_rows(x, width), _kernel_rows(anchors, width), S,
+                                         device_arch(x.device)):
         launch.run(wrap=True)
     return S
 
