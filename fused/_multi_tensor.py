@@ -58,21 +58,29 @@ def spec_dtype(value) -> torch.dtype:
     return dtype
 
 
-def tile_config(element_sizes: Sequence[int], arch: int) -> Tuple[int, int, int]:
-    """(BLOCK, TAIL, num_warps) of a multi-tensor launch whose operands have these element sizes
-    (TAIL: the masked sub-tile of a tensor's last chunk, 4 elements a thread).
+def tile_config(element_sizes: Sequence[int], arch: int) -> Tuple[int, int, int, Dict[str, int]]:
+    """(BLOCK, TAIL, num_warps, options) of a multi-tensor launch whose operands have these element
+    sizes. TAIL is the masked sub-tile of a tensor's last chunk (4 elements a thread); ``options``
+    are Triton compile options, passed with the constexprs of the :class:`fused._launch.Launch`.
 
     Every thread must hold at least one whole 16-byte vector of every operand: 16 // size
     consecutive elements of the narrowest. Same on every supported arch (80 ... 100): the kernels
     are bandwidth-bound and the tile fits the registers of all of them (checked by the preflight).
-    Exception: a group with an fp64 operand keeps 8 elements a thread (16 fp64 values of five
-    operands would take ~230 registers a thread); its byte operands then load 8 bytes at a time.
+
+    * A group with a byte operand (bool / uint8) thus runs 16 elements a thread. Its fp32/16-bit
+      results are stored 16 bytes a thread, in another layout than the loads (one layout change
+      through 2-8 KB of shared memory), and ptxas's own register target then sometimes spills a
+      few bytes (seen on sm_90: 96 registers, 8 bytes of stack). ``maxnreg=255`` (PTX
+      ``.maxnreg``) lifts that target: ~100-125 registers, no spills on sm_80 ... sm_100.
+    * A group with an fp64 operand keeps 8 elements a thread (16 fp64 values of five operands
+      would take ~230 registers a thread); its byte operands then load 8 bytes at a time.
     """
     per_thread = max(8, max(VECTOR_BYTES // s for s in element_sizes))
     if max(element_sizes) >= 8:
         per_thread = 8
     num_warps = NUM_WARPS if per_thread <= 8 else max(1, NUM_WARPS * 8 // per_thread)
-    return per_thread * 32 * num_warps, 4 * 32 * num_warps, num_warps
+    options = {"maxnreg": 255} if per_thread > 8 else {}
+    return per_thread * 32 * num_warps, 4 * 32 * num_warps, num_warps, options
 
 
 if HAS_TRITON:

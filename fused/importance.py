@@ -114,7 +114,7 @@ def plan_accumulate_importance(
     for key in groups.groups:
         i_dt, g_dt, aligned = key
         bases, offsets, numels = groups.launch_operands(key)
-        block, tail, num_warps = tile_config([b.element_size() for b in bases], arch)
+        block, tail, num_warps, options = tile_config([b.element_size() for b in bases], arch)
         rows, chunk_tensor = multi_tensor_chunk_table(offsets, numels, device, block)
         if chunk_tensor.numel() == 0:
             continue
@@ -124,10 +124,10 @@ def plan_accumulate_importance(
             grid=(chunk_tensor.numel(),),
             args=(*bases, rows, chunk_tensor, weight),
             constexprs=dict(C_T=tl.float64 if i_dt == torch.float64 else tl.float32, ALIGNED=aligned, BLOCK=block,
-                            TAIL=tail),
+                            TAIL=tail, **options),
             num_warps=num_warps,
             config=dict(dtypes=f"{str(i_dt).replace('torch.', '')}/{str(g_dt).replace('torch.', '')}",
-                        BLOCK=block, TAIL=tail, aligned=aligned, tensors=rows.shape[0]),
+                        BLOCK=block, TAIL=tail, **options, aligned=aligned, tensors=rows.shape[0]),
             kind="bandwidth",
         ))
     return plan

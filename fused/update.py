@@ -276,15 +276,17 @@ def plan_masked_sgd(
     prepared = []
     for key in groups.groups:
         bases, offsets, numels = groups.launch_operands(key)
-        block, tail, num_warps = tile_config([b.element_size() for b, dt in zip(bases, key) if dt is not None], arch)
+        block, tail, num_warps, options = tile_config(
+            [b.element_size() for b, dt in zip(bases, key) if dt is not None], arch
+        )
         rows, chunk_tensor = multi_tensor_chunk_table(offsets, numels, device, block)
         if chunk_tensor.numel():
-            prepared.append((key, bases, rows, chunk_tensor, block, tail, num_warps))
+            prepared.append((key, bases, rows, chunk_tensor, block, tail, num_warps, options))
     # One fp32 partial SR sum per program of every launch, summed by torch at the end.
     partials = torch.empty(sum(p[3].numel() for p in prepared), dtype=torch.float32, device=device)
     plan = MultiTensorPlan(groups=groups, partials=partials)
     offset = 0
-    for key, bases, rows, chunk_tensor, block, tail, num_warps in prepared:
+    for key, bases, rows, chunk_tensor, block, tail, num_warps, options in prepared:
         n_chunks = chunk_tensor.numel()
         p_dt, g_dt, r_dt, i_dt, m_dt, b_dt, aligned = key
         flags = dict(
@@ -303,11 +305,13 @@ def plan_masked_sgd(
             kernel=_masked_sgd_kernel,
             grid=(n_chunks,),
             args=(*bases, rows, chunk_tensor, partials[offset : offset + n_chunks], lr, lam, momentum, weight_decay),
-            constexprs=dict(C_T=tl.float64 if p_dt == torch.float64 else tl.float32, **flags, BLOCK=block, TAIL=tail),
+            # (options such as maxnreg go with the constexprs: both are keyword arguments of a launch)
+            constexprs=dict(C_T=tl.float64 if p_dt == torch.float64 else tl.float32, **flags, BLOCK=block, TAIL=tail,
+                            **options),
             num_warps=num_warps,
             config=dict(
                 dtypes="/".join("-" if d is None else str(d).replace("torch.", "") for d in key[:-1]),
-                BLOCK=block, TAIL=tail, aligned=aligned, tensors=rows.shape[0],
+                BLOCK=block, TAIL=tail, **options, aligned=aligned, tensors=rows.shape[0],
             ),
             kind="bandwidth",
         ))
