@@ -103,7 +103,10 @@ def test_a_non_finite_loss_is_reported_with_its_step_and_term(tmp_path, digits_m
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step 5 \(detected at the trajectory log at step 8, "
                                              r"after steps 4-8; non-finite at that step: deletion\)"):
         unlearn(digits_model, forget_set, method=_NaNAtStep(5), config=cfg, checkpoint_path=str(ckpt))
-    assert not ckpt.exists()
+    # the last checkpoint is the healthy end of epoch 1 (step 4), before the loss went non-finite
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["features"].values())
+    ckpt.unlink()
     # between log points, an epoch end reports it (before the checkpoint is written)
     with pytest.raises(NonFiniteError, match=r"step 2 \(detected at the end of epoch 1, after steps 0-4"):
         unlearn(digits_model, forget_set, method=_NaNAtStep(2), config=cfg.replace(log_every=1000),
