@@ -12,28 +12,39 @@ Gradient of one row (s = Â x̂, g = ∂ℓ/∂s, n = max(‖s‖, 1e-8), c = th
 β uses the unclamped ‖s‖ because torch clamps the cosine's norms without gradient (β = 0 at
 s = 0, where torch's norm has subgradient 0); the x̂ term is dropped when ‖x‖ < 1e-12 because
 F.normalize's clamp_min passes no gradient there. The gradient for x_ref swaps the roles.
+The anchors enter only through their Gram matrix M = ÂᵀÂ (D×D): ‖s‖² = x̂ᵀMx̂, ‖s0‖² = x̂0ᵀMx̂0,
+s·s0 = x̂ᵀMx̂0 and ∂ℓ/∂x̂ = Âᵀg = M(β·x̂ + α·x̂0), which the Gram path below uses.
 
 Layout: PyTorch reference (the specification, row-chunked so extra memory is O(chunk·K)), the
 Triton kernel, torch.library registration with its autograd formula, the public entry point.
 
-Triton design ("gradient in forward", one launch for forward + backward):
-* One program per BLOCK_N rows. It loads its rows of x and x_ref once ([BLOCK_N, D_PAD], D
-  masked) and computes their norms in-kernel; normalisation is folded into the dot products
-  (S = (X Âᵀ)/‖x‖), so no normalized copy of X exists anywhere.
-* Pass 1 over anchor tiles (BLOCK_K): S and S_ref tiles with tl.dot (fp32 accumulate), reduced
-  at once into the three per-row scalars ‖s‖², ‖s0‖², s·s0. Loss written.
-* Pass 2 (only when x needs a gradient) recomputes the tiles, forms g tile by tile in fp32 and
-  accumulates ∂ℓ/∂x̂ = g Â into a [BLOCK_N, D_PAD] fp32 register accumulator; then the row-local
-  normalisation backward writes dx (per row, not yet scaled by the upstream gradient).
-  Pass 3 does the same for x_ref when it needs a gradient.
-* No N×K tensor is ever stored; HBM traffic is N·D·(b_x + b_x0 + b_dx) + K·D·b_a (each row
-  block re-reads Â once per pass, from L2 in practice). FLOPs 4NKD (pass 1) + 6NKD per
-  gradient pass, i.e. 10NKD for the usual x-only gradient (the recompute costs 4NKD over the
-  6NKD minimum). The autograd backward is a single elementwise scale dx·grad_row (with
-  grad_row = grad/N for "mean").
-Forming g from the exact per-row scalars (two passes) instead of accumulating S·Â and S_ref·Â
-in one pass avoids catastrophic cancellation when x ≈ x_ref, the common case early in
-unlearning.
+Triton design ("gradient in forward": the backward is one elementwise scale). The kernels tile
+over D GEMM-style (tiles through shared memory, tl.dot with fp32 accumulation), so any D works and
+no row is ever held whole in registers. Rows are zero-padded to a multiple of 16 elements when D is
+not one (``kernel_width``), so every tile load vectorises. Two paths, by the number of anchors:
+
+* **anchors** (K ≤ ANCHOR_PATH_MAX_K = 128): one launch, one program per 64 rows. Pass 1 over D
+  chunks accumulates S·‖x‖ = X Âᵀ and S_ref·‖x_ref‖ ([BLOCK_N, K_PAD] fp32, in registers) and the
+  row norms; the per-row scalars ‖s‖², ‖s0‖², s·s0 give the loss. Pass 2 over D chunks forms
+  ∂ℓ/∂x̂ = g Â chunk by chunk (g = α·s0 + β·s is formed exactly in fp32, then scaled by its row
+  maximum before the cast to a 16-bit operand) and writes dx with the row-local normalisation
+  backward. Flops 4NKD + 2NKD per gradient; HBM N·D·(2b_x + b_x0 + b_dx) + K·D·b_a.
+* **gram** (more anchors): the loss depends on the anchors only through M = ÂᵀÂ (module
+  docstring, METHOD.md §5). A scalars kernel computes the three per-row scalars through T = X Bᵀ
+  tiles with B = Â (K ≤ D) or B = M (K > D, so the inner work is min(K, D)) and writes the loss
+  and four gradient coefficients per row ([N, 8] fp32: O(N) extra memory); then one GEMM per
+  gradient, dx = (Z M)·σ/‖x‖ − x·proj/‖x‖², with Z = (β·x̂ + α·x̂_ref)/σ formed row-locally in
+  its prologue (σ = max(|α|, |β|) keeps Z's entries ≤ 2 for 16-bit operands). M (D×D) and Â are
+  computed once per anchors tensor and cached.
+
+Neither path stores an N×K matrix or a normalised copy of X. Block sizes come from a per-arch table
+(``_alignment_blocks``) checked by ``python -m fused preflight``: no spills, shared memory within
+every card's limit (sm_80 … sm_100), wgmma on sm_90 for 16-bit operands. The launches are built by
+``plan_structure_alignment``, which the launcher and the preflight share. The autograd backward is
+a single elementwise scale dx·grad_row (grad_row = grad/N for "mean").
+Forming g (anchor path) and Z (Gram path) from the exact per-row scalars instead of accumulating
+S·Â and S_ref·Â separately avoids catastrophic cancellation when x ≈ x_ref, the common case early
+in unlearning.
 
 Anchors are frozen in the method: the Triton path has no anchor gradient (see
 ``structure_alignment_loss``); the reference path has one.

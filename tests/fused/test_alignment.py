@@ -232,8 +232,9 @@ def test_fp64_and_wide_d_dispatch(device):
 
 @pytest.mark.parametrize("K", [3, 300])
 def test_wide_d_on_triton(device, K):
-    # D up to 4096 (and beyond) is tiled over D on both paths: no fallback to the reference.
-    N, D = 3, 4097
+    # D above the old 1024 cap (and not a multiple of 16) is tiled over D on both paths: no fallback
+    # to the reference. D = 4096 itself is covered by the preflight and the CUDA tests.
+    N, D = 3, 1100
     x, x_ref, anchors = make_inputs(N, K, D, torch.float32, device, seed=K)
     x64 = x.double().requires_grad_()
     naive_rows(x64, x_ref.double(), anchors.double()).sum().backward()
@@ -348,3 +349,25 @@ def test_mixed_and_bf16_dtypes(device):
         r.sum().backward()
     assert xb.grad.dtype == torch.bfloat16
     assert_within_rule(xb.grad, xs.grad, x64.grad, torch.bfloat16, "bf16 dx")
+
+
+def test_gram_cache_follows_the_anchors(device, monkeypatch):
+    # The Gram path caches Â and M = ÂᵀÂ per anchors tensor: an in-place change of the anchors
+    # (version counter) or another tensor must not reuse them.
+    monkeypatch.setattr(alignment_module, "_FORCE_PATH", "gram")
+    x, x_ref, anchors = make_inputs(6, 140, 40, torch.float32, device, seed=11)
+
+    def check(a):
+        xo = x.clone().requires_grad_()
+        rows = structure_alignment_loss(xo, x_ref, a, reduction="none", backend="triton")
+        rows.sum().backward()
+        x64 = x.double().requires_grad_()
+        ref = naive_rows(x64, x_ref.double(), a.double())
+        ref.sum().backward()
+        torch.testing.assert_close(rows.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(xo.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+
+    check(anchors)
+    anchors.mul_(torch.linspace(0.1, 3.0, 40, device=device))  # same tensor, new values
+    check(anchors)
+    check(torch.randn_like(anchors))  # a different tensor
