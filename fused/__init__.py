@@ -8,6 +8,7 @@ Public API (see the README and each module's docstring):
 * ``masked_regularized_sgd_step(params, grads, ...)``     -> fused.update
 * ``l2_pgd_step(x, x_orig, grad, step_size=, eps=)``      -> fused.pgd
 * ``fused.optim.StructureSGD``                            -> fused.optim
+* ``fused.nn.StructureAlignmentLoss``, ``fused.nn.AnchorSimilarity`` (module forms) -> fused.nn
 
 Every op takes ``backend=None | "triton" | "reference"``; the choice is made in
 ``fused._dispatch.resolve_backend``. Submodules are imported lazily so that ``import fused`` stays
@@ -30,12 +31,12 @@ _EXPORTS = {
     "resolve_backend": "fused._dispatch",
 }
 
-__all__ = sorted([*_EXPORTS, "optim"])
+__all__ = sorted([*_EXPORTS, "optim", "nn"])
 
 
 def __getattr__(name: str):
-    if name == "optim":
-        return importlib.import_module("fused.optim")
+    if name in ("optim", "nn"):
+        return importlib.import_module(f"fused.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fused' has no attribute {name!r}")
@@ -49,7 +50,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fused import optim  # noqa: F401
+    from fused import nn, optim  # noqa: F401
     from fused._dispatch import resolve_backend  # noqa: F401
     from fused.alignment import structure_alignment_loss  # noqa: F401
     from fused.importance import accumulate_importance  # noqa: F401

@@ -40,6 +40,10 @@ def test_similarity_module_equals_the_functional_op(backend, device):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_reachable_as_fused_nn():
+    assert fused.nn.StructureAlignmentLoss is StructureAlignmentLoss and "nn" in dir(fused)
+
+
 def test_anchors_are_a_buffer_copied_saved_and_moved():
     anchors = torch.randn(5, 8)
     mod = StructureAlignmentLoss(anchors)
