@@ -461,11 +461,12 @@ def _alignment_blocks(kind: int, K: int, arch: int) -> dict:
     k_pad = max(16, next_pow2(K))
     if kind != 0:
         # sm_8x: the largest anchor tile takes 32 rows (mma.sync has no 64-row constraint);
-        # sm_90+: 3 stages for the Gram GEMM (sm_100 otherwise keeps a stack slot).
+        # sm_90+: 3 stages for the Gram GEMM, sm_100 also 8 warps and 3 stages for the anchor kernel
+        # (otherwise ptxas keeps a few stack slots there).
         anchor_rows = 32 if (arch < 90 and k_pad > 64) else 64
         return {
-            "anchors": dict(BLOCK_N=anchor_rows, K_PAD=k_pad, BLOCK_D=64, num_warps=4 if k_pad <= 64 else 8,
-                            num_stages=2),
+            "anchors": dict(BLOCK_N=anchor_rows, K_PAD=k_pad, BLOCK_D=64,
+                            num_warps=8 if (k_pad > 64 or arch >= 100) else 4, num_stages=3 if arch >= 100 else 2),
             "scalars": dict(BLOCK_N=64, BLOCK_J=64, BLOCK_D=64, num_warps=4, num_stages=2),
             "gram_grad": dict(BLOCK_N=64, BLOCK_E=64, BLOCK_D=64, num_warps=4, num_stages=3 if arch >= 90 else 2),
         }

@@ -955,7 +955,7 @@ def summarise(rows: Sequence[Dict[str, Any]], n_cases: int, stats: Dict[int, Dic
 def format_summary(summary: Dict[str, Any], seconds: float) -> str:
     lines = [
         f"preflight: {summary['cases']} cases x archs -> {summary['rows']} rows, "
-        f"{summary['kernels_compiled']} distinct kernels compiled, {summary['failing_rows']} failing rows, "
+        f"{summary['kernels_compiled']} distinct kernels compiled or loaded from the Triton cache, {summary['failing_rows']} failing rows, "
         f"{seconds:.0f} s"
     ]
     for arch, s in summary["per_arch"].items():
