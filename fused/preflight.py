@@ -1017,11 +1017,27 @@ def _archs(text: str) -> List[int]:
     return sorted(set(archs))
 
 
+def _shape_help() -> str:
+    lines = ["--shape keys (default in brackets; dtypes fp32/fp16/bf16, flags 0/1):"]
+    for op, keys in SPEC_KEYS.items():
+        parts = []
+        for key, (_, default) in keys.items():
+            if default is None:
+                parts.append(f"{key}")
+            else:
+                shown = SHORT_DTYPE.get(default, default) if isinstance(default, str) else default
+                parts.append(f"{key} [{int(shown) if isinstance(shown, bool) else shown}]")
+        lines.append(f"  {op}: " + ", ".join(parts))
+    lines.append(f"  params: {' | '.join(PARAM_LISTS)} | shapes like 64x3x7x7;64;1000x512")
+    lines.append("Exit status: 0 when every row passes, 1 when one fails, 2 for bad arguments.")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fused preflight",
-        description="Compile every kernel at its launcher's configuration for each arch (no GPU needed) and "
-                    "check shared memory, registers, spills, 128-bit accesses and wgmma statically.",
+        prog="python -m fused preflight", epilog=_shape_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile every kernel at its launcher's configuration for each arch (no GPU needed)\n"
+                    "and check shared memory, registers, spills, 128-bit accesses and wgmma statically.",
     )
     parser.add_argument("--arch", type=_archs, default=list(DEFAULT_ARCHS),
                         help="comma-separated archs (default 80,86,89,90,100); a local CUDA card is added")
