@@ -287,3 +287,28 @@ def test_default_grid_passes_on_every_arch(tmp_path):
     assert all(r["spill_bytes"] == 0 and r["spill_instructions"] == 0 for r in rows if r.get("hash"))
     assert out.returncode == 0, out.stderr[-3000:]
     print(f"default grid: {len(rows)} rows in {seconds:.0f} s\n{summary}")
+
+
+def test_summary_and_table_count_problems_by_gate():
+    base = dict(shape="N=1,D=512,K=10", dtype="bf16", live=False, kernel="similarity.forward", config="warps=4",
+                kind="mma", case="similarity:N=1,D=512,K=10,dtype=bf16", registers=96, spill_bytes=0,
+                spill_instructions=0, shared=1024, shared_limit=232_448, tensor_core="HGMMA", widest_load=128,
+                widest_store=32, error=None)
+    rows = [dict(base, op="similarity", arch=90, hash="a", failed=[], verdict="ok"),
+            dict(base, op="similarity", arch=90, hash="a", failed=[], verdict="ok"),
+            dict(base, op="alignment", arch=86, hash="b", spill_bytes=48, failed=["spills", "shared"],
+                 verdict="spills,shared"),
+            dict(base, op="alignment", arch=86, hash=None, failed=["compile"], verdict="compile",
+                 error="OutOfResources: out of resource: shared memory")]
+    stats = {90: {"kernels_compiled": 1, "compile_s": 1.0, "wall_s": 2.0},
+             86: {"kernels_compiled": 1, "compile_s": 1.0, "wall_s": 2.0}}
+    summary = preflight.summarise(rows, 3, stats)
+    assert summary["failing_rows"] == 2 and summary["kernels_compiled"] == 2
+    assert summary["problems"] == {"compile": {"alignment@sm_86": 1}, "shared": {"alignment@sm_86": 1},
+                                   "spills": {"alignment@sm_86": 1}}
+    text = preflight.format_summary(summary, 4.0)
+    assert "spills: 1 rows (1 kernels): alignment@sm_86 1" in text
+    table = preflight.format_table(rows).splitlines()
+    assert len(table) == 1 + 3  # header + one line per distinct kernel (the two similarity rows are one)
+    assert "(+1)" in table[1] and "OutOfResources" in table[3]
+    assert len(preflight.format_table(rows, all_rows=True).splitlines()) == 1 + 4
