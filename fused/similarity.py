@@ -134,7 +134,9 @@ def _similarity_blocks(N: int, K: int, D: int, kind: int, arch: int) -> dict:
     Chosen with ``python -m fused preflight``: no spills, shared memory within every card's limit.
     """
     if kind != 0:
-        block_n, block_k, block_d, warps = 64, min(128, max(16, next_pow2(K))), 64, 4
+        # sm_8x (mma.sync, accumulators and A operands in registers): 8 warps, else triton 3.6
+        # spills 8 bytes a thread on sm_80 at K ≥ 128.
+        block_n, block_k, block_d, warps = 64, min(128, max(16, next_pow2(K))), 64, 4 if arch >= 90 else 8
     else:
         block_n = min(64, max(16, next_pow2(N)))
         block_k, block_d, warps = min(64, max(16, next_pow2(K))), 32, 8 if block_n * max(16, next_pow2(K)) > 1024 else 4
