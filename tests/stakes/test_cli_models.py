@@ -132,3 +132,19 @@ def test_a_plugin_method_runs_through_unlearn_and_compare(tmp_path, plugin, caps
     with pytest.raises(SystemExit) as exc:
         main(["unlearn", "--method", "nearest-wrong", "--out", str(tmp_path / "x.json")])
     assert exc.value.code == 2 and "invalid choice: 'nearest-wrong'" in capsys.readouterr().err
+
+
+def test_arch_builds_random_weight_models_for_the_data():
+    from types import SimpleNamespace
+
+    from stakes.jobs import UsageError, build_user_arch
+
+    rgb = SimpleNamespace(input_shape=(3, 32, 32), num_classes=7)
+    tv_model = build_user_arch("torchvision:mobilenet_v3_small", rgb).eval()
+    vit = build_user_arch("timm:test_vit", rgb, model_args={"patch_size": 8}).eval()   # img_size from the data
+    with torch.no_grad():
+        assert tv_model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+        assert vit(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+    assert type(tv_model).__name__ == "MobileNetV3" and vit.patch_embed.img_size == (32, 32)
+    with pytest.raises(UsageError, match="--arch torchvision:nope: Unknown model nope"):
+        build_user_arch("torchvision:nope", rgb)
