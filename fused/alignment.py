@@ -197,7 +197,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_tile(ptr, rows64, row_ok, stride, d0, D, BLOCK_D: tl.constexpr):
-        """Rows ``rows`` × columns d0..d0+BLOCK_D of a row-major [*, D] tensor (masked, 0 outside)."""
+        """Rows ``rows64`` (valid where ``row_ok``) × columns d0..d0+BLOCK_D of a row-major [*, D]
+        tensor: rows of x, x_ref, Â or M (masked, 0 outside)."""
         offs_d = d0 + tl.arange(0, BLOCK_D)
         return tl.load(ptr + rows64[:, None] * stride + offs_d[None, :],
                        mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
@@ -233,8 +234,7 @@ if HAS_TRITON:
         scale = scale * inv
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
-            a = tl.load(a_ptr + ks64[:, None] * stride_an + offs_d[None, :],
-                        mask=k_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            a = _row_tile(a_ptr, ks64, k_ok, stride_an, d0, D, BLOCK_D)
             dxh = mma(g_op, dot_operand(a, DOT_KIND), tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), DOT_KIND)
             src = _row_tile(src_ptr, rows64, row_ok, stride_src, d0, D, BLOCK_D).to(tl.float32)
             dx = dxh * scale[:, None] - src * (inv * inv * proj)[:, None]
@@ -270,11 +270,9 @@ if HAS_TRITON:
         x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
         r_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
             xt = _row_tile(x_ptr, rows64, row_ok, stride_xn, d0, D, BLOCK_D)
             rt = _row_tile(xr_ptr, rows64, row_ok, stride_xrn, d0, D, BLOCK_D)
-            a = tl.load(a_ptr + ks64[:, None] * stride_an + offs_d[None, :],
-                        mask=k_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            a = _row_tile(a_ptr, ks64, k_ok, stride_an, d0, D, BLOCK_D)
             xf = xt.to(tl.float32)
             rf = rt.to(tl.float32)
             x_sq += tl.sum(xf * xf, axis=1)
@@ -342,11 +340,9 @@ if HAS_TRITON:
             t_s = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
             t_r = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
                 xt = _row_tile(x_ptr, rows64, row_ok, stride_xn, d0, D, BLOCK_D)
                 rt = _row_tile(xr_ptr, rows64, row_ok, stride_xrn, d0, D, BLOCK_D)
-                b = tl.load(b_ptr + cols64[:, None] * stride_bn + offs_d[None, :],
-                            mask=(cols < J)[:, None] & (offs_d < D)[None, :], other=0.0)
+                b = _row_tile(b_ptr, cols64, cols < J, stride_bn, d0, D, BLOCK_D)
                 b_t = tl.trans(dot_operand(b, DOT_KIND))
                 t_s = mma(dot_operand(xt, DOT_KIND), b_t, t_s, DOT_KIND)
                 t_r = mma(dot_operand(rt, DOT_KIND), b_t, t_r, DOT_KIND)
@@ -415,8 +411,7 @@ if HAS_TRITON:
             own = _row_tile(own_ptr, rows64, row_ok, stride_own, d0, D, BLOCK_D).to(tl.float32)
             other = _row_tile(other_ptr, rows64, row_ok, stride_other, d0, D, BLOCK_D).to(tl.float32)
             z = c_own[:, None] * own + c_other[:, None] * other
-            m = tl.load(m_ptr + offs_d.to(tl.int64)[:, None] * stride_m + cols[None, :],
-                        mask=(offs_d < D)[:, None] & col_ok[None, :], other=0.0)
+            m = _row_tile(m_ptr, offs_d.to(tl.int64), offs_d < D, stride_m, pid_e * BLOCK_E, D, BLOCK_E)
             acc = mma(dot_operand(z, DOT_KIND), dot_operand(m, DOT_KIND), acc, DOT_KIND)
         own_e = _row_tile(own_ptr, rows64, row_ok, stride_own, pid_e * BLOCK_E, D, BLOCK_E).to(tl.float32)
         dx = acc * e_scale[:, None] - own_e * e_proj[:, None]
