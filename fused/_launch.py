@@ -20,7 +20,7 @@ A10, L4, L40S, 90 H100/H200, 100 B200).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -45,7 +45,7 @@ def device_arch(device: torch.device) -> int:
 
 @dataclass
 class Launch:
-    """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=, num_stages=)``.
+    """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=, num_stages=, **options)``.
 
     ``name`` says which kernel of the op this is (e.g. ``"alignment.scalars"``); ``config`` is the
     human-readable configuration the preflight prints (block sizes and the like).
@@ -62,6 +62,8 @@ class Launch:
     # "mma": a matrix kernel (the preflight expects wgmma on sm_90 for 16-bit operands);
     # "bandwidth": a streaming kernel (the preflight expects 128-bit global loads and stores).
     kind: str = "other"
+    # Other Triton compile options of the launch (e.g. ``maxnreg``).
+    options: Dict[str, Any] = field(default_factory=dict)
 
     def run(self, wrap: bool = False) -> None:
         """Launch on the tensors' device. ``wrap``: inside a ``torch.library.triton_op`` body."""
@@ -70,21 +72,25 @@ class Launch:
             from fused._dispatch import launcher
 
             kernel = launcher(kernel)
-        kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages,
+                          **self.options)
 
     def compile(self):
         """Compile (no launch) for the active Triton driver's target; returns the CompiledKernel."""
         return self.kernel.warmup(*self.args, grid=self.grid, **self.constexprs,
-                                  num_warps=self.num_warps, num_stages=self.num_stages)
+                                  num_warps=self.num_warps, num_stages=self.num_stages, **self.options)
 
     def describe(self) -> str:
-        parts = [f"{k}={v}" for k, v in self.config.items()]
+        parts = [f"{k}={v}" for k, v in {**self.config, **self.options}.items()]
         parts += [f"warps={self.num_warps}", f"stages={self.num_stages}"]
         return " ".join(parts)
 
 
-def meta_like(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A ``meta`` tensor with t's shape, strides and dtype (None stays None)."""
-    if t is None:
-        return None
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+def spec_dtype(value) -> torch.dtype:
+    """A dtype of a preflight spec: a torch dtype or its name ("float32", "bfloat16", "bool")."""
+    if isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {value!r} in a preflight spec")
+    return dtype

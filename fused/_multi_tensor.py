@@ -48,20 +48,10 @@ NUM_WARPS = 8
 VECTOR_BYTES = 16  # one 128-bit global access
 
 
-def spec_dtype(value) -> torch.dtype:
-    """A dtype of a preflight spec: a torch dtype or its name ("float32", "bfloat16", "bool")."""
-    if isinstance(value, torch.dtype):
-        return value
-    dtype = getattr(torch, str(value).replace("torch.", ""), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {value!r} in a preflight spec")
-    return dtype
-
-
 def tile_config(element_sizes: Sequence[int], arch: int) -> Tuple[int, int, int, Dict[str, int]]:
     """(BLOCK, TAIL, num_warps, options) of a multi-tensor launch whose operands have these element
     sizes. TAIL is the masked sub-tile of a tensor's last chunk (4 elements a thread); ``options``
-    are Triton compile options, passed with the constexprs of the :class:`fused._launch.Launch`.
+    are Triton compile options (:attr:`fused._launch.Launch.options`).
 
     Every thread must hold at least one whole 16-byte vector of every operand: 16 // size
     consecutive elements of the narrowest. Same on every supported arch (80 ... 100): the kernels

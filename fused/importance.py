@@ -31,7 +31,7 @@ from fused._dispatch import (
     compute_dtype,
     resolve_backend,
 )
-from fused._launch import Launch, device_arch
+from fused._launch import Launch, device_arch, spec_dtype
 from fused._multi_tensor import (
     MultiTensorGroups,
     MultiTensorPlan,
@@ -39,7 +39,6 @@ from fused._multi_tensor import (
     check_layout_and_device,
     device_guard,
     multi_tensor_chunk_table,
-    spec_dtype,
     tile_config,
 )
 
@@ -124,10 +123,11 @@ def plan_accumulate_importance(
             grid=(chunk_tensor.numel(),),
             args=(*bases, rows, chunk_tensor, weight),
             constexprs=dict(C_T=tl.float64 if i_dt == torch.float64 else tl.float32, ALIGNED=aligned, BLOCK=block,
-                            TAIL=tail, **options),
+                            TAIL=tail),
+            options=options,
             num_warps=num_warps,
             config=dict(dtypes=f"{str(i_dt).replace('torch.', '')}/{str(g_dt).replace('torch.', '')}",
-                        BLOCK=block, TAIL=tail, **options, aligned=aligned, tensors=rows.shape[0]),
+                        BLOCK=block, TAIL=tail, aligned=aligned, tensors=rows.shape[0]),
             kind="bandwidth",
         ))
     return plan

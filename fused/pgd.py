@@ -35,7 +35,7 @@ from fused._dispatch import (
     resolve_backend,
     triton_library_op,
 )
-from fused._launch import Launch, device_arch
+from fused._launch import Launch, device_arch, spec_dtype
 
 __all__ = ["l2_pgd_step", "l2_pgd_step_reference", "plan_pgd_step", "preflight_launches"]
 
@@ -221,9 +221,7 @@ def preflight_launches(spec: dict, arch: int) -> list:
     dtype = spec.get("dtype", torch.float32)
 
     def meta(dt):
-        if not isinstance(dt, torch.dtype):  # a dtype name ("bfloat16")
-            dt = getattr(torch, str(dt).replace("torch.", ""))
-        return torch.empty((B, D), dtype=dt, device="meta")
+        return torch.empty((B, D), dtype=spec_dtype(dt), device="meta")
 
     eps_t = torch.empty(B, dtype=torch.float32, device="meta") if spec.get("per_sample_eps", False) else None
     return plan_pgd_step(

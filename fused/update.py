@@ -49,7 +49,7 @@ from fused._dispatch import (
     compute_dtype,
     resolve_backend,
 )
-from fused._launch import Launch, device_arch
+from fused._launch import Launch, device_arch, spec_dtype
 from fused._multi_tensor import (
     MultiTensorGroups,
     MultiTensorPlan,
@@ -57,7 +57,6 @@ from fused._multi_tensor import (
     check_layout_and_device,
     device_guard,
     multi_tensor_chunk_table,
-    spec_dtype,
     tile_config,
 )
 
@@ -305,13 +304,12 @@ def plan_masked_sgd(
             kernel=_masked_sgd_kernel,
             grid=(n_chunks,),
             args=(*bases, rows, chunk_tensor, partials[offset : offset + n_chunks], lr, lam, momentum, weight_decay),
-            # (options such as maxnreg go with the constexprs: both are keyword arguments of a launch)
-            constexprs=dict(C_T=tl.float64 if p_dt == torch.float64 else tl.float32, **flags, BLOCK=block, TAIL=tail,
-                            **options),
+            constexprs=dict(C_T=tl.float64 if p_dt == torch.float64 else tl.float32, **flags, BLOCK=block, TAIL=tail),
+            options=options,
             num_warps=num_warps,
             config=dict(
                 dtypes="/".join("-" if d is None else str(d).replace("torch.", "") for d in key[:-1]),
-                BLOCK=block, TAIL=tail, **options, aligned=aligned, tensors=rows.shape[0],
+                BLOCK=block, TAIL=tail, aligned=aligned, tensors=rows.shape[0],
             ),
             kind="bandwidth",
         ))
