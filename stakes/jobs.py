@@ -277,11 +277,16 @@ def load_or_build_anchors(args, data, model=None):
 
 
 def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxies=None, cfg=None,
-            checkpoint_path=None, resume=False, keep_checkpoint=False, pretrained=None):
+            checkpoint_path=None, resume=False, keep_checkpoint=False, pretrained=None, distributed=None,
+            evaluate=True):
     """One unlearning run with the full evaluation; returns (record, result).
 
     ``pretrained``: the pretrained model's ``evaluate_model`` figures for this forget set, when the
-    caller already has them (a grid shares them between methods)."""
+    caller already has them (a grid shares them between methods). ``distributed``: as in
+    :func:`stakes.unlearn` (None: data-parallel over the default process group if there is one;
+    False: this process alone). ``evaluate=False`` skips the evaluation (the other ranks of a
+    data-parallel run: rank 0 evaluates and writes) and returns ``(None, result)``."""
+    import time
     from stakes.data import sample_forget_indices
     from stakes.methods import unlearn
     from stakes.models import as_classifier
@@ -303,11 +308,14 @@ def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxi
         sel = torch.randperm(len(test_y), generator=g)[:cap]
         test_x, test_y = test_x[sel], test_y[sel]
     eval_sets = {"test": (test_x, test_y), "retain": (data.train_x[retain_idx], data.train_y[retain_idx])}
-    pre = pretrained if pretrained is not None else evaluate_model(model, data, forget_idx)
+    pre = (pretrained if pretrained is not None else evaluate_model(model, data, forget_idx)) if evaluate else None
     with ResourceMeter(cfg.device) as meter:
         result = unlearn(model, (fx, fy), method=method, anchors=anchors, config=cfg, eval_sets=eval_sets,
                          proxies=proxies, retain_size=int(keep.sum()), checkpoint_path=checkpoint_path,
-                         resume=resume, keep_checkpoint=keep_checkpoint)
+                         resume=resume, keep_checkpoint=keep_checkpoint, distributed=distributed)
+    if not evaluate:
+        return None, result
+    t0 = time.perf_counter()
     deployed = result.deployed   # stakes' view, images in [0, 1] (result.model may be the user's own class)
     final = evaluate_model(deployed, data, forget_idx)
     mia = membership_inference(deployed, fx, fy, data.test_x, data.test_y, seed=seed)
@@ -322,7 +330,8 @@ def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxi
         "retrieval": retrieval,
         "peak_memory_mb": meter.peak_memory_mb,
         "steps": result.steps, "epochs": result.epochs, "stopped": result.stopped,
-        "wall_time_s": result.wall_time_s, "timings": result.timings, "proxies": result.proxies,
+        "wall_time_s": result.wall_time_s, "timings": {**result.timings, "evaluation_s": time.perf_counter() - t0},
+        "proxies": result.proxies, "distributed": result.distributed,
         "config": result.config, "history": result.history, "model": result.model_info,
     }
     return record, result

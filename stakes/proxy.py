@@ -36,7 +36,10 @@ class ProxySet:
         return self.x.shape[0]
 
     def summary(self) -> dict:
-        return {"n": len(self), "eps": self.eps, "success_rate": self.success_rate}
+        """n, eps, success rate, and ``checksum`` (the sum of all proxy pixels, in float64) to compare
+        proxy sets of runs within rounding."""
+        return {"n": len(self), "eps": self.eps, "success_rate": self.success_rate,
+                "checksum": float(self.x.double().sum())}
 
 
 def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -186,13 +189,22 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
 def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
                      repetitions: int = 20, steps: int = 100, step_size: float = 0.1, eps: float = 3.0,
                      batch_size: int = 1024, seed: int = 0, backend: Optional[str] = None,
-                     progress: bool = True) -> ProxySet:
+                     progress: bool = True, distributed=None) -> ProxySet:
     """The proxy set of METHOD.md §3: R targeted PGD examples per forget image, batched.
 
     Deterministic for a given ``seed`` (on one device) and independent of ``batch_size`` up to
     floating-point rounding (each proxy's random start is drawn from its own generator). The target of every proxy differs from the
     true label of its source image.
+
+    ``distributed`` (None: the default process group if initialised, False: this process alone):
+    in a process group of W ranks, rank r attacks the contiguous slice
+    :func:`stakes.distributed.shard_range` of the R·k (forget image, repetition) pairs, in batches
+    of ⌈batch_size / W⌉ (``batch_size`` is global), and the slices are all-gathered: every rank
+    returns the same set, equal to the single-process one up to rounding.
     """
+    from stakes.distributed import all_gather_rows, resolve, shard_range
+
+    ctx = resolve(distributed)
     _check_inputs(model, x, y, num_classes)
     if not isinstance(repetitions, int) or repetitions < 1:
         raise ValueError(f"repetitions must be a positive integer, got {repetitions!r}")
@@ -205,16 +217,23 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     k = x.shape[0]
     source = torch.arange(k, device=x.device).repeat(repetitions)       # [R·k]: repetition-major
     target = random_targets(y[source], num_classes, g)
-    out = torch.empty((len(source), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    hits = torch.empty(len(source), dtype=torch.bool, device=x.device)
+    n = len(source)
+    if ctx.world_size > n:
+        raise ValueError(f"world size {ctx.world_size} > {n} (forget image, repetition) pairs to attack")
+    lo, hi = shard_range(n, ctx.rank, ctx.world_size)   # this rank's pairs (all of them on one process)
+    local_batch = -(-batch_size // ctx.world_size)
+    out = torch.empty((hi - lo, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    hits = torch.empty(hi - lo, dtype=torch.bool, device=x.device)
+    places = torch.arange(n)
     with _eval_mode(model):
-        chunks = range(0, len(source), batch_size)
-        for i in tqdm(chunks, desc=f"proxies (R={repetitions}, k={k}, eps={eps:.3g})", disable=not progress,
-                      leave=False):
-            sl = slice(i, i + batch_size)
+        chunks = range(lo, hi, local_batch)
+        desc = f"proxies (R={repetitions}, k={k}, eps={eps:.3g})" + (f", {ctx.world_size} ranks" if ctx.enabled else "")
+        for i in tqdm(chunks, desc=desc, disable=not progress or not ctx.is_main, leave=False):
+            sl, dst = slice(i, min(i + local_batch, hi)), slice(i - lo, min(i + local_batch, hi) - lo)
             x0 = x[source[sl]]
             e = torch.full((x0.shape[0],), float(eps), dtype=torch.float32, device=x.device)
-            out[sl] = _attack(model, x0, target[sl], e, steps=steps, step_size=step_size,
-                              index=torch.arange(len(source))[sl], seed=seed, backend=backend)
-            hits[sl] = _success(model, out[sl], target[sl], batch_size)
+            out[dst] = _attack(model, x0, target[sl], e, steps=steps, step_size=step_size,
+                               index=places[sl], seed=seed, backend=backend)
+            hits[dst] = _success(model, out[dst], target[sl], local_batch)
+    out, hits = all_gather_rows(out, n, ctx), all_gather_rows(hits, n, ctx)
     return ProxySet(x=out, y=target, source=source, eps=float(eps), success_rate=float(hits.float().mean()))

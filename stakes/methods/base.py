@@ -31,13 +31,22 @@ PAPER_BASELINE_VALUES = dict(lr=0.001, momentum=0.9, weight_decay=1e-4, eps=4.0)
 class Batch:
     """One optimisation step's data: a forget batch (cycled) and a proxy batch.
 
-    ``index`` is the step's position within its epoch (0, 1, ...)."""
+    ``index`` is the step's position within its epoch (0, 1, ...). In a data-parallel run
+    (:mod:`stakes.distributed`) ``proxy_x``/``proxy_y`` are this rank's shard of the global proxy
+    batch, whose size is ``proxy_total``; the forget batch is always whole. :attr:`n_proxy` is the
+    global proxy batch size in both cases (what batch-size weights must use)."""
 
     forget_x: torch.Tensor
     forget_y: torch.Tensor
     proxy_x: torch.Tensor
     proxy_y: torch.Tensor
     index: int = 0
+    proxy_total: Optional[int] = None
+
+    @property
+    def n_proxy(self) -> int:
+        """The global proxy batch size (this rank's shard is ``proxy_x``)."""
+        return self.proxy_x.shape[0] if self.proxy_total is None else self.proxy_total
 
 
 class UnlearningMethod:
@@ -54,12 +63,18 @@ class UnlearningMethod:
         needs_anchors: refuse to run without anchors.
         uses_proxies: trains on the proxy set (a comparison charges the proxies' time to it).
         paper_preset: config values this method gets under ``preset("paper")``.
+        proxy_terms: the names of the loss terms that are means over the proxy batch. In a
+            data-parallel run each rank computes every term on its shard of the proxy batch and the
+            whole forget batch; these terms are weighted by the shard's share of the global batch
+            (so the all-reduced gradient is the single-process one), every other term counts once.
+            A term that is not listed but differs between ranks is reported at the first step.
     """
 
     name: Optional[str] = None          # set by register_method
     needs_anchors: bool = False
     uses_proxies: bool = True
     paper_preset: dict = PAPER_BASELINE_VALUES
+    proxy_terms: tuple = ("retention", "alignment")
 
     # ------------------------------------------------------------------ the loss
     def loss_terms(self, run, batch: Batch) -> dict:

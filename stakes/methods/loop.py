@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 import fused
 from fused.optim import StructureSGD
+from stakes import distributed as dist_
 from stakes._io import atomic_torch_save
 from stakes.config import UnlearnConfig, preset
 from stakes.methods.base import Batch, UnlearningMethod, ce_bounded, get_method, margin_deletion
@@ -136,6 +137,18 @@ class DeployedModel(nn.Module):
         return self.head(self.embed(x))
 
 
+class _StepModule(nn.Module):
+    """What DistributedDataParallel wraps in a data-parallel run: the trainable modules, and a
+    forward that runs a closure over them (a step's loss terms, or an importance batch's loss)."""
+
+    def __init__(self, features: nn.Module, head: nn.Module, projector: Optional[nn.Module]):
+        super().__init__()
+        self.features, self.head, self.projector = features, head, projector
+
+    def forward(self, fn: Callable):
+        return fn()
+
+
 def random_projection(feature_dim: int, anchor_dim: int, seed: int) -> torch.Tensor:
     """R_p ∈ R^{d_f×d_a}: Gaussian with L2-normalised columns, fixed per run; identity if d_f == d_a."""
     if feature_dim == anchor_dim:
@@ -165,6 +178,7 @@ class UnlearnResult:
     timings: dict = field(default_factory=dict)
     deployed: Optional[nn.Module] = None   # stakes' view of the deployed model: images in [0, 1] → logits
     model_info: dict = field(default_factory=dict)   # what ``model`` is: type, input normalisation
+    distributed: dict = field(default_factory=lambda: dist_.SINGLE.record())   # world_size, backend
 
 
 def _deployed_info(run) -> dict:
@@ -219,12 +233,17 @@ def _check_forget_set(forget_set, num_classes: int, device):
 
 
 def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tensor,
-                  cfg: UnlearnConfig) -> tuple[ProxySet, dict]:
+                  cfg: UnlearnConfig, *, distributed=None) -> tuple[ProxySet, dict]:
     """The proxy set of a run with config ``cfg`` (radius calibrated when ``cfg.eps`` is None).
 
     Exposed so that a comparison can build it once per (k, seed) and share it between methods.
     Returns the proxies and the time spent (``calibration_s``, ``proxies_s``).
+
+    ``distributed`` (None: the default process group if initialised; False: this process alone):
+    in a group, rank 0 calibrates the radius and broadcasts it, and every rank attacks its share
+    of the pairs (:func:`stakes.proxy.generate_proxies`); every rank returns the same set.
     """
+    ctx = dist_.resolve(distributed)
     device = torch.device(cfg.device)
     clf = _as_parts(model)
     if any(p.device != device for p in clf.parameters()):
@@ -233,16 +252,18 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
     n_classes = clf.head.out_features
     t0 = time.perf_counter()
     eps, calibrated = cfg.eps, None
-    if eps is None:
-        eps, calibrated = calibrate_radius(clf, forget_x, forget_y, num_classes=n_classes,
-                                           target_success=cfg.target_success, steps=cfg.pgd_steps,
-                                           step_size=cfg.pgd_step_size, batch_size=cfg.pgd_batch_size,
-                                           seed=cfg.seed, backend=cfg.backend, progress=cfg.progress)
+    if eps is None:   # calibrated once (rank 0) and broadcast
+        if ctx.is_main:
+            eps, calibrated = calibrate_radius(clf, forget_x, forget_y, num_classes=n_classes,
+                                               target_success=cfg.target_success, steps=cfg.pgd_steps,
+                                               step_size=cfg.pgd_step_size, batch_size=cfg.pgd_batch_size,
+                                               seed=cfg.seed, backend=cfg.backend, progress=cfg.progress)
+        eps, calibrated = dist_.broadcast_object((eps, calibrated), ctx)
     t1 = time.perf_counter()
     proxies = generate_proxies(clf, forget_x, forget_y, num_classes=n_classes, repetitions=cfg.repetitions,
                                steps=cfg.pgd_steps, step_size=cfg.pgd_step_size, eps=eps,
                                batch_size=cfg.pgd_batch_size, seed=cfg.seed, backend=cfg.backend,
-                               progress=cfg.progress)
+                               progress=cfg.progress, distributed=ctx)
     timings = {"calibration_s": t1 - t0 if calibrated is not None else 0.0, "proxies_s": time.perf_counter() - t1}
     return proxies, timings
 
@@ -257,11 +278,15 @@ class _Run:
     object (see :class:`UnlearningMethod` for what they may use)."""
 
     def __init__(self, model, forget_set, method, anchors, cfg: UnlearnConfig, eval_sets, proxies, callbacks,
-                 checkpoint_path, retain_size):
+                 checkpoint_path, retain_size, dist_ctx: dist_.DistContext = dist_.SINGLE):
         self.method_def: UnlearningMethod = method if isinstance(method, UnlearningMethod) else get_method(method)
         self.method = self.method_def.name or type(self.method_def).__name__
         self.cfg = cfg
+        self.dist = dist_ctx
         self.device = torch.device(cfg.device)
+        dist_.group_device_ok(dist_ctx, self.device)
+        self._ddp = None          # the DistributedDataParallel step module, built at first use
+        self._replicated_checked = False
         torch.manual_seed(cfg.seed)
         clf = _as_parts(model)
         self.num_classes = clf.head.out_features
@@ -316,12 +341,117 @@ class _Run:
 
         self.proxies = None if proxies is None else self._checked_proxies(proxies)
         self.opt: Optional[StructureSGD] = None
+        self._model_digest = dist_.digest(clf.state_dict()) if dist_ctx.enabled else None
 
     # ------------------------------------------------------------------ set-up pieces
     def make_proxies(self) -> ProxySet:
-        proxies, timings = build_proxies(self.orig, self.fx, self.fy, self.cfg)
+        proxies, timings = build_proxies(self.orig, self.fx, self.fy, self.cfg, distributed=self.dist)
         self.timings.update(timings)
         return proxies
+
+    # ------------------------------------------------------------------ data parallelism
+    def check_launch(self) -> None:
+        """A data-parallel run: every rank has the same method, config, forget set, model, anchors
+        (and given proxies), and the world size fits the pairs and the smallest proxy batch."""
+        ctx = self.dist
+        if not ctx.enabled:
+            return
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in ("progress", "device", "log_every")}
+        parts = {"method": self.method, "config": dist_.digest({**cfg, "retain_size": self.retain_size}),
+                 "forget_set": dist_.digest([self.fx, self.fy]), "model": self._model_digest,
+                 "anchors": dist_.digest(self.anchors) if self.anchors is not None else "none"}
+        if self.proxies is not None:
+            parts["proxies"] = dist_.digest([self.proxies.x, self.proxies.y])
+        dist_.check_same_across_ranks(parts, ctx, f"{self.method} run")
+        n_s = len(self.proxies) if self.proxies is not None else self.cfg.repetitions * self.k
+        b = self.cfg.proxy_batch_size
+        smallest = min(b, n_s) if n_s % b == 0 or n_s < b else n_s % b
+        if self.proxies is None or self.method_def.uses_proxies:
+            dist_.world_size_check(n_s, smallest if self.method_def.uses_proxies else n_s, ctx)
+
+    def _step_module(self):
+        """The DistributedDataParallel module whose forward runs a closure over the trainable modules
+        (features, head, projector): its all-reduce averages the gradients of training and importance."""
+        if self._ddp is None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._sync_batchnorm()
+            step = _StepModule(self.features, self.head, self.projector)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # find_unused_parameters: methods use different parts of the model (importance: the backbone)
+            self._ddp = DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False,
+                                                find_unused_parameters=True)
+        return self._ddp
+
+    def _sync_batchnorm(self) -> None:
+        """BatchNorm layers that run in training mode on proxy shards use the global batch's statistics
+        (torch.nn.SyncBatchNorm on CUDA; an all-reduce version on other devices)."""
+        targets = []
+        if self.cfg.bn_train_mode:
+            targets.append(self.features)
+        if self.projector is not None and not self.projector.frozen_bn:
+            targets.append(self.projector)
+        for module in targets:
+            dist_.convert_sync_batchnorm(module, self.device)
+
+    def batch_gradient(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                       params: Sequence[torch.Tensor]) -> list:
+        """∇ of ``loss_fn`` over the global batch ``x``, where ``loss_fn(part)`` is the mean loss over
+        ``part``; entries of unused parameters are None. One process: ``autograd.grad``. Data-parallel:
+        each rank takes its shard of ``x`` and the gradient goes through the training all-reduce (DDP),
+        so every rank gets the whole batch's gradient (before any absolute value is taken)."""
+        if not self.dist.enabled:
+            return list(torch.autograd.grad(loss_fn(x), params, allow_unused=True))
+        lo, hi = dist_.shard_range(len(x), self.dist.rank, self.dist.world_size)
+        scale = self.dist.world_size * (hi - lo) / len(x)   # DDP divides the sum by the world size
+        ddp = self._step_module()
+        for p in ddp.parameters():
+            p.grad = None
+        loss = ddp(lambda: loss_fn(x[lo:hi]) * scale)
+        loss.backward()
+        grads = [p.grad for p in params]
+        for p in ddp.parameters():
+            p.grad = None
+        return grads
+
+    def _local_loss(self, batch: Batch):
+        """This rank's loss (proxy terms weighted by its share of the global batch, W× for DDP's mean),
+        the terms, and each term's contribution to the global value (summed over ranks at log points)."""
+        terms = self.method_def.loss_terms(self, batch)
+        if not self.dist.enabled:
+            return sum(terms.values()), terms, terms
+        w = self.dist.world_size
+        share = batch.proxy_x.shape[0] / batch.n_proxy
+        proxy_terms = set(self.method_def.proxy_terms)
+        scaled = {n: v * (w * share) if n in proxy_terms else v for n, v in terms.items()}
+        contrib = {n: (v * share if n in proxy_terms else v / w) for n, v in terms.items()}
+        return sum(scaled.values()), terms, contrib
+
+    def _check_replicated(self, terms: dict) -> None:
+        """At the first data-parallel step: the terms not in ``proxy_terms`` must agree on every rank."""
+        self._replicated_checked = True
+        proxy_terms = set(self.method_def.proxy_terms)
+        names = [n for n in terms if n not in proxy_terms]
+        if not names:
+            return
+        mine = [float(torch.as_tensor(terms[n]).detach().double().sum()) for n in names]
+        every = dist_.all_gather_object(mine, self.dist)
+        bad = [n for j, n in enumerate(names)
+               if any(not math.isclose(v[j], every[0][j], rel_tol=1e-5, abs_tol=1e-7) for v in every)]
+        if bad:
+            raise ValueError(f"method {self.method!r}: loss term(s) {bad} differ between ranks at the first step "
+                             f"({', '.join(f'{n}: ' + str([round(v[names.index(n)], 6) for v in every]) for n in bad)}): "
+                             "they depend on the proxy shard; list them in the method's proxy_terms (terms that are "
+                             "means over the proxy batch) so the data-parallel gradient is the single-process one")
+
+    def _global_terms(self, contrib: dict) -> dict:
+        """The logged value of each term over the global batch (one all-reduce, at log points only)."""
+        if not self.dist.enabled or not contrib:
+            return contrib
+        names = list(contrib)
+        vec = torch.stack([torch.as_tensor(contrib[n]).detach().float().sum() for n in names])
+        dist_.all_reduce_(vec, self.dist)
+        return dict(zip(names, vec.unbind()))
 
     def orig_structure_input(self, x: torch.Tensor) -> torch.Tensor:
         """v^ori before normalisation: g_ψ0(x)·R_p (the op normalises rows)."""
@@ -349,7 +479,7 @@ class _Run:
         """(w_f, w_a): the batch fractions n_f/(n_f+n_a), n_a/(n_f+n_a) of METHOD.md §8, or 1 and 1."""
         if self.cfg.loss_weighting == "equal":
             return 1.0, 1.0
-        n_f, n_a = batch.forget_x.shape[0], batch.proxy_x.shape[0]
+        n_f, n_a = batch.forget_x.shape[0], batch.n_proxy
         return n_f / (n_f + n_a), n_a / (n_f + n_a)
 
     def deletion(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -369,6 +499,9 @@ class _Run:
 
     @torch.no_grad()
     def log_entry(self, losses: dict) -> dict:
+        """A trajectory entry (accuracies, drift, losses), appended to the history (rank 0 alone in a
+        data-parallel run; the other ranks never call it)."""
+        t0 = time.perf_counter()
         entry = {"step": self.step, "epoch": self.epoch}
         self.deployed.eval()
         entry["forget_accuracy"] = accuracy(self.deployed, self.fx, self.fy)
@@ -389,6 +522,7 @@ class _Run:
         self.set_train()
         self.check_finite(f"trajectory log at step {self.step}")
         self.history.append(entry)
+        self.timings["eval_s"] = self.timings.get("eval_s", 0.0) + time.perf_counter() - t0
         for cb in self.callbacks:
             cb(entry)
         return entry
@@ -430,6 +564,8 @@ class _Run:
         if not self.checkpoint_path:
             return
         self.check_finite("before writing the checkpoint")
+        if not self.dist.is_main:   # rank 0 alone writes; the state is the same on every rank
+            return
         side = self.checkpoint_path + ".proxies"
         if not getattr(self, "_proxies_saved", False):
             atomic_torch_save(self.proxies, side)
@@ -437,6 +573,8 @@ class _Run:
         atomic_torch_save(self.state(), self.checkpoint_path)
 
     def remove_checkpoint(self):
+        if not self.dist.is_main:
+            return
         for path in (self.checkpoint_path, (self.checkpoint_path or "") + ".proxies"):
             if path and os.path.exists(path):
                 os.remove(path)
@@ -454,11 +592,7 @@ class _Run:
             self.projector.frozen_bn = bool(state.get("projector_frozen_bn"))
             self.projector.train(self.projector.training)
         side = self.checkpoint_path + ".proxies"
-        try:
-            proxies = torch.load(side, map_location=self.device, weights_only=False)
-        except Exception as err:
-            raise ValueError(f"cannot read the proxy set of the checkpoint {side!r}: {err}") from None
-        self.proxies = self._checked_proxies(proxies)
+        self.proxies = self._checked_proxies(self._read_side_proxies(side))
         self._proxies_saved = True
         self.opt = self.new_optimizer()
         self.opt.load_state_dict(state["optimizer"])
@@ -468,6 +602,27 @@ class _Run:
         torch.set_rng_state(state["rng"].cpu())
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
+
+    def _read_side_proxies(self, side: str) -> ProxySet:
+        """The checkpoint's proxy set: read by rank 0, broadcast to the others."""
+        ctx = self.dist
+        proxies, error = None, None
+        if ctx.is_main:
+            try:
+                proxies = torch.load(side, map_location="cpu", weights_only=False)
+            except Exception as err:
+                error = f"cannot read the proxy set of the checkpoint {side!r}: {err}"
+        if ctx.enabled:
+            error = dist_.broadcast_object(error, ctx)
+        if error:
+            raise ValueError(error)
+        if not ctx.enabled:
+            return proxies
+        meta = dist_.broadcast_object(None if not ctx.is_main else
+                                      {"eps": proxies.eps, "success_rate": proxies.success_rate}, ctx)
+        x, y, src = (dist_.broadcast_tensor(getattr(proxies, name) if ctx.is_main else None, ctx, device="cpu")
+                     for name in ("x", "y", "source"))
+        return ProxySet(x=x, y=y, source=src, eps=meta["eps"], success_rate=meta["success_rate"])
 
     def _checked_proxies(self, proxies) -> ProxySet:
         """A given proxy set must match the forget images' shape and the model's classes; moved to the device."""
@@ -487,10 +642,14 @@ class _Run:
         ``(terms, loss)`` as device tensors. No host synchronisation: a non-finite loss only sets
         a device flag, raised by :meth:`check_losses` at the next log point or epoch end."""
         cfg = self.cfg
-        terms = self.method_def.loss_terms(self, batch)
-        loss = sum(terms.values())
-        self._record_non_finite(terms, loss)
         self.opt.zero_grad(set_to_none=True)
+        if self.dist.enabled:   # the loss through DDP, whose backward averages the gradients over ranks
+            loss, terms, contrib = self._step_module()(lambda: self._local_loss(batch))
+            if not self._replicated_checked:
+                self._check_replicated(terms)
+        else:
+            loss, terms, contrib = self._local_loss(batch)
+        self._record_non_finite(terms, loss)
         loss.backward()
         self.method_def.before_update(self)
         if cfg.grad_clip is not None:
@@ -505,7 +664,7 @@ class _Run:
         if skip_sr:
             for grp, lam in zip(self.opt.param_groups, saved):
                 grp["lam"] = lam
-        return terms, loss
+        return contrib, loss
 
     def _record_non_finite(self, terms: dict, loss: torch.Tensor) -> None:
         """Device-side bookkeeping: the first step whose loss is non-finite, and which terms were."""
@@ -517,8 +676,15 @@ class _Run:
             self._bad_terms[name] = flag if prev is None else prev | flag
 
     def check_losses(self, where: str) -> None:
-        """Raise :class:`NonFiniteError` if a loss since the last check was non-finite (one host sync)."""
-        first = int(self._bad_step)
+        """Raise :class:`NonFiniteError` if a loss since the last check was non-finite (one host sync;
+        data-parallel: one all-reduce, so that every rank stops at the same point)."""
+        if self.dist.enabled:
+            big = torch.iinfo(torch.long).max
+            first_t = torch.where(self._bad_step >= 0, self._bad_step, torch.full_like(self._bad_step, big))
+            first = int(dist_.all_reduce_(first_t.clone(), self.dist, "min"))
+            first = -1 if first == big else first
+        else:
+            first = int(self._bad_step)
         if first >= 0:
             names = [n for n, flag in self._bad_terms.items() if bool(flag)]
             raise NonFiniteError(
@@ -535,14 +701,16 @@ class _Run:
         total = cfg.max_epochs * steps_per_epoch
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
-        bar = tqdm(total=total, initial=min(self.step, total), desc=f"unlearn [{self.method}]",
-                   disable=not cfg.progress, leave=False)
+        ctx = self.dist
+        bar = tqdm(total=total, initial=min(self.step, total),
+                   desc=f"unlearn [{self.method}]" + (f" ({ctx.world_size} ranks)" if ctx.enabled else ""),
+                   disable=not cfg.progress or not ctx.is_main, leave=False)
         stopped = "max_epochs"
         t0 = time.perf_counter()
         before = self.timings.get("loop_s", 0.0)   # a resumed run carries the loop time it had already spent
         self._checked_step = self.step
         self.set_train()
-        if not self.history:
+        if not self.history and ctx.is_main:
             self.log_entry({})
         while self.epoch < cfg.max_epochs and self.step < total:
             # one generator per epoch, so a resumed run draws exactly what an uninterrupted one would
@@ -553,6 +721,10 @@ class _Run:
                 if self.step >= total:
                     break
                 ia = order[i:i + cfg.proxy_batch_size]
+                n_a = len(ia)
+                if ctx.enabled:   # this rank's contiguous shard of the global proxy batch
+                    lo, hi = dist_.shard_range(n_a, ctx.rank, ctx.world_size)
+                    ia = ia[lo:hi]
                 # cycled forget loader
                 nf = min(cfg.forget_batch_size, self.k)
                 if f_pos + nf > self.k:
@@ -560,16 +732,20 @@ class _Run:
                 jf = f_order[f_pos:f_pos + nf]
                 f_pos += nf
                 batch = Batch(self.fx[jf], self.fy[jf], self.proxies.x[ia], self.proxies.y[ia],
-                              index=i // cfg.proxy_batch_size)
+                              index=i // cfg.proxy_batch_size, proxy_total=n_a)
                 terms, loss = self.train_step(batch)
                 self.step += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0:
                     self.check_losses(f"trajectory log at step {self.step}")
+                    if ctx.enabled:
+                        terms = self._global_terms(terms)
+                        loss = sum(terms.values())
                     sr = self.opt.last_sr_loss
-                    entry = self.log_entry({**terms, "loss": loss, "sr": sr if sr is not None else 0.0})
-                    bar.set_postfix(forget=f"{entry['forget_accuracy']:.1f}",
-                                    test=f"{entry.get('test_accuracy', float('nan')):.1f}")
+                    if ctx.is_main:
+                        entry = self.log_entry({**terms, "loss": loss, "sr": sr if sr is not None else 0.0})
+                        bar.set_postfix(forget=f"{entry['forget_accuracy']:.1f}",
+                                        test=f"{entry.get('test_accuracy', float('nan')):.1f}")
             self.epoch += 1
             self.check_losses(f"end of epoch {self.epoch}")
             self.check_finite(f"end of epoch {self.epoch}")
@@ -583,12 +759,15 @@ class _Run:
                     break
             self.timings["loop_s"] = before + time.perf_counter() - t0
             self.save_checkpoint()
+            dist_.maybe_inject_fault("epoch_end", self.epoch, ctx)
         else:
             stopped = "max_steps" if self.step >= total and self.epoch < cfg.max_epochs else "max_epochs"
         bar.close()
         self.check_losses("end of the run")
-        if not self.history or self.history[-1]["step"] != self.step:
+        if ctx.is_main and (not self.history or self.history[-1]["step"] != self.step):
             self.log_entry({})
+        if ctx.enabled:   # rank 0 evaluated the trajectory; every rank returns it
+            self.history = dist_.broadcast_object(self.history, ctx)
         return stopped, before + time.perf_counter() - t0
 
 
@@ -596,7 +775,7 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
             config: Optional[UnlearnConfig] = None, eval_sets: Optional[dict] = None,
             proxies: Optional[ProxySet] = None, retain_size: Optional[int] = None,
             callbacks: Iterable[Callable[[dict], None]] = (), checkpoint_path: Optional[str] = None,
-            resume: bool = False, keep_checkpoint: bool = False) -> UnlearnResult:
+            resume: bool = False, keep_checkpoint: bool = False, distributed=None) -> UnlearnResult:
     """Unlearn ``forget_set`` from ``model``.
 
     Args:
@@ -619,6 +798,13 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
             set and config, else ValueError).
         keep_checkpoint: keep the checkpoint after the run finished (the CLI removes it only once
             the result file is written); by default it is removed.
+        distributed: None (default) runs data-parallel over the default process group when one is
+            initialised (``torchrun``, or ``torch.distributed.init_process_group``), else on this
+            process; False always runs on this process alone (a grid of whole runs per rank). In a
+            group every rank calls ``unlearn`` with the same arguments and its own ``config.device``
+            (one device per rank); batch sizes are global, so the run matches the single-process
+            one within rounding; rank 0 alone reads and writes the checkpoint and alone calls
+            ``callbacks``; every rank returns the same result. See :mod:`stakes.distributed`.
     """
     method_def = method if isinstance(method, UnlearningMethod) else get_method(method)
     if getattr(method_def, "oracle", False):
@@ -628,17 +814,26 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
     if not isinstance(cfg, UnlearnConfig):
         raise TypeError(f"config must be a stakes.UnlearnConfig, got {type(cfg).__name__}")
     cfg.validate()
+    ctx = dist_.resolve(distributed)
     start = time.perf_counter()
-    run = _Run(model, forget_set, method_def, anchors, cfg, eval_sets, proxies, callbacks, checkpoint_path, retain_size)
+    run = _Run(model, forget_set, method_def, anchors, cfg, eval_sets, proxies, callbacks, checkpoint_path,
+               retain_size, ctx)
+    run.check_launch()
     state = None
     if resume:
         if not checkpoint_path:
             raise ValueError("resume=True needs checkpoint_path")
-        if os.path.exists(checkpoint_path):
+        state, error = None, None
+        if ctx.is_main and os.path.exists(checkpoint_path):   # rank 0 reads, every rank gets the state
             try:
-                state = torch.load(checkpoint_path, map_location=run.device, weights_only=False)
+                state = torch.load(checkpoint_path, map_location="cpu" if ctx.enabled else run.device,
+                                   weights_only=False)
             except Exception as err:
-                raise ValueError(f"cannot read checkpoint {checkpoint_path!r}: {err}") from None
+                error = f"cannot read checkpoint {checkpoint_path!r}: {err}"
+        if ctx.enabled:
+            state, error = dist_.broadcast_object((state, error), ctx)
+        if error:
+            raise ValueError(error)
     if state is not None:
         run.load_checkpoint(state)
     else:
@@ -661,6 +856,7 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
         method=run.method, model=model_out, metrics=metrics, history=run.history, config=cfg.to_dict(),
         proxies=run.proxies.summary(), steps=run.step, epochs=run.epoch, stopped=stopped,
         wall_time_s=time.perf_counter() - start, timings=run.timings, deployed=deployed, model_info=info,
+        distributed=ctx.record(),
     )
     if not keep_checkpoint:
         run.remove_checkpoint()  # the run finished: the resumable state is no longer needed

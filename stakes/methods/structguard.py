@@ -58,6 +58,14 @@ class StructGuard(UnlearningMethod):
         terms["classifier_reg"] = cfg.cr_weight * (0.99 * w.abs().sum() + 0.5 * 0.01 * w.pow(2).sum())
         return terms
 
+    def _importance_loss(self, run, xb: torch.Tensor) -> torch.Tensor:
+        """The mean over ``xb`` of the loss whose gradient magnitude is the importance (see below)."""
+        cfg = run.cfg
+        _, z = self.structure_input(run, xb)
+        if cfg.warm_start:
+            return fused.anchor_similarity(z, run.anchors, backend=cfg.backend).pow(2).sum(1).mean()
+        return fused.structure_alignment_loss(z, run.orig_structure_input(xb), run.anchors, backend=cfg.backend)
+
     def importance(self, run) -> dict:
         """I_p = (1/N_tot) Σ_B |B|·|∂L(B)/∂ψ_p| over proxy batches cycled to N_tot (§6).
 
@@ -79,14 +87,8 @@ class StructGuard(UnlearningMethod):
                 idx = order[i:i + cfg.proxy_batch_size]
                 if seen >= n_tot:
                     break
-                xb = run.proxies.x[idx]
-                _, z = self.structure_input(run, xb)
-                if cfg.warm_start:
-                    loss = fused.anchor_similarity(z, run.anchors, backend=cfg.backend).pow(2).sum(1).mean()
-                else:
-                    loss = fused.structure_alignment_loss(z, run.orig_structure_input(xb), run.anchors,
-                                                          backend=cfg.backend)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                # the global batch's gradient (all-reduced over ranks in a data-parallel run), then |·|
+                grads = run.batch_gradient(lambda xb: self._importance_loss(run, xb), run.proxies.x[idx], params)
                 fused.accumulate_importance(imp, list(grads), weight=len(idx) / n_tot, backend=cfg.backend)
                 seen += len(idx)
         if seen != n_tot:  # the last batch overshot N_tot: divide by the samples actually seen
