@@ -216,10 +216,152 @@ def plot_report(records: list, out_dir: str) -> list:
     return paths
 
 
-def run_compare(args) -> int:
-    """The ``stakes compare`` command (see the module docstring)."""
+def _run_key(record: dict) -> tuple:
+    return record.get("method"), record.get("k"), record.get("seed")
+
+
+def _merge_radius(dst: dict, src: dict, ks=None, seeds=None) -> dict:
+    """Merge the per-(k, seed) radius entries of ``src`` into ``dst`` (restricted to ``ks`` × ``seeds``
+    when given); returns ``dst``."""
+    for k, rad in (src or {}).items():
+        if ks is not None and k not in ks:
+            continue
+        if not isinstance(rad, dict):
+            continue
+        out = dst.setdefault(k, {"calibrated": rad.get("calibrated"), "eps": {}, "neighbour_distance": {}})
+        for field in ("eps", "neighbour_distance"):
+            v = rad.get(field)
+            if isinstance(v, dict):
+                out[field].update({s: x for s, x in v.items() if seeds is None or s in seeds})
+    return dst
+
+
+def _parts_dir(out_dir: str) -> str:
     import os
 
+    return os.path.join(out_dir, "parts")
+
+
+def _finished_runs(out_dir: str, settings: str, grid_keys: set, ks: set, seeds: set) -> tuple:
+    """What an earlier, interrupted grid in ``out_dir`` finished: ``(records, radius, notes, had_parts)``.
+
+    Reads ``results.json`` and any ``parts/rank*.json`` a distributed grid left; keeps the records of
+    this grid with status "ok" whose report was written with the same settings (data set, preset,
+    ``--set`` overrides, model and anchors), later files winning."""
+    import glob
+    import json
+    import os
+
+    parts = sorted(glob.glob(os.path.join(_parts_dir(out_dir), "rank*.json")))
+    sources = [p for p in [os.path.join(out_dir, "results.json")] + parts if os.path.isfile(p)]
+    kept: dict = {}
+    radius: dict = {}
+    notes = []
+    for path in sources:
+        try:
+            with open(path) as fh:
+                payload = json.load(fh)
+            meta, runs = payload["meta"], payload["runs"]
+            if not isinstance(meta, dict) or not isinstance(runs, list):
+                raise TypeError("not a report")
+        except (OSError, ValueError, KeyError, TypeError):
+            notes.append(f"{path} is not a stakes compare result; its runs are not reused")
+            continue
+        if meta.get("settings") != settings:
+            if runs:
+                notes.append(f"{path} was written with other settings (data set, preset, --set, model or anchors, "
+                             "or by an older version); its runs are rerun")
+            continue
+        for r in runs:
+            if isinstance(r, dict) and r.get("status") == "ok" and _run_key(r) in grid_keys:
+                kept[_run_key(r)] = r
+        _merge_radius(radius, meta.get("radius"), ks, seeds)
+    return kept, radius, notes, bool(parts) or os.path.isdir(_parts_dir(out_dir))
+
+
+_WAIT_SEQ = [0]
+
+
+def _wait_for_all_ranks(ctx, poll_s: float = 1.0) -> None:
+    """Wait until every rank got here, however long that takes (a grid's ranks finish hours apart,
+    beyond any collective timeout): each rank adds 1 to a key of the process group's store and polls
+    it until it reaches the world size. Without a store (a group not made by init_process_group) a
+    gloo ``monitored_barrier`` with a month's timeout, else a plain barrier."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from stakes import distributed as dist_
+
+    if not ctx.enabled:
+        return
+    _WAIT_SEQ[0] += 1
+    key = f"stakes_compare_done/{dist_.restart_count()}/{_WAIT_SEQ[0]}"
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+    except Exception:   # a private helper: fall back to a barrier if it is gone
+        store = None
+    if store is None:
+        if ctx.backend == "gloo":
+            with dist_._collective("monitored_barrier"):
+                dist.monitored_barrier(timeout=datetime.timedelta(days=30))
+        else:
+            dist_.barrier(ctx)
+        return
+    with dist_._collective("the end-of-grid wait on the store"):
+        store.add(key, 1)
+        while store.add(key, 0) < ctx.world_size:
+            time.sleep(poll_s)
+
+
+def _grid_settings(args, data, model, anchors) -> dict:
+    """Digests of what decides a run's result besides (method, k, seed)."""
+    from stakes.distributed import digest
+    from stakes.jobs import parse_overrides
+
+    state = model.state_dict() if hasattr(model, "state_dict") else {}
+    return {"dataset": digest([data.name, list(data.train_x.shape), data.train_y, list(data.test_x.shape)]),
+            "preset": digest(args.preset),
+            "set overrides": digest({k: repr(v) for k, v in parse_overrides(getattr(args, "set", None)).items()}),
+            "model": digest({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}),
+            "anchors": digest(anchors if isinstance(anchors, torch.Tensor) else repr(anchors))}
+
+
+def run_compare(args) -> int:
+    """The ``stakes compare`` command (see the module docstring).
+
+    Under ``torchrun`` (a process group of world size > 1) the grid's runs (method, k, seed) are
+    split into contiguous chunks over the ranks, each run whole on its rank's device; every rank
+    writes its records to ``OUT/parts/rank{r}.json`` after every run, and rank 0 merges them into
+    the one report. A rerun in the same folder (serial or distributed) skips the runs an earlier,
+    interrupted grid finished with the same settings (failed runs are rerun).
+    """
+    import os
+
+    import torch.distributed as tdist
+
+    from stakes import distributed as dist_
+
+    initialised_here = False
+    if (dist_.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and not (tdist.is_available() and tdist.is_initialized())):
+        # the CLI normally does this; harmless (a no-op) when a group already exists
+        _, args.device = dist_.init_from_env(args.device, backend="gloo")
+        initialised_here = True
+    try:
+        return _run_compare(args, dist_.current())
+    finally:
+        if initialised_here:
+            dist_.shutdown()
+
+
+def _run_compare(args, ctx) -> int:
+    import os
+    import shutil
+
+    from stakes import distributed as dist_
     from stakes.data import sample_forget_indices
     from stakes.jobs import UsageError, load_data, load_model, load_or_build_anchors, make_config, run_one
     from stakes.methods import available_methods, build_proxies, get_method
@@ -252,48 +394,79 @@ def run_compare(args) -> int:
         fixed = base.projector_lr == 0
         variants.append(("structguard-trainproj" if fixed else "structguard-fixedproj", "structguard",
                          {"projector_lr": UnlearnConfig.projector_lr if fixed else 0.0}))
+    settings_parts = _grid_settings(args, data, model, anchors)
+    settings = dist_.digest(settings_parts)
+    # every rank must have been given the same grid (same command, same files)
+    dist_.check_same_across_ranks({**settings_parts,
+                                   "methods": dist_.digest([v[0] for v in variants]),
+                                   "k": dist_.digest(list(args.k)), "seeds": dist_.digest(list(args.seeds)),
+                                   "retrain": dist_.digest(bool(args.retrain))}, ctx, "compare grid")
     pre_test = accuracy(model, data.test_x, data.test_y)
     meta = {"dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "preset": args.preset,
             "seeds": args.seeds, "ks": args.k, "methods": [v[0] for v in variants], "anchors": anchor_meta,
             "pretrained_test_accuracy": pre_test, "radius": {}}
-    records: list = []
     results_path = os.path.join(args.out, "results.json")
+    parts_dir = _parts_dir(args.out)
     grid = [(k, s) for k in args.k for s in args.seeds]
-    total = len(grid) * (len(variants) + int(args.retrain))
-    bar = tqdm(total=total, desc="compare", disable=args.no_progress)
-    start = time.perf_counter()
+    runs = []   # (k, seed, label, method, extra), in report order; method None: the retrain oracle
     for k, seed in grid:
-        proxy_cache: dict = {}
-        forget_idx = sample_forget_indices(data.train_y, k, seed)
-        pretrained = evaluate_model(model, data, forget_idx)   # the same for every method of this (k, seed)
-        for label, method, extra in variants:
-            bar.set_postfix(method=label, k=k, seed=seed)
-            try:
-                cfg: UnlearnConfig = make_config(args, method).replace(seed=seed, **extra)
-                key = (cfg.eps, cfg.repetitions, cfg.pgd_steps, cfg.pgd_step_size, cfg.target_success)
-                if key not in proxy_cache:
-                    proxy_cache[key] = build_proxies(model, data.train_x[forget_idx], data.train_y[forget_idx], cfg)
-                proxies, ptimes = proxy_cache[key]
-                record, _ = run_one(args, data, model, anchors, method, k, seed, proxies=proxies, cfg=cfg,
-                                     pretrained=pretrained)
-                record["method"] = label
-                record["timings"].update({f"shared_{n}": v for n, v in ptimes.items()})
-                # the proxy set is shared, but each method that trains on it would have had to build it alone
-                uses_proxies = get_method(method).uses_proxies
-                record["wall_time_with_proxies_s"] = record["wall_time_s"] + uses_proxies * sum(ptimes.values())
-                record["status"] = "ok"
-                radius = meta["radius"].setdefault(str(k), {"calibrated": cfg.eps is None, "eps": {},
-                                                            "neighbour_distance": {}})
-                if str(seed) not in radius["eps"]:
-                    radius["eps"][str(seed)] = round(proxies.eps, 3)
-                    radius["neighbour_distance"][str(seed)] = round(median_neighbour_distance(data, forget_idx), 3)
-            except Exception as err:  # the grid goes on; the failure is recorded with its error
-                record = {"method": label, "k": k, "seed": seed, "status": "failed",
-                          "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=5)}
-            records.append(record)
-            atomic_json_dump({"meta": meta, "runs": records}, results_path)
-            bar.update(1)
+        runs += [(k, seed, label, method, extra) for label, method, extra in variants]
         if args.retrain:
+            runs.append((k, seed, "retrain", None, None))
+    order = {(label, k, seed): i for i, (k, seed, label, _, _) in enumerate(runs)}
+
+    def ordered(records):
+        return sorted(records, key=lambda r: order.get(_run_key(r), len(order)))
+
+    # ----- what an interrupted earlier grid in this folder finished (rank 0 reads, every rank learns)
+    finished: dict = {}
+    if ctx.is_main:
+        finished, old_radius, notes, had_parts = _finished_runs(
+            args.out, settings, set(order), {str(k) for k in args.k}, {str(s) for s in args.seeds})
+        for note in notes:
+            print(f"stakes compare: {note}", flush=True)
+        _merge_radius(meta["radius"], old_radius)
+        if had_parts:
+            # fold the parts of an interrupted distributed grid into results.json before this grid's ranks
+            # write their own (so that an interruption of this grid loses nothing either)
+            atomic_json_dump({"meta": {**meta, "settings": settings}, "runs": ordered(finished.values())},
+                             results_path)
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        if finished:
+            print(f"stakes compare: {len(finished)} of {len(runs)} runs already finished in {args.out}; skipping "
+                  f"them, running the other {len(runs) - len(finished)}", flush=True)
+    done_keys = dist_.broadcast_object(sorted(finished), ctx)
+    done_set = {tuple(key) for key in done_keys}
+    todo = [r for r in runs if (r[2], r[0], r[1]) not in done_set]
+    mine = dist_.contiguous_chunks(todo, ctx.world_size)[ctx.rank] if ctx.enabled else todo
+
+    meta["settings"] = settings
+    meta["distributed"] = ctx.record()
+    grid_record = ctx.record()
+    my_records: list = []
+    my_radius: dict = {}
+    part_path = os.path.join(parts_dir, f"rank{ctx.rank}.json")
+
+    def save():
+        if ctx.enabled:
+            atomic_json_dump({"meta": {**meta, "radius": my_radius, "rank": ctx.rank}, "runs": my_records},
+                             part_path)
+        else:
+            _merge_radius(meta["radius"], my_radius)
+            atomic_json_dump({"meta": meta, "runs": ordered(list(finished.values()) + my_records)}, results_path)
+
+    bar = tqdm(total=len(mine), desc=f"compare rank {ctx.rank}" if ctx.enabled else "compare",
+               disable=args.no_progress)
+    start = time.perf_counter()
+    at = None   # the (k, seed) whose forget set, pretrained figures and proxies are at hand
+    for k, seed, label, method, extra in mine:
+        if at != (k, seed):
+            at = (k, seed)
+            proxy_cache: dict = {}
+            forget_idx = sample_forget_indices(data.train_y, k, seed)
+            pretrained = None   # the same for every method of this (k, seed); computed when first needed
+        bar.set_postfix(method=label, k=k, seed=seed)
+        if method is None:   # the retrain oracle
             t0 = time.perf_counter()
             try:
                 oracle = retrain_oracle(data, forget_idx, seed, device=args.device)
@@ -306,16 +479,75 @@ def run_compare(args) -> int:
             except Exception as err:
                 record = {"method": "retrain", "k": k, "seed": seed, "status": "failed",
                           "error": f"{type(err).__name__}: {err}"}
-            records.append(record)
-            atomic_json_dump({"meta": meta, "runs": records}, results_path)
-            bar.update(1)
+        else:
+            try:
+                if pretrained is None:
+                    pretrained = evaluate_model(model, data, forget_idx)
+                cfg: UnlearnConfig = make_config(args, method).replace(seed=seed, **extra)
+                key = (cfg.eps, cfg.repetitions, cfg.pgd_steps, cfg.pgd_step_size, cfg.target_success)
+                if key not in proxy_cache:
+                    # each rank runs whole runs on its own device: no data parallelism inside a grid
+                    proxy_cache[key] = build_proxies(model, data.train_x[forget_idx], data.train_y[forget_idx], cfg,
+                                                     distributed=False)
+                proxies, ptimes = proxy_cache[key]
+                record, _ = run_one(args, data, model, anchors, method, k, seed, proxies=proxies, cfg=cfg,
+                                     pretrained=pretrained, distributed=False)
+                record["method"] = label
+                record["timings"].update({f"shared_{n}": v for n, v in ptimes.items()})
+                # the proxy set is shared, but each method that trains on it would have had to build it alone
+                uses_proxies = get_method(method).uses_proxies
+                record["wall_time_with_proxies_s"] = record["wall_time_s"] + uses_proxies * sum(ptimes.values())
+                record["status"] = "ok"
+                radius = my_radius.setdefault(str(k), {"calibrated": cfg.eps is None, "eps": {},
+                                                       "neighbour_distance": {}})
+                if str(seed) not in radius["eps"]:
+                    radius["eps"][str(seed)] = round(proxies.eps, 3)
+                    radius["neighbour_distance"][str(seed)] = round(median_neighbour_distance(data, forget_idx), 3)
+            except Exception as err:  # the grid goes on; the failure is recorded with its error
+                record = {"method": label, "k": k, "seed": seed, "status": "failed",
+                          "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=5)}
+        record["rank"] = ctx.rank
+        if ctx.enabled and isinstance(record.get("distributed"), dict):
+            # the run itself is on one process (its own "distributed" record says so); the grid is not
+            record["distributed"] = {**record["distributed"], "grid": grid_record}
+        elif ctx.enabled:
+            record["distributed"] = {"world_size": 1, "backend": None, "grid": grid_record}
+        my_records.append(record)
+        save()
+        bar.update(1)
     bar.close()
-    meta["wall_time_s"] = time.perf_counter() - start
-    atomic_json_dump({"meta": meta, "runs": records}, results_path)
-    text = write_summary(records, os.path.join(args.out, "summary.md"), meta)
-    plots = plot_report(records, args.out)
+
+    if ctx.enabled:
+        # ranks finish hours apart: wait on the store, not in a collective that would time out
+        _wait_for_all_ranks(ctx)
+        gathered = dist_.all_gather_object({"runs": my_records, "radius": my_radius}, ctx)
+        if ctx.is_main:
+            new = [r for part in gathered for r in part["runs"]]
+            for part in gathered:
+                _merge_radius(meta["radius"], part["radius"])
+            records = ordered(list(finished.values()) + new)
+            meta["wall_time_s"] = time.perf_counter() - start
+            atomic_json_dump({"meta": meta, "runs": records}, results_path)
+            text = write_summary(records, os.path.join(args.out, "summary.md"), meta)
+            plots = plot_report(records, args.out)
+        dist_.barrier(ctx)   # results.json holds every rank's runs: the parts can go
+        try:
+            os.remove(part_path)
+        except FileNotFoundError:
+            pass
+        if not ctx.is_main:
+            return 0
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    else:
+        records = ordered(list(finished.values()) + my_records)
+        meta["wall_time_s"] = time.perf_counter() - start
+        atomic_json_dump({"meta": meta, "runs": records}, results_path)
+        text = write_summary(records, os.path.join(args.out, "summary.md"), meta)
+        plots = plot_report(records, args.out)
     print(text)
     print(f"\nreport -> {args.out}/ (results.json, summary.md, {', '.join(os.path.basename(p) for p in plots)})")
+    if finished:
+        print(f"{len(finished)} of {len(records)} runs were finished by an earlier run of this grid and skipped")
     n_failed = sum(1 for r in records if r.get("status") != "ok")
     if n_failed:
         print(f"{n_failed} of {len(records)} runs failed; see summary.md")
