@@ -7,6 +7,18 @@ proxy settings agree. A failing run is recorded with its error and the grid goes
   every run, atomically, so an interrupted grid keeps what it finished);
 * ``summary.md`` — mean ± std per method and k, at the stop and at matched forgetting;
 * ``trajectories.png``, ``test_vs_k.png``, ``drift.png`` — drawn from ``results.json``.
+
+Every record names its ``rank`` (0 without torchrun). Under ``torchrun --nproc-per-node=N -m
+stakes compare ...`` the runs (method, k, seed), in report order, are split into N contiguous
+chunks (so the runs of one (k, seed) mostly share a rank and its proxy set), each run whole on its
+rank's device (``distributed=False``: no data parallelism inside a grid; its record's
+``distributed`` says world size 1 and ``distributed.grid`` the grid's world size and backend).
+Rank r writes its records to ``parts/rank{r}.json`` after every run; when every rank is done
+(waiting on the process group's store, not in a collective, so ranks may finish hours apart) rank 0
+gathers them and writes the one report, then removes ``parts/``. Rerunning a grid in the same
+folder skips the runs an earlier, interrupted one finished ("ok" in ``results.json`` or
+``parts/``, written with the same data set, preset, ``--set`` values, model and anchors); failed
+runs are rerun.
 """
 
 from __future__ import annotations
@@ -596,6 +608,8 @@ def merge_reports(dirs: list, out_dir: str) -> tuple:
             if m.get(key) != meta.get(key):
                 raise ValueError(f"cannot merge {d!r}: its {key} is {m.get(key)!r} but {dirs[0]!r} has "
                                  f"{meta.get(key)!r}")
+        if m.get("settings") != meta.get("settings"):
+            meta.pop("settings", None)   # parts run with other --set values: a rerun here must not reuse runs
         a, b = m.get("pretrained_test_accuracy"), meta.get("pretrained_test_accuracy")
         if a is not None and b is not None and abs(a - b) > 1e-6:
             raise ValueError(f"cannot merge {d!r}: its pretrained model differs (test accuracy {a:.4f} % vs {b:.4f} % "
