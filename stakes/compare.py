@@ -360,7 +360,8 @@ def run_compare(args) -> int:
     if (dist_.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
             and not (tdist.is_available() and tdist.is_initialized())):
         # the CLI normally does this; harmless (a no-op) when a group already exists
-        _, args.device = dist_.init_from_env(args.device, backend="gloo")
+        _, args.device = dist_.init_from_env(args.device, backend="gloo",
+                                             timeout_s=getattr(args, "dist_timeout", dist_.DEFAULT_TIMEOUT_S))
         initialised_here = True
     try:
         return _run_compare(args, dist_.current())
@@ -389,8 +390,12 @@ def _run_compare(args, ctx) -> int:
         if not 1 <= k <= len(data.train_y):
             raise UsageError(f"--k must be between 1 and the training set size {len(data.train_y)}, got {k}")
     os.makedirs(args.out, exist_ok=True)
+    if not ctx.is_main:   # rank 0 first: it may pretrain and cache the default model and anchors
+        dist_.barrier(ctx)
     model, model_meta = load_model(args, data)
     anchors, anchor_meta = load_or_build_anchors(args, data, model)
+    if ctx.is_main:
+        dist_.barrier(ctx)
     variants = [(m, m, {}) for m in methods]
     if args.ablate_warm_start and "structguard" in methods:
         base = make_config(args, "structguard")
