@@ -10,7 +10,13 @@ The job-building code (data, model, anchors, config, one run) lives in :mod:`sta
 with :mod:`stakes.compare`; this module is the top floor and nothing imports it back.
 
 Errors in the user's input print one line ``stakes: error: ...`` and exit with status 2; a run
-that diverges (non-finite loss) exits with status 3 and writes nothing.
+that diverges (non-finite loss) exits with status 3 and writes nothing; a data-parallel job whose
+process group fails (a rank died, a collective timed out) exits with status 4.
+
+Under ``torchrun`` (``torchrun --standalone --nproc-per-node=N -m stakes unlearn ...``) ``unlearn``
+runs data-parallel over the N processes (:mod:`stakes.distributed`) and ``compare`` spreads whole
+runs over them; rank 0 alone prints and writes. A job restarted by ``torchrun --max-restarts``
+resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -105,17 +111,32 @@ def _summary_lines(rec: dict) -> list:
 
 
 def cmd_unlearn(args) -> int:
+    from stakes import distributed as dist_
+
+    ctx = dist_.current()
     data = load_data(args)
     if not 1 <= args.k <= len(data.train_y):
         raise UsageError(f"--k must be between 1 and the training set size {len(data.train_y)}, got {args.k}")
+    if not ctx.is_main:   # rank 0 first: it may pretrain and cache the default model and anchors
+        dist_.barrier(ctx)
     model, _ = load_model(args, data)
     anchors, anchor_meta = load_or_build_anchors(args, data, model)
+    if ctx.is_main:
+        dist_.barrier(ctx)
     cfg = make_config(args, args.method)
-    # every run keeps a resumable state next to its result until the result is written
+    if not ctx.is_main:
+        cfg = cfg.replace(progress=False)
+    # every run keeps a resumable state next to its result until the result is written; a job that
+    # torchrun restarted (--max-restarts) resumes from it
     ckpt = args.checkpoint or args.out + ".ckpt"
+    resume = args.resume or dist_.restart_count() > 0
     record, result = run_one(args, data, model, anchors, args.method, args.k, args.seed, cfg=cfg,
-                             checkpoint_path=ckpt, resume=args.resume, keep_checkpoint=True)
+                             checkpoint_path=ckpt, resume=resume, keep_checkpoint=True, evaluate=ctx.is_main)
+    if not ctx.is_main:   # rank 0 evaluates, writes and prints; the job ends when it is done
+        dist_.barrier(ctx)
+        return 0
     record["anchors"] = anchor_meta
+    record["distributed"]["restarts"] = dist_.restart_count()
     if args.save_model:
         save_deployed_model(args.save_model, result.model, {"method": args.method, "k": args.k, "seed": args.seed,
                                                             "dataset": data.name})
@@ -125,6 +146,7 @@ def cmd_unlearn(args) -> int:
             os.remove(path)
     print("\n".join(_summary_lines(record)))
     print(f"  result -> {args.out}")
+    dist_.barrier(ctx)
     return 0
 
 
@@ -169,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, model=True):
         sp.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (default: digits, bundled)")
         sp.add_argument("--root", default=None, help="data folder (CIFAR python-pickle folder, ImageFolder tree)")
-        sp.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        sp.add_argument("--device", default="cpu", help="torch device (default: cpu; under torchrun, cuda means "
+                                                           "cuda:LOCAL_RANK, one GPU per process)")
         sp.add_argument("--cache-dir", default=None, help="cache for pretrained models and anchors "
                                                           "(default: $STAKES_CACHE or ~/.cache/stakes)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -199,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--clip-arch", default="ViT-B-32")
         sp.add_argument("--clip-checkpoint", default=None, help="local open_clip checkpoint")
         sp.add_argument("--clip-random", action="store_true", help="random-weight open_clip (testing only)")
+
+    def dist_args(sp):
+        sp.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="under torchrun: how long a collective waits for the other ranks before the job "
+                             "stops with an error (default 1800)")
 
     sp = sub.add_parser("pretrain", help="train and save a model")
     common(sp, model=False)
@@ -230,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "the result is written)")
     sp.add_argument("--resume", action="store_true", help="resume an interrupted run from its checkpoint")
     sp.add_argument("--save-model", default=None, help="also save the deployed model here")
+    dist_args(sp)
     sp.set_defaults(func=cmd_unlearn)
 
     sp = sub.add_parser("compare", help="run a grid of methods × k × seeds and write a report")
@@ -250,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(structguard-fixedproj: projector_lr=0, or structguard-trainproj when it is already 0)")
     sp.add_argument("--retrain", action="store_true", help="also run the retrain oracle")
     sp.add_argument("--out", default="report")
+    dist_args(sp)
     sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("report", help="redraw summary.md and the plots of a compare folder from its results.json, "
@@ -281,19 +311,58 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     parser = build_parser()
     args = parser.parse_args(argv)
+    from stakes import distributed as dist_
     from stakes.methods import NonFiniteError
 
+    started = False
     try:
+        started = _init_distributed(args)
         return args.func(args)
+    except dist_.DistributedError as err:
+        print(f"stakes: error: {err}", file=sys.stderr)
+        return 4
+    except RuntimeError as err:   # a collective inside autograd (DDP's all-reduce) that failed
+        failure = dist_.group_failure(err)
+        if failure is None:
+            raise
+        print(f"stakes: error: {failure}", file=sys.stderr)
+        return 4
     except NonFiniteError as err:
-        print(f"stakes: diverged: {err}", file=sys.stderr)
+        print(f"stakes: diverged: {_rank_prefix()}{err}", file=sys.stderr)
         return 3
     except (UsageError, ValueError, TypeError, FileNotFoundError, KeyError) as err:
         if os.environ.get("STAKES_DEBUG"):
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"stakes: error: {msg}", file=sys.stderr)
+        print(f"stakes: error: {_rank_prefix()}{msg}", file=sys.stderr)
         return 2
+    finally:
+        if started:
+            dist_.shutdown()
+
+
+def _rank_prefix() -> str:
+    from stakes import distributed as dist_
+
+    ctx = dist_.current()
+    return f"rank {ctx.rank}/{ctx.world_size}: " if ctx.enabled else ""
+
+
+def _init_distributed(args) -> bool:
+    """Under torchrun (world size > 1): the process group for ``unlearn`` (NCCL on CUDA, gloo on CPU)
+    and ``compare`` (gloo: its ranks only coordinate); ``args.device`` becomes this rank's device.
+    Returns whether a group was initialised here."""
+    from stakes import distributed as dist_
+
+    if not dist_.launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if args.command not in ("unlearn", "compare"):
+        raise UsageError(f"`stakes {args.command}` runs on one process; launch it without torchrun "
+                         "(only unlearn and compare run on several)")
+    already = dist_.current().enabled
+    _, args.device = dist_.init_from_env(args.device, timeout_s=args.dist_timeout,
+                                         backend="gloo" if args.command == "compare" else None)
+    return not already
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -132,7 +132,15 @@ def init_from_env(device: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, backend:
         torch.cuda.set_device(device)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout_s)), **kwargs)
+    timeout = datetime.timedelta(seconds=float(timeout_s))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # the rendezvous store, with a prefix per torchrun attempt: torchrun keeps its store across
+    # --max-restarts, and a restarted gloo group would otherwise read the dead attempt's addresses
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, timeout=timeout, multi_tenant=not agent)
+    store = dist.PrefixStore(f"stakes/attempt_{restart_count()}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
     return current(), device
 
 
@@ -173,6 +181,25 @@ def _collective(what: str):
             return False
 
     return _Guard()
+
+
+_FAILURE_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe",
+                  "distbackend", "process group", "processgroup")
+
+
+def group_failure(err: BaseException) -> Optional[str]:
+    """The message of a :class:`DistributedError` if ``err`` is a failed collective of this job's
+    process group (raised inside autograd by DDP's all-reduce, say), else None."""
+    if isinstance(err, DistributedError):
+        return str(err)
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    text = f"{type(err).__name__} {err}".lower()
+    if isinstance(err, getattr(dist, "DistError", ())) or any(w in text for w in _FAILURE_WORDS):
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return (f"rank {dist.get_rank()}: the process group failed: another rank died or a collective timed out "
+                f"({type(err).__name__}: {first[:300]})")
+    return None
 
 
 def all_gather_rows(part: torch.Tensor, n_total: int, ctx: DistContext) -> torch.Tensor:

@@ -379,8 +379,12 @@ class _Run:
             step = _StepModule(self.features, self.head, self.projector)
             ids = [self.device.index] if self.device.type == "cuda" else None
             # find_unused_parameters: methods use different parts of the model (importance: the backbone)
-            self._ddp = DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False,
-                                                find_unused_parameters=True)
+            # buffers are never broadcast at forward: the ranks' buffers are equal (or synchronised BatchNorm)
+            import inspect
+
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                       inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
+            self._ddp = DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True, **no_sync)
         return self._ddp
 
     def _sync_batchnorm(self) -> None:

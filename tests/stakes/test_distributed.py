@@ -130,6 +130,33 @@ def test_params_after_steps_equal_single_process(two_ranks, one_rank, name):
     assert int(two_ranks[0][f"world_{name}"]) == 2 and int(one_rank[f"world_{name}"]) == 1
 
 
+def _mismatch_worker(rank, world, port, inputs_path, out_dir):
+    from stakes.methods import unlearn
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    inputs = _inputs(inputs_path)
+    try:
+        unlearn(inputs["model"], (inputs["fx"], inputs["fy"]), method="adv", anchors=inputs["anchors"],
+                config=_config(eps=1.0, lr=0.005 * (1 + rank)))   # rank 1 was given another learning rate
+        message = "no error"
+    except ValueError as err:
+        message = str(err)
+    finally:
+        torch.distributed.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
+        fh.write(message)
+
+
+def test_mismatched_configs_are_refused_on_every_rank(dist_inputs, tmp_path):
+    mp.start_processes(_mismatch_worker, args=(2, _free_port(), str(dist_inputs), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    for rank in range(2):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "mismatched launch: the ranks of this adv run were given different config" in text, text
+
+
 def test_shard_range_covers_everything():
     for n in (0, 1, 5, 7, 160):
         for w in (1, 2, 3, 8):
