@@ -12,8 +12,10 @@ real model objects (random weights, nothing downloaded):
   only; attention is forced onto the math SDPA path so its two batched matmuls are counted);
 * the proxy set's cost (R·k proxies, each pgd_steps × (forward + input backward) + one forward
   for the success check), split over ranks (⌈R·k/W⌉ proxies per GPU);
-* the per-step compute per GPU (the rank's share of the global proxy batch plus the *whole*
-  forget batch, which every rank computes) against the per-step gradient all-reduce;
+* the per-step compute per GPU (the rank's share of the global proxy batch and of the forget
+  batch, which is split like the proxy batch when it has at least one image per rank and is
+  computed whole on every rank otherwise, as stakes.methods.loop does) against the per-step
+  gradient all-reduce;
 * the importance pass (N_tot = |D_r| samples of forward+backward, one all-reduce per global batch);
 * time estimates from the stated throughput and bandwidth assumptions (:data:`ASSUMPTIONS`).
 
@@ -62,8 +64,9 @@ ASSUMPTIONS = {
                   "calibration (calibrate_radius) and the final all_gather of the proxies are extra and "
                   "not in the proxy time",
     "proxy_split": "the R*k (image, repetition) pairs are split over ranks: ceil(R*k/W) proxies per GPU",
-    "train_step": "per step and GPU: ceil(global proxy batch / W) proxies + the whole forget batch "
-                  "(min(forget_batch_size, k) images; every rank computes it whole, it is not split), "
+    "train_step": "per step and GPU: ceil(global proxy batch / W) proxies + ceil(forget batch / W) forget images "
+                  "(forget batch = min(forget_batch_size, k); split when it has >= W images, else every rank "
+                  "computes it whole), "
                   "each forward + weight backward (fwd_bwd_params); one gradient all-reduce per step",
     "step_time": "compute time and communication time are given separately; the step takes between "
                  "max(compute, comm) (perfect overlap) and their sum (no overlap)",
@@ -213,7 +216,8 @@ def model_setup(setup: Setup, world_sizes: Sequence[int] = WORLD_SIZES, assumpti
         ring16 = ring_allreduce_bytes_per_gpu(grad_bytes_bf16, w)
         proxies_per_gpu = math.ceil(n_pairs / w)
         proxy_share = math.ceil(setup.proxy_batch_size / w)
-        step_images = proxy_share + forget_batch
+        forget_share = math.ceil(forget_batch / w) if forget_batch >= w else forget_batch
+        step_images = proxy_share + forget_share
         step_flops = step_images * flops["fwd_bwd_params"]
         step_compute_s = step_flops / rate
         step_comm32_s, step_comm16_s = _comm_s(ring32, w, assumptions), _comm_s(ring16, w, assumptions)
@@ -228,7 +232,7 @@ def model_setup(setup: Setup, world_sizes: Sequence[int] = WORLD_SIZES, assumpti
             "allreduce_bytes_per_gpu_per_step_fp32": ring32,
             "allreduce_bytes_per_gpu_per_step_bf16": ring16,
             "proxy_images_per_gpu_per_step": proxy_share,
-            "forget_images_per_gpu_per_step": forget_batch,
+            "forget_images_per_gpu_per_step": forget_share,
             "compute_flops_per_gpu_per_step": step_flops,
             "step_compute_ms": 1e3 * step_compute_s,
             "step_comm_ms_fp32": 1e3 * step_comm32_s,
@@ -301,8 +305,9 @@ def markdown(report: dict) -> str:
         f"(200 Gb/s InfiniBand) across nodes (W = 64 = 8 nodes; the ring runs at the slower link); fp32 "
         "gradients. FLOPs: `FlopCounterMode` at batch 1, matmul/conv only. A PGD step = forward + input "
         "backward (parameters frozen); one proxy = steps × that + 1 forward. A training step on each GPU = "
-        "its share of the global proxy batch + the whole forget batch (every rank computes the forget "
-        "batch, it is not split), forward + weight backward, then one gradient all-reduce. Importance = "
+        "its share of the global proxy batch + its share of the forget batch (split when it has at least "
+        "one image per rank, else computed whole on every rank), forward + weight backward, then one "
+        "gradient all-reduce. Importance = "
         "|D_r| samples of forward + weight backward split over GPUs, one all-reduce per global proxy "
         "batch. Compute and comm are listed separately: a step takes between max and sum of the two.",
         "",

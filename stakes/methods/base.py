@@ -33,8 +33,10 @@ class Batch:
 
     ``index`` is the step's position within its epoch (0, 1, ...). In a data-parallel run
     (:mod:`stakes.distributed`) ``proxy_x``/``proxy_y`` are this rank's shard of the global proxy
-    batch, whose size is ``proxy_total``; the forget batch is always whole. :attr:`n_proxy` is the
-    global proxy batch size in both cases (what batch-size weights must use)."""
+    batch, whose size is ``proxy_total``, and ``forget_x``/``forget_y`` this rank's shard of the
+    global forget batch (rows ``forget_offset`` …, of ``forget_total``) when it has at least one
+    image per rank (else every rank holds it whole). :attr:`n_proxy` and :attr:`n_forget` are the
+    global sizes in both cases (what batch-size weights must use)."""
 
     forget_x: torch.Tensor
     forget_y: torch.Tensor
@@ -42,6 +44,18 @@ class Batch:
     proxy_y: torch.Tensor
     index: int = 0
     proxy_total: Optional[int] = None
+    forget_total: Optional[int] = None
+    forget_offset: int = 0
+
+    @property
+    def n_forget(self) -> int:
+        """The global forget batch size (this rank's shard is ``forget_x``)."""
+        return self.forget_x.shape[0] if self.forget_total is None else self.forget_total
+
+    @property
+    def forget_rows(self) -> slice:
+        """This rank's rows of the global forget batch (all of them on one process)."""
+        return slice(self.forget_offset, self.forget_offset + self.forget_x.shape[0])
 
     @property
     def n_proxy(self) -> int:
@@ -63,11 +77,13 @@ class UnlearningMethod:
         needs_anchors: refuse to run without anchors.
         uses_proxies: trains on the proxy set (a comparison charges the proxies' time to it).
         paper_preset: config values this method gets under ``preset("paper")``.
-        proxy_terms: the names of the loss terms that are means over the proxy batch. In a
-            data-parallel run each rank computes every term on its shard of the proxy batch and the
-            whole forget batch; these terms are weighted by the shard's share of the global batch
-            (so the all-reduced gradient is the single-process one), every other term counts once.
-            A term that is not listed but differs between ranks is reported at the first step.
+        proxy_terms, forget_terms: the names of the loss terms that are means over the proxy batch
+            and over the forget batch. In a data-parallel run each rank computes every term on its
+            shard of the batches; these terms are weighted by the shard's share of the global batch
+            (so the all-reduced gradient is the single-process one), every other term (a penalty on
+            the parameters, say) counts once. A term that is not listed but differs between ranks is
+            reported at the first step. A term whose per-sample randomness is drawn in the step must
+            draw it for the global batch and take its rows (``batch.forget_rows``; see SalUn).
     """
 
     name: Optional[str] = None          # set by register_method
@@ -75,6 +91,7 @@ class UnlearningMethod:
     uses_proxies: bool = True
     paper_preset: dict = PAPER_BASELINE_VALUES
     proxy_terms: tuple = ("retention", "alignment")
+    forget_terms: tuple = ("deletion", "random_label")
 
     # ------------------------------------------------------------------ the loss
     def loss_terms(self, run, batch: Batch) -> dict:

@@ -425,17 +425,25 @@ class _Run:
         if not self.dist.enabled:
             return sum(terms.values()), terms, terms
         w = self.dist.world_size
-        share = batch.proxy_x.shape[0] / batch.n_proxy
-        proxy_terms = set(self.method_def.proxy_terms)
-        scaled = {n: v * (w * share) if n in proxy_terms else v for n, v in terms.items()}
-        contrib = {n: (v * share if n in proxy_terms else v / w) for n, v in terms.items()}
+        shares = self._shares(batch)
+        scaled = {n: v * (w * shares[n]) if n in shares else v for n, v in terms.items()}
+        contrib = {n: (v * shares[n] if n in shares else v / w) for n, v in terms.items()}
         return sum(scaled.values()), terms, contrib
 
-    def _check_replicated(self, terms: dict) -> None:
-        """At the first data-parallel step: the terms not in ``proxy_terms`` must agree on every rank."""
+    def _shares(self, batch: Batch) -> dict:
+        """This rank's share of the global batch, for each term that is a mean over a sharded batch
+        (the proxy batch always; the forget batch when it is split)."""
+        out = {n: batch.proxy_x.shape[0] / batch.n_proxy for n in self.method_def.proxy_terms}
+        if batch.forget_total is not None:
+            out.update({n: batch.forget_x.shape[0] / batch.n_forget for n in self.method_def.forget_terms})
+        return out
+
+    def _check_replicated(self, terms: dict, batch: Batch) -> None:
+        """At the first data-parallel step: the terms that are not means over a sharded batch must
+        agree on every rank."""
         self._replicated_checked = True
-        proxy_terms = set(self.method_def.proxy_terms)
-        names = [n for n in terms if n not in proxy_terms]
+        sharded = self._shares(batch)
+        names = [n for n in terms if n not in sharded]
         if not names:
             return
         mine = [float(torch.as_tensor(terms[n]).detach().double().sum()) for n in names]
@@ -445,8 +453,9 @@ class _Run:
         if bad:
             raise ValueError(f"method {self.method!r}: loss term(s) {bad} differ between ranks at the first step "
                              f"({', '.join(f'{n}: ' + str([round(v[names.index(n)], 6) for v in every]) for n in bad)}): "
-                             "they depend on the proxy shard; list them in the method's proxy_terms (terms that are "
-                             "means over the proxy batch) so the data-parallel gradient is the single-process one")
+                             "they depend on the rank's shard of the batch; list them in the method's proxy_terms or "
+                             "forget_terms (terms that are means over the proxy or the forget batch) so that the "
+                             "data-parallel gradient is the single-process one")
 
     def _global_terms(self, contrib: dict) -> dict:
         """The logged value of each term over the global batch (one all-reduce, at log points only)."""
@@ -483,7 +492,7 @@ class _Run:
         """(w_f, w_a): the batch fractions n_f/(n_f+n_a), n_a/(n_f+n_a) of METHOD.md §8, or 1 and 1."""
         if self.cfg.loss_weighting == "equal":
             return 1.0, 1.0
-        n_f, n_a = batch.forget_x.shape[0], batch.n_proxy
+        n_f, n_a = batch.n_forget, batch.n_proxy
         return n_f / (n_f + n_a), n_a / (n_f + n_a)
 
     def deletion(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -650,7 +659,7 @@ class _Run:
         if self.dist.enabled:   # the loss through DDP, whose backward averages the gradients over ranks
             loss, terms, contrib = self._step_module()(lambda: self._local_loss(batch))
             if not self._replicated_checked:
-                self._check_replicated(terms)
+                self._check_replicated(terms, batch)
         else:
             loss, terms, contrib = self._local_loss(batch)
         self._record_non_finite(terms, loss)
@@ -735,8 +744,13 @@ class _Run:
                     f_order, f_pos = torch.randperm(self.k, generator=g).to(self.device), 0
                 jf = f_order[f_pos:f_pos + nf]
                 f_pos += nf
+                f_total, f_lo = None, 0
+                if ctx.enabled and nf >= ctx.world_size:   # shard the forget batch too (else every rank has it whole)
+                    f_lo, f_hi = dist_.shard_range(nf, ctx.rank, ctx.world_size)
+                    jf, f_total = jf[f_lo:f_hi], nf
                 batch = Batch(self.fx[jf], self.fy[jf], self.proxies.x[ia], self.proxies.y[ia],
-                              index=i // cfg.proxy_batch_size, proxy_total=n_a)
+                              index=i // cfg.proxy_batch_size, proxy_total=n_a, forget_total=f_total,
+                              forget_offset=f_lo)
                 terms, loss = self.train_step(batch)
                 self.step += 1
                 bar.update(1)

@@ -43,8 +43,9 @@ def test_proxies_split_over_ranks(cifar):
     for r in cifar["rows"]:
         assert r["proxies_per_gpu"] == math.ceil(n / r["world_size"])
         assert r["proxy_flops_per_gpu"] == r["proxies_per_gpu"] * cifar["proxy_flops_each"]
-        # the forget batch is computed whole on every rank; the proxy batch is split
-        assert r["forget_images_per_gpu_per_step"] == min(st["forget_batch_size"], st["k"])
+        # the forget batch is split like the proxy batch when it has at least one image per rank
+        fb = min(st["forget_batch_size"], st["k"])
+        assert r["forget_images_per_gpu_per_step"] == (-(-fb // r["world_size"]) if fb >= r["world_size"] else fb)
         assert r["proxy_images_per_gpu_per_step"] == math.ceil(st["proxy_batch_size"] / r["world_size"])
     assert cifar["rows"][0]["proxy_gen_s_per_gpu"] == pytest.approx(8 * cifar["rows"][1]["proxy_gen_s_per_gpu"])
 

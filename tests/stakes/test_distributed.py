@@ -1,7 +1,8 @@
 """Data-parallel runs on torch.distributed (gloo, 2 CPU processes) against the single-process run:
 the proxy set, StructGuard's importance, the parameters after a few steps (stable and paper
-presets, the latter through the all-reduce BatchNorm), a resume across world sizes, and the launch
-checks. The command-line runs under torchrun are in test_distributed_cli.py."""
+presets, the latter through the all-reduce BatchNorm; SalUn's per-step random labels; forget
+batches split over the ranks and computed whole), and the launch checks (the resume across world
+sizes is in test_distributed_cli.py). The command-line runs under torchrun are in test_distributed_cli.py."""
 
 from __future__ import annotations
 
@@ -56,10 +57,11 @@ def _jobs(inputs, *, distributed):
     run.opt = run.new_optimizer()
     imp = run.method_def.importance(run)
     out["importance"] = torch.cat([v.flatten() for v in imp.values()])
-    for name, preset_name, method in (("stable", "stable", "structguard"), ("paper", "paper", "structguard"),
-                                      ("salun", "stable", "salun")):
-        res = unlearn(model, (fx, fy), method=method, anchors=anchors, proxies=proxies,
-                      config=_config(preset=preset_name, eps=1.0), retain_size=1000, distributed=distributed)
+    # forget batches of 4 are split over the ranks; one of 1 is computed whole on every rank
+    for name, preset_name, method, fbs in (("stable", "stable", "structguard", 4), ("paper", "paper", "structguard", 4),
+                                           ("salun", "stable", "salun", 4), ("whole_forget", "stable", "adv", 1)):
+        res = unlearn(model, (fx, fy), method=method, anchors=anchors, proxies=proxies, retain_size=1000,
+                      config=_config(preset=preset_name, eps=1.0, forget_batch_size=fbs), distributed=distributed)
         out[f"params_{name}"] = torch.cat([p.detach().flatten() for p in res.deployed.parameters()])
         out[f"loss_{name}"] = torch.tensor([e["loss"] for e in res.history if "loss" in e])
         out[f"world_{name}"] = torch.tensor(res.distributed["world_size"])
@@ -120,7 +122,7 @@ def test_importance_reduces_gradients_before_abs(two_ranks, one_rank):
         torch.testing.assert_close(out["importance"], ref, rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["stable", "paper", "salun"])
+@pytest.mark.parametrize("name", ["stable", "paper", "salun", "whole_forget"])
 def test_params_after_steps_equal_single_process(two_ranks, one_rank, name):
     ref = one_rank[f"params_{name}"]
     r0, r1 = (out[f"params_{name}"] for out in two_ranks)
@@ -147,6 +149,40 @@ def _mismatch_worker(rank, world, port, inputs_path, out_dir):
         torch.distributed.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
         fh.write(message)
+
+
+def _undeclared_worker(rank, world, port, inputs_path, out_dir):
+    import torch.nn.functional as F
+
+    from stakes.methods import UnlearningMethod, unlearn
+
+    class Relabel(UnlearningMethod):   # "relabel" is a mean over the forget batch, not declared as such
+        def loss_terms(self, run, batch):
+            return {"relabel": F.cross_entropy(run.deployed(batch.forget_x), (batch.forget_y + 1) % 10),
+                    "retention": F.cross_entropy(run.deployed(batch.proxy_x), batch.proxy_y)}
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    inputs = _inputs(inputs_path)
+    try:
+        unlearn(inputs["model"], (inputs["fx"], inputs["fy"]), method=Relabel(), config=_config(eps=1.0))
+        message = "no error"
+    except ValueError as err:
+        message = str(err)
+    finally:
+        torch.distributed.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
+        fh.write(message)
+
+
+def test_undeclared_shard_dependent_term_is_reported(dist_inputs, tmp_path):
+    mp.start_processes(_undeclared_worker, args=(2, _free_port(), str(dist_inputs), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    for rank in range(2):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "loss term(s) ['relabel'] differ between ranks at the first step" in text, text
+        assert "forget_terms" in text
 
 
 def test_mismatched_configs_are_refused_on_every_rank(dist_inputs, tmp_path):
