@@ -512,14 +512,17 @@ class _Run:
 
     @torch.no_grad()
     def log_entry(self, losses: dict) -> dict:
-        """A trajectory entry (accuracies, drift, losses), appended to the history (rank 0 alone in a
-        data-parallel run; the other ranks never call it)."""
+        """A trajectory entry (accuracies, drift, losses), appended to the history. In a data-parallel
+        run every rank calls it at the same steps, evaluates its shard of each evaluation set, and
+        every rank appends the same entry (rank 0 alone calls the callbacks)."""
         t0 = time.perf_counter()
         entry = {"step": self.step, "epoch": self.epoch}
         self.deployed.eval()
         entry["forget_accuracy"] = accuracy(self.deployed, self.fx, self.fy)
         drift_set = "test" if self.anchors is not None and "test" in self.eval_sets else None
-        for name, (x, y) in self.eval_sets.items():
+        if self.dist.enabled:
+            entry.update(self._sharded_evaluation(drift_set))
+        for name, (x, y) in (self.eval_sets.items() if not self.dist.enabled else ()):
             if name != drift_set:
                 entry[f"{name}_accuracy"] = accuracy(self.deployed, x, y)
                 continue
@@ -536,9 +539,40 @@ class _Run:
         self.check_finite(f"trajectory log at step {self.step}")
         self.history.append(entry)
         self.timings["eval_s"] = self.timings.get("eval_s", 0.0) + time.perf_counter() - t0
-        for cb in self.callbacks:
+        for cb in (self.callbacks if self.dist.is_main else ()):
             cb(entry)
         return entry
+
+    @torch.no_grad()
+    def _sharded_evaluation(self, drift_set: Optional[str]) -> dict:
+        """Accuracy on each evaluation set and the drift, each rank on its contiguous shard of the
+        rows, the counts and sums all-reduced (one collective per log point)."""
+        ctx = self.dist
+        names, parts = list(self.eval_sets), []
+        for name in names:
+            x, y = self.eval_sets[name]
+            lo, hi = dist_.shard_range(len(x), ctx.rank, ctx.world_size)
+            x, y = x[lo:hi], y[lo:hi]
+            correct, drift_sum = 0.0, 0.0
+            if len(x):
+                feats = torch.cat([self.features(x[i:i + 512]) for i in range(0, len(x), 512)])
+                emb = feats if self.projector is None else self.projector(feats)[0]
+                correct = float(self.head(emb).argmax(1).eq(y).sum())
+                if name == drift_set:
+                    if self._drift_orig is None:   # this rank's rows of the original side, computed once
+                        self._drift_orig = torch.cat([self.orig_structure_input(x[i:i + 512])
+                                                      for i in range(0, len(x), 512)])
+                    drift_sum = structure_drift(self._drift_orig, feats @ self.rp, self.anchors) * len(x)
+            parts += [correct, float(len(x)), drift_sum]
+        totals = dist_.all_reduce_(torch.tensor(parts, dtype=torch.float64), ctx).tolist()
+        out = {}
+        for j, name in enumerate(names):
+            correct, n, drift_sum = totals[3 * j: 3 * j + 3]
+            # the single-process formula: a float32 mean of the hits, in percent
+            out[f"{name}_accuracy"] = 100.0 * float(torch.tensor(correct, dtype=torch.float32) / n) if n else float("nan")
+            if name == drift_set:
+                out["structure_drift"] = drift_sum / n if n else float("nan")
+        return out
 
     def check_finite(self, where: str):
         """Raise :class:`NonFiniteError` naming the first non-finite parameter (one host sync if none)."""
@@ -723,7 +757,7 @@ class _Run:
         before = self.timings.get("loop_s", 0.0)   # a resumed run carries the loop time it had already spent
         self._checked_step = self.step
         self.set_train()
-        if not self.history and ctx.is_main:
+        if not self.history:
             self.log_entry({})
         while self.epoch < cfg.max_epochs and self.step < total:
             # one generator per epoch, so a resumed run draws exactly what an uninterrupted one would
@@ -760,10 +794,9 @@ class _Run:
                         terms = self._global_terms(terms)
                         loss = sum(terms.values())
                     sr = self.opt.last_sr_loss
-                    if ctx.is_main:
-                        entry = self.log_entry({**terms, "loss": loss, "sr": sr if sr is not None else 0.0})
-                        bar.set_postfix(forget=f"{entry['forget_accuracy']:.1f}",
-                                        test=f"{entry.get('test_accuracy', float('nan')):.1f}")
+                    entry = self.log_entry({**terms, "loss": loss, "sr": sr if sr is not None else 0.0})
+                    bar.set_postfix(forget=f"{entry['forget_accuracy']:.1f}",
+                                    test=f"{entry.get('test_accuracy', float('nan')):.1f}")
             self.epoch += 1
             self.check_losses(f"end of epoch {self.epoch}")
             self.check_finite(f"end of epoch {self.epoch}")
@@ -782,10 +815,8 @@ class _Run:
             stopped = "max_steps" if self.step >= total and self.epoch < cfg.max_epochs else "max_epochs"
         bar.close()
         self.check_losses("end of the run")
-        if ctx.is_main and (not self.history or self.history[-1]["step"] != self.step):
+        if not self.history or self.history[-1]["step"] != self.step:
             self.log_entry({})
-        if ctx.enabled:   # rank 0 evaluated the trajectory; every rank returns it
-            self.history = dist_.broadcast_object(self.history, ctx)
         return stopped, before + time.perf_counter() - t0
 
 
