@@ -271,12 +271,8 @@ def _finished_runs(out_dir: str, settings: str, grid_keys: set, ks: set, seeds: 
     notes = []
     for path in sources:
         try:
-            with open(path) as fh:
-                payload = json.load(fh)
-            meta, runs = payload["meta"], payload["runs"]
-            if not isinstance(meta, dict) or not isinstance(runs, list):
-                raise TypeError("not a report")
-        except (OSError, ValueError, KeyError, TypeError):
+            meta, runs = _read_results(path)
+        except (OSError, ValueError):
             notes.append(f"{path} is not a stakes compare result; its runs are not reused")
             continue
         if meta.get("settings") != settings:
@@ -579,6 +575,14 @@ def load_report(out_dir: str) -> tuple:
     path = os.path.join(out_dir, "results.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no results.json in {out_dir!r} (run `stakes compare --out {out_dir}` first)")
+    return _read_results(path)
+
+
+def _read_results(path: str) -> tuple:
+    """``(meta, runs)`` of a compare results file (``results.json`` or a rank's part); ValueError
+    naming the file if it is not one."""
+    import json
+
     try:
         with open(path) as fh:
             payload = json.load(fh)

@@ -38,16 +38,21 @@ def _runs(out):
     return {(r["method"], r["k"], r["seed"]): r for r in json.loads((out / "results.json").read_text())["runs"]}
 
 
+def _serial_compare(cache, out):
+    """The grid on this process, on one thread (like each torchrun rank)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["compare", *GRID, "--cache-dir", str(cache), "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory, stakes_cache, digits_model):
     """The grid on one process (one thread, like each torchrun rank)."""
     out = tmp_path_factory.mktemp("compare_serial")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["compare", *GRID, "--cache-dir", str(stakes_cache), "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _serial_compare(stakes_cache, out)
     return out
 
 
@@ -106,12 +111,7 @@ def test_serial_rerun_skips_the_finished_runs(tmp_path, serial, stakes_cache, ca
     kept = [r for r in payload["runs"] if r["seed"] == 0]
     failed = {"method": "neggrad", "k": 4, "seed": 1, "status": "failed", "error": "RuntimeError: boom"}
     (out / "results.json").write_text(json.dumps({"meta": payload["meta"], "runs": kept + [failed]}))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["compare", *GRID, "--cache-dir", str(stakes_cache), "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _serial_compare(stakes_cache, out)
     text = capsys.readouterr().out
     assert "2 of 4 runs already finished" in text and "running the other 2" in text
     runs = _runs(out)

@@ -132,16 +132,35 @@ def test_params_after_steps_equal_single_process(two_ranks, one_rank, name):
     assert int(two_ranks[0][f"world_{name}"]) == 2 and int(one_rank[f"world_{name}"]) == 1
 
 
-def _mismatch_worker(rank, world, port, inputs_path, out_dir):
+class _Relabel:   # built in the worker: "relabel" is a mean over the forget batch, not declared as such
+    @staticmethod
+    def make():
+        import torch.nn.functional as F
+
+        from stakes.methods import UnlearningMethod
+
+        class Relabel(UnlearningMethod):
+            def loss_terms(self, run, batch):
+                return {"relabel": F.cross_entropy(run.deployed(batch.forget_x), (batch.forget_y + 1) % 10),
+                        "retention": F.cross_entropy(run.deployed(batch.proxy_x), batch.proxy_y)}
+
+        return Relabel()
+
+
+def _refused_worker(rank, world, port, inputs_path, out_dir, case):
+    """A run that every rank must refuse with a ValueError; each rank writes the message."""
     from stakes.methods import unlearn
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     inputs = _inputs(inputs_path)
+    if case == "mismatch":   # rank 1 was given another learning rate
+        method, cfg = "adv", _config(eps=1.0, lr=0.005 * (1 + rank))
+    else:
+        method, cfg = _Relabel.make(), _config(eps=1.0)
     try:
-        unlearn(inputs["model"], (inputs["fx"], inputs["fy"]), method="adv", anchors=inputs["anchors"],
-                config=_config(eps=1.0, lr=0.005 * (1 + rank)))   # rank 1 was given another learning rate
+        unlearn(inputs["model"], (inputs["fx"], inputs["fy"]), method=method, anchors=inputs["anchors"], config=cfg)
         message = "no error"
     except ValueError as err:
         message = str(err)
@@ -151,45 +170,20 @@ def _mismatch_worker(rank, world, port, inputs_path, out_dir):
         fh.write(message)
 
 
-def _undeclared_worker(rank, world, port, inputs_path, out_dir):
-    import torch.nn.functional as F
-
-    from stakes.methods import UnlearningMethod, unlearn
-
-    class Relabel(UnlearningMethod):   # "relabel" is a mean over the forget batch, not declared as such
-        def loss_terms(self, run, batch):
-            return {"relabel": F.cross_entropy(run.deployed(batch.forget_x), (batch.forget_y + 1) % 10),
-                    "retention": F.cross_entropy(run.deployed(batch.proxy_x), batch.proxy_y)}
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    inputs = _inputs(inputs_path)
-    try:
-        unlearn(inputs["model"], (inputs["fx"], inputs["fy"]), method=Relabel(), config=_config(eps=1.0))
-        message = "no error"
-    except ValueError as err:
-        message = str(err)
-    finally:
-        torch.distributed.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
-        fh.write(message)
+def _refusals(case, dist_inputs, out_dir) -> list:
+    mp.start_processes(_refused_worker, args=(2, _free_port(), str(dist_inputs), str(out_dir), case), nprocs=2,
+                       join=True, start_method="spawn")
+    return [(out_dir / f"rank{rank}.txt").read_text() for rank in range(2)]
 
 
 def test_undeclared_shard_dependent_term_is_reported(dist_inputs, tmp_path):
-    mp.start_processes(_undeclared_worker, args=(2, _free_port(), str(dist_inputs), str(tmp_path)), nprocs=2,
-                       join=True, start_method="spawn")
-    for rank in range(2):
-        text = (tmp_path / f"rank{rank}.txt").read_text()
+    for text in _refusals("undeclared", dist_inputs, tmp_path):
         assert "loss term(s) ['relabel'] differ between ranks at the first step" in text, text
         assert "forget_terms" in text
 
 
 def test_mismatched_configs_are_refused_on_every_rank(dist_inputs, tmp_path):
-    mp.start_processes(_mismatch_worker, args=(2, _free_port(), str(dist_inputs), str(tmp_path)), nprocs=2,
-                       join=True, start_method="spawn")
-    for rank in range(2):
-        text = (tmp_path / f"rank{rank}.txt").read_text()
+    for text in _refusals("mismatch", dist_inputs, tmp_path):
         assert "mismatched launch: the ranks of this adv run were given different config" in text, text
 
 
