@@ -1,5 +1,5 @@
 """`torchrun -m stakes unlearn` on 2 CPU processes (gloo) against the same command on one process:
-the whole digits run equal at the stop, a rank killed mid-run and resumed by torchrun
+the whole digits run equal at the stop (on one node, and on two nodes through a c10d rendezvous), a rank killed mid-run and resumed by torchrun
 --max-restarts, a dead rank without restarts and a hung rank (collective timeout) stopping the job
 with a clear message, and a launch with more ranks than proxy pairs refused."""
 
@@ -71,6 +71,31 @@ def test_two_processes_equal_one_at_the_stop(single_run, stakes_cache, tmp_path)
         assert rec["timings"][stage] >= 0.0, stage
     assert proc.stdout.count("stakes unlearn —") == 1   # rank 0 alone prints
     assert not os.path.exists(str(out) + ".ckpt")
+
+
+def test_two_nodes_through_the_c10d_rendezvous(single_run, stakes_cache, tmp_path):
+    """Two torchrun agents (--nnodes=2, one process each) meeting at a c10d rendezvous endpoint, as
+    on two machines."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "r.json"
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={n}",
+                                "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                                "--rdzv-id=stakes-test", "-m", "stakes", *JOB, "--out", str(out)],
+                               env=_env(stakes_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for n in (0, 1)]
+    try:
+        outputs = [a.communicate(timeout=300) for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    assert all(a.returncode == 0 for a in agents), [o[1][-2000:] for o in outputs]
+    rec = json.loads(out.read_text())
+    assert rec["distributed"]["world_size"] == 2
+    _same_result(rec, single_run)
 
 
 def test_killed_rank_resumes_under_max_restarts(single_run, stakes_cache, tmp_path):
