@@ -158,8 +158,11 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple:
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
-def _comm_device(ctx: DistContext, t: torch.Tensor) -> torch.device:
-    return t.device if ctx.backend == "nccl" else torch.device("cpu")
+def _comm_device(ctx: DistContext, t: Optional[torch.Tensor] = None) -> torch.device:
+    """Where a collective's buffer lives: this rank's GPU for NCCL, the CPU for gloo."""
+    if ctx.backend == "nccl":
+        return t.device if t is not None and t.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _collective(what: str):
@@ -240,7 +243,7 @@ def broadcast_tensor(t: Optional[torch.Tensor], ctx: DistContext, *, device, src
         return t
     meta = broadcast_object(None if ctx.rank != src else (tuple(t.shape), str(t.dtype)), ctx, src)
     shape, dtype = meta[0], getattr(torch, meta[1].replace("torch.", ""))
-    comm = torch.device(device) if ctx.backend == "nccl" else torch.device("cpu")
+    comm = _comm_device(ctx)
     buf = t.to(comm).contiguous() if ctx.rank == src else torch.empty(shape, dtype=dtype, device=comm)
     if dtype == torch.bool:
         buf = buf.to(torch.uint8)

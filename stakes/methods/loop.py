@@ -377,7 +377,9 @@ class _Run:
 
             self._sync_batchnorm()
             step = _StepModule(self.features, self.head, self.projector)
-            ids = [self.device.index] if self.device.type == "cuda" else None
+            ids = None
+            if self.device.type == "cuda":
+                ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
             # find_unused_parameters: methods use different parts of the model (importance: the backbone)
             # buffers are never broadcast at forward: the ranks' buffers are equal (or synchronised BatchNorm)
             import inspect
