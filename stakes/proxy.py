@@ -131,7 +131,7 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
                      target_success: float = 0.9, steps: int = 100, step_size: float = 0.1,
                      grid: Optional[list[float]] = None, max_images: int = 64, repetitions: int = 2,
                      batch_size: int = 1024, seed: int = 0, backend: Optional[str] = None,
-                     progress: bool = False) -> tuple[float, float]:
+                     progress: bool = False, distributed=None) -> tuple[float, float]:
     """Smallest radius of ``grid`` whose targeted PGD success rate on the forget set reaches
     ``target_success``; returns ``(eps, achieved_success)``. If no radius reaches it, the largest
     radius is returned with its success rate (the caller reports it).
@@ -139,7 +139,15 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     Binary search over the grid (success grows with the radius), each probe attacking at most
     ``max_images`` forget images × ``repetitions`` random targets with the same starts and targets,
     so about log2(len(grid)) probes instead of one per radius.
+
+    ``distributed`` (None: the default process group if initialised; False: this process alone):
+    in a group every probe's attacks are split over the ranks (:func:`stakes.distributed.shard_range`,
+    batches of ⌈batch_size / W⌉) and the hits are all-reduced, so every rank takes the same
+    decisions and returns the single-process result.
     """
+    from stakes.distributed import all_reduce_, resolve, shard_range
+
+    ctx = resolve(distributed)
     _check_inputs(model, x, y, num_classes)
     grid = list(grid) if grid is not None else radius_grid(max_eps=max(8.0, 1.2 * math.sqrt(x[0].numel())))
     if not grid or any(not (isinstance(e, (int, float)) and math.isfinite(e) and e > 0) for e in grid):
@@ -156,22 +164,27 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     rates: dict = {}
     index = torch.arange(len(x0))
 
+    first, last = shard_range(len(x0), ctx.rank, ctx.world_size)   # this rank's attacks (all on one process)
+    local_batch = -(-batch_size // ctx.world_size)
+
     def success_at(i: int) -> float:
         if i not in rates:   # every radius sees the same random starts and targets
             eps = torch.full((len(x0),), float(grid[i]), dtype=torch.float32, device=x.device)
-            hits = []
-            for j in range(0, len(x0), batch_size):
-                sl = slice(j, j + batch_size)
+            hits = torch.zeros((), dtype=torch.float32, device=x.device)
+            for j in range(first, last, local_batch):
+                sl = slice(j, min(j + local_batch, last))
                 adv = _attack(model, x0[sl], target[sl], eps[sl], steps=steps, step_size=step_size,
                               index=index[sl], seed=seed + 7919, backend=backend)
-                hits.append(_success(model, adv, target[sl], batch_size))
-            rates[i] = float(torch.cat(hits).float().mean())
+                hits += _success(model, adv, target[sl], local_batch).sum()
+            all_reduce_(hits, ctx)
+            # a float32 mean of the hits, as one process computes it (the target test sees the same value)
+            rates[i] = float(hits / len(x0))
         return rates[i]
 
     with _eval_mode(model):
         lo, hi = 0, len(grid) - 1
         bar = tqdm(total=max(1, math.ceil(math.log2(len(grid) + 1))), desc="calibrate radius",
-                   disable=not progress, leave=False)
+                   disable=not progress or not ctx.is_main, leave=False)
         if success_at(hi) < target_success:
             bar.close()
             return float(grid[hi]), rates[hi]

@@ -252,12 +252,12 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
     n_classes = clf.head.out_features
     t0 = time.perf_counter()
     eps, calibrated = cfg.eps, None
-    if eps is None:   # calibrated once (rank 0) and broadcast
-        if ctx.is_main:
-            eps, calibrated = calibrate_radius(clf, forget_x, forget_y, num_classes=n_classes,
-                                               target_success=cfg.target_success, steps=cfg.pgd_steps,
-                                               step_size=cfg.pgd_step_size, batch_size=cfg.pgd_batch_size,
-                                               seed=cfg.seed, backend=cfg.backend, progress=cfg.progress)
+    if eps is None:   # calibrated once, each probe's attacks split over the ranks; rank 0's result broadcast
+        eps, calibrated = calibrate_radius(clf, forget_x, forget_y, num_classes=n_classes,
+                                           target_success=cfg.target_success, steps=cfg.pgd_steps,
+                                           step_size=cfg.pgd_step_size, batch_size=cfg.pgd_batch_size,
+                                           seed=cfg.seed, backend=cfg.backend, progress=cfg.progress,
+                                           distributed=ctx)
         eps, calibrated = dist_.broadcast_object((eps, calibrated), ctx)
     t1 = time.perf_counter()
     proxies = generate_proxies(clf, forget_x, forget_y, num_classes=n_classes, repetitions=cfg.repetitions,
