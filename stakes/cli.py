@@ -117,15 +117,10 @@ def cmd_unlearn(args) -> int:
     data = load_data(args)
     if not 1 <= args.k <= len(data.train_y):
         raise UsageError(f"--k must be between 1 and the training set size {len(data.train_y)}, got {args.k}")
-    if not ctx.is_main:   # rank 0 first: it may pretrain and cache the default model and anchors
-        dist_.barrier(ctx)
-    model, _ = load_model(args, data)
-    anchors, anchor_meta = load_or_build_anchors(args, data, model)
-    if ctx.is_main:
-        dist_.barrier(ctx)
-    cfg = make_config(args, args.method)
-    if not ctx.is_main:
-        cfg = cfg.replace(progress=False)
+    with dist_.main_first(ctx):   # rank 0 first: it may pretrain and cache the default model and anchors
+        model, _ = load_model(args, data)
+        anchors, anchor_meta = load_or_build_anchors(args, data, model)
+    cfg = make_config(args, args.method)   # progress bars: rank 0 alone draws them
     # every run keeps a resumable state next to its result until the result is written; a job that
     # torchrun restarted (--max-restarts) resumes from it
     ckpt = args.checkpoint or args.out + ".ckpt"

@@ -386,12 +386,9 @@ def _run_compare(args, ctx) -> int:
         if not 1 <= k <= len(data.train_y):
             raise UsageError(f"--k must be between 1 and the training set size {len(data.train_y)}, got {k}")
     os.makedirs(args.out, exist_ok=True)
-    if not ctx.is_main:   # rank 0 first: it may pretrain and cache the default model and anchors
-        dist_.barrier(ctx)
-    model, model_meta = load_model(args, data)
-    anchors, anchor_meta = load_or_build_anchors(args, data, model)
-    if ctx.is_main:
-        dist_.barrier(ctx)
+    with dist_.main_first(ctx):   # rank 0 first: it may pretrain and cache the default model and anchors
+        model, model_meta = load_model(args, data)
+        anchors, anchor_meta = load_or_build_anchors(args, data, model)
     variants = [(m, m, {}) for m in methods]
     if args.ablate_warm_start and "structguard" in methods:
         base = make_config(args, "structguard")

@@ -25,6 +25,7 @@ is initialised (``distributed=False`` keeps it on one process). What is split an
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -62,6 +63,15 @@ class DistContext:
     def record(self) -> dict:
         """What a result records: ``{"world_size": N, "backend": ...}``."""
         return {"world_size": self.world_size, "backend": self.backend}
+
+    def rows(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` items (:func:`shard_range`; all of them on one process)."""
+        return slice(*shard_range(n, self.rank, self.world_size))
+
+    def batches(self, n: int, batch_size: int) -> list:
+        """This rank's rows of ``n`` items in slices of ⌈batch_size / W⌉ (``batch_size`` is global)."""
+        mine, step = self.rows(n), -(-batch_size // self.world_size)
+        return [slice(i, min(i + step, mine.stop)) for i in range(mine.start, mine.stop, step)]
 
 
 SINGLE = DistContext()
@@ -165,25 +175,24 @@ def _comm_device(ctx: DistContext, t: Optional[torch.Tensor] = None) -> torch.de
     return torch.device("cpu")
 
 
+def _failure_text(err: BaseException, subject: str) -> str:
+    """``rank R: SUBJECT failed: another rank died or a collective timed out (the error's first line)``."""
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"rank {rank}: {subject} failed: another rank died or a collective timed out "
+            f"({type(err).__name__}: {first[:300]})")
+
+
+@contextlib.contextmanager
 def _collective(what: str):
-    """Turn a failed collective into a :class:`DistributedError` that says what happened."""
-
-    class _Guard:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, kind, err, tb):
-            if err is None or isinstance(err, DistributedError):
-                return False
-            if isinstance(err, (RuntimeError, getattr(dist, "DistError", RuntimeError))):
-                rank = dist.get_rank() if dist.is_initialized() else "?"
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise DistributedError(
-                    f"rank {rank}: the collective '{what}' failed: another rank died or a collective timed out "
-                    f"({type(err).__name__}: {first[:300]})") from err
-            return False
-
-    return _Guard()
+    """Turn a failed collective (torch's DistError is a RuntimeError) into a :class:`DistributedError`
+    that says what happened."""
+    try:
+        yield
+    except DistributedError:
+        raise
+    except RuntimeError as err:
+        raise DistributedError(_failure_text(err, f"the collective '{what}'")) from err
 
 
 _FAILURE_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe",
@@ -199,9 +208,7 @@ def group_failure(err: BaseException) -> Optional[str]:
         return None
     text = f"{type(err).__name__} {err}".lower()
     if isinstance(err, getattr(dist, "DistError", ())) or any(w in text for w in _FAILURE_WORDS):
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return (f"rank {dist.get_rank()}: the process group failed: another rank died or a collective timed out "
-                f"({type(err).__name__}: {first[:300]})")
+        return _failure_text(err, "the process group")
     return None
 
 
@@ -209,20 +216,20 @@ def all_gather_rows(part: torch.Tensor, n_total: int, ctx: DistContext) -> torch
     """The whole ``[n_total, ...]`` tensor from every rank's rows :func:`shard_range`."""
     if not ctx.enabled:
         return part
-    lo, hi = shard_range(n_total, ctx.rank, ctx.world_size)
-    if part.shape[0] != hi - lo:
-        raise ValueError(f"rank {ctx.rank} holds {part.shape[0]} rows, expected {hi - lo} of {n_total}")
+    shares = [DistContext(rank=r, world_size=ctx.world_size).rows(n_total) for r in range(ctx.world_size)]
+    mine = shares[ctx.rank].stop - shares[ctx.rank].start
+    if part.shape[0] != mine:
+        raise ValueError(f"rank {ctx.rank} holds {part.shape[0]} rows, expected {mine} of {n_total}")
     width = -(-n_total // ctx.world_size)   # the largest share
     dtype = part.dtype
     send = part.to(torch.uint8) if dtype == torch.bool else part
     dev = _comm_device(ctx, part)
     buf = torch.zeros((width, *part.shape[1:]), dtype=send.dtype, device=dev)
-    buf[: hi - lo] = send.to(dev)
+    buf[:mine] = send.to(dev)
     out = [torch.empty_like(buf) for _ in range(ctx.world_size)]
     with _collective("all_gather"):
         dist.all_gather(out, buf)
-    rows = [o[: shard_range(n_total, r, ctx.world_size)[1] - shard_range(n_total, r, ctx.world_size)[0]]
-            for r, o in enumerate(out)]
+    rows = [o[: s.stop - s.start] for o, s in zip(out, shares)]
     full = torch.cat(rows).to(part.device)
     return full.to(torch.bool) if dtype == torch.bool else full
 
@@ -280,6 +287,33 @@ def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         with _collective("barrier"):
             dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(ctx: DistContext):
+    """Rank 0 runs the block first (it may pretrain and cache a model, build anchors), then the
+    other ranks run it (reading the cache)."""
+    if not ctx.is_main:
+        barrier(ctx)
+    yield
+    if ctx.is_main:
+        barrier(ctx)
+
+
+def load_on_main(path: str, ctx: DistContext, what: str, *, required: bool, map_location="cpu"):
+    """``torch.load(path)`` on rank 0 alone (the other ranks get None; so does rank 0 for a missing
+    file that is not ``required``). A file rank 0 cannot read raises ValueError naming ``what`` on
+    every rank."""
+    obj, error = None, None
+    if ctx.is_main and (required or os.path.exists(path)):
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as err:
+            error = f"cannot read {what} {path!r}: {err}"
+    error = broadcast_object(error, ctx)
+    if error:
+        raise ValueError(error)
+    return obj
 
 
 # ----------------------------------------------------------------------------- BatchNorm over ranks
@@ -440,5 +474,4 @@ def group_device_ok(ctx: DistContext, device: torch.device) -> None:
 
 def contiguous_chunks(items: Sequence, world_size: int) -> list:
     """``items`` split into ``world_size`` contiguous, near-equal chunks (some may be empty)."""
-    n = len(items)
-    return [list(items[shard_range(n, r, world_size)[0]:shard_range(n, r, world_size)[1]]) for r in range(world_size)]
+    return [list(items[DistContext(rank=r, world_size=world_size).rows(len(items))]) for r in range(world_size)]

@@ -42,12 +42,19 @@ class ProxySet:
                 "checksum": float(self.x.double().sum())}
 
 
-def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniform random labels ≠ y: y + U{1..C−1} mod C."""
+def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator, *,
+                   rows: Optional[slice] = None, total: Optional[int] = None) -> torch.Tensor:
+    """Uniform random labels ≠ y: y + U{1..C−1} mod C.
+
+    When ``y`` holds the rows ``rows`` of a batch of ``total`` labels split over ranks, the shifts
+    are drawn for the whole batch and those rows taken, so the labels do not depend on the split."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 for targeted proxies, got {num_classes}")
-    shift = torch.randint(1, num_classes, y.shape, generator=generator, device="cpu").to(y.device)
-    return (y + shift) % num_classes
+    shape = y.shape if total is None else (total,)
+    shift = torch.randint(1, num_classes, shape, generator=generator, device="cpu")
+    if rows is not None:
+        shift = shift[rows]
+    return (y + shift.to(y.device)) % num_classes
 
 
 def _random_start(x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
@@ -145,7 +152,7 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     batches of ⌈batch_size / W⌉) and the hits are all-reduced, so every rank takes the same
     decisions and returns the single-process result.
     """
-    from stakes.distributed import all_reduce_, resolve, shard_range
+    from stakes.distributed import all_reduce_, resolve
 
     ctx = resolve(distributed)
     _check_inputs(model, x, y, num_classes)
@@ -164,18 +171,16 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     rates: dict = {}
     index = torch.arange(len(x0))
 
-    first, last = shard_range(len(x0), ctx.rank, ctx.world_size)   # this rank's attacks (all on one process)
-    local_batch = -(-batch_size // ctx.world_size)
+    mine = ctx.batches(len(x0), batch_size)   # this rank's attacks (all of them on one process)
 
     def success_at(i: int) -> float:
         if i not in rates:   # every radius sees the same random starts and targets
             eps = torch.full((len(x0),), float(grid[i]), dtype=torch.float32, device=x.device)
             hits = torch.zeros((), dtype=torch.float32, device=x.device)
-            for j in range(first, last, local_batch):
-                sl = slice(j, min(j + local_batch, last))
+            for sl in mine:
                 adv = _attack(model, x0[sl], target[sl], eps[sl], steps=steps, step_size=step_size,
                               index=index[sl], seed=seed + 7919, backend=backend)
-                hits += _success(model, adv, target[sl], local_batch).sum()
+                hits += _success(model, adv, target[sl], batch_size).sum()
             all_reduce_(hits, ctx)
             # a float32 mean of the hits, as one process computes it (the target test sees the same value)
             rates[i] = float(hits / len(x0))
@@ -215,7 +220,7 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     of ⌈batch_size / W⌉ (``batch_size`` is global), and the slices are all-gathered: every rank
     returns the same set, equal to the single-process one up to rounding.
     """
-    from stakes.distributed import all_gather_rows, resolve, shard_range
+    from stakes.distributed import all_gather_rows, resolve
 
     ctx = resolve(distributed)
     _check_inputs(model, x, y, num_classes)
@@ -233,20 +238,19 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     n = len(source)
     if ctx.world_size > n:
         raise ValueError(f"world size {ctx.world_size} > {n} (forget image, repetition) pairs to attack")
-    lo, hi = shard_range(n, ctx.rank, ctx.world_size)   # this rank's pairs (all of them on one process)
-    local_batch = -(-batch_size // ctx.world_size)
-    out = torch.empty((hi - lo, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    hits = torch.empty(hi - lo, dtype=torch.bool, device=x.device)
+    mine = ctx.rows(n)   # this rank's pairs (all of them on one process)
+    lo = mine.start
+    out = torch.empty((mine.stop - lo, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    hits = torch.empty(out.shape[0], dtype=torch.bool, device=x.device)
     places = torch.arange(n)
     with _eval_mode(model):
-        chunks = range(lo, hi, local_batch)
         desc = f"proxies (R={repetitions}, k={k}, eps={eps:.3g})" + (f", {ctx.world_size} ranks" if ctx.enabled else "")
-        for i in tqdm(chunks, desc=desc, disable=not progress or not ctx.is_main, leave=False):
-            sl, dst = slice(i, min(i + local_batch, hi)), slice(i - lo, min(i + local_batch, hi) - lo)
+        for sl in tqdm(ctx.batches(n, batch_size), desc=desc, disable=not progress or not ctx.is_main, leave=False):
+            dst = slice(sl.start - lo, sl.stop - lo)
             x0 = x[source[sl]]
             e = torch.full((x0.shape[0],), float(eps), dtype=torch.float32, device=x.device)
             out[dst] = _attack(model, x0, target[sl], e, steps=steps, step_size=step_size,
                                index=places[sl], seed=seed, backend=backend)
-            hits[dst] = _success(model, out[dst], target[sl], local_batch)
+            hits[dst] = _success(model, out[dst], target[sl], batch_size)
     out, hits = all_gather_rows(out, n, ctx), all_gather_rows(hits, n, ctx)
     return ProxySet(x=out, y=target, source=source, eps=float(eps), success_rate=float(hits.float().mean()))

@@ -240,8 +240,9 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
     Returns the proxies and the time spent (``calibration_s``, ``proxies_s``).
 
     ``distributed`` (None: the default process group if initialised; False: this process alone):
-    in a group, rank 0 calibrates the radius and broadcasts it, and every rank attacks its share
-    of the pairs (:func:`stakes.proxy.generate_proxies`); every rank returns the same set.
+    in a group the ranks share the calibration's attacks (rank 0's radius is broadcast) and the
+    pairs' (:func:`stakes.proxy.calibrate_radius`, :func:`stakes.proxy.generate_proxies`); every
+    rank returns the same set.
     """
     ctx = dist_.resolve(distributed)
     device = torch.device(cfg.device)
@@ -356,16 +357,14 @@ class _Run:
         ctx = self.dist
         if not ctx.enabled:
             return
-        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in ("progress", "device", "log_every")}
-        parts = {"method": self.method, "config": dist_.digest({**cfg, "retain_size": self.retain_size}),
+        parts = {"method": self.method, "config": dist_.digest({**self._recipe(), "retain_size": self.retain_size}),
                  "forget_set": dist_.digest([self.fx, self.fy]), "model": self._model_digest,
                  "anchors": dist_.digest(self.anchors) if self.anchors is not None else "none"}
         if self.proxies is not None:
             parts["proxies"] = dist_.digest([self.proxies.x, self.proxies.y])
         dist_.check_same_across_ranks(parts, ctx, f"{self.method} run")
         n_s = len(self.proxies) if self.proxies is not None else self.cfg.repetitions * self.k
-        b = self.cfg.proxy_batch_size
-        smallest = min(b, n_s) if n_s % b == 0 or n_s < b else n_s % b
+        smallest = n_s % self.cfg.proxy_batch_size or self.cfg.proxy_batch_size   # an epoch's last batch
         if self.proxies is None or self.method_def.uses_proxies:
             dist_.world_size_check(n_s, smallest if self.method_def.uses_proxies else n_s, ctx)
 
@@ -408,12 +407,12 @@ class _Run:
         so every rank gets the whole batch's gradient (before any absolute value is taken)."""
         if not self.dist.enabled:
             return list(torch.autograd.grad(loss_fn(x), params, allow_unused=True))
-        lo, hi = dist_.shard_range(len(x), self.dist.rank, self.dist.world_size)
-        scale = self.dist.world_size * (hi - lo) / len(x)   # DDP divides the sum by the world size
+        part = x[self.dist.rows(len(x))]
+        scale = self.dist.world_size * len(part) / len(x)   # DDP divides the sum by the world size
         ddp = self._step_module()
         for p in ddp.parameters():
             p.grad = None
-        loss = ddp(lambda: loss_fn(x[lo:hi]) * scale)
+        loss = ddp(lambda: loss_fn(part) * scale)
         loss.backward()
         grads = [p.grad for p in params]
         for p in ddp.parameters():
@@ -552,9 +551,7 @@ class _Run:
         ctx = self.dist
         names, parts = list(self.eval_sets), []
         for name in names:
-            x, y = self.eval_sets[name]
-            lo, hi = dist_.shard_range(len(x), ctx.rank, ctx.world_size)
-            x, y = x[lo:hi], y[lo:hi]
+            x, y = (t[ctx.rows(len(t))] for t in self.eval_sets[name])
             correct, drift_sum = 0.0, 0.0
             if len(x):
                 feats = torch.cat([self.features(x[i:i + 512]) for i in range(0, len(x), 512)])
@@ -593,9 +590,12 @@ class _Run:
     # ------------------------------------------------------------------ checkpoints (resume)
     def fingerprint(self) -> dict:
         """What a checkpoint must match to be resumed by this run: the forget set and the recipe."""
-        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in ("progress", "device", "log_every")}
         return {"method": self.method, "k": self.k, "forget_shape": list(self.fx.shape),
-                "forget_labels": self.fy.tolist(), "forget_sum": float(self.fx.double().sum()), "config": cfg}
+                "forget_labels": self.fy.tolist(), "forget_sum": float(self.fx.double().sum()), "config": self._recipe()}
+
+    def _recipe(self) -> dict:
+        """The config without what may differ between runs of the same recipe (progress, device, logging)."""
+        return {k: v for k, v in self.cfg.to_dict().items() if k not in ("progress", "device", "log_every")}
 
     def state(self) -> dict:
         return {
@@ -655,16 +655,8 @@ class _Run:
     def _read_side_proxies(self, side: str) -> ProxySet:
         """The checkpoint's proxy set: read by rank 0, broadcast to the others."""
         ctx = self.dist
-        proxies, error = None, None
-        if ctx.is_main:
-            try:
-                proxies = torch.load(side, map_location="cpu", weights_only=False)
-            except Exception as err:
-                error = f"cannot read the proxy set of the checkpoint {side!r}: {err}"
-        if ctx.enabled:
-            error = dist_.broadcast_object(error, ctx)
-        if error:
-            raise ValueError(error)
+        proxies = dist_.load_on_main(side, ctx, "the proxy set of the checkpoint", required=True,
+                                     map_location=self.device if not ctx.enabled else "cpu")
         if not ctx.enabled:
             return proxies
         meta = dist_.broadcast_object(None if not ctx.is_main else
@@ -771,9 +763,7 @@ class _Run:
                     break
                 ia = order[i:i + cfg.proxy_batch_size]
                 n_a = len(ia)
-                if ctx.enabled:   # this rank's contiguous shard of the global proxy batch
-                    lo, hi = dist_.shard_range(n_a, ctx.rank, ctx.world_size)
-                    ia = ia[lo:hi]
+                ia = ia[ctx.rows(n_a)]   # this rank's contiguous shard of the global proxy batch
                 # cycled forget loader
                 nf = min(cfg.forget_batch_size, self.k)
                 if f_pos + nf > self.k:
@@ -782,8 +772,8 @@ class _Run:
                 f_pos += nf
                 f_total, f_lo = None, 0
                 if ctx.enabled and nf >= ctx.world_size:   # shard the forget batch too (else every rank has it whole)
-                    f_lo, f_hi = dist_.shard_range(nf, ctx.rank, ctx.world_size)
-                    jf, f_total = jf[f_lo:f_hi], nf
+                    mine = ctx.rows(nf)
+                    jf, f_total, f_lo = jf[mine], nf, mine.start
                 batch = Batch(self.fx[jf], self.fy[jf], self.proxies.x[ia], self.proxies.y[ia],
                               index=i // cfg.proxy_batch_size, proxy_total=n_a, forget_total=f_total,
                               forget_offset=f_lo)
@@ -874,17 +864,10 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
     if resume:
         if not checkpoint_path:
             raise ValueError("resume=True needs checkpoint_path")
-        state, error = None, None
-        if ctx.is_main and os.path.exists(checkpoint_path):   # rank 0 reads, every rank gets the state
-            try:
-                state = torch.load(checkpoint_path, map_location="cpu" if ctx.enabled else run.device,
-                                   weights_only=False)
-            except Exception as err:
-                error = f"cannot read checkpoint {checkpoint_path!r}: {err}"
-        if ctx.enabled:
-            state, error = dist_.broadcast_object((state, error), ctx)
-        if error:
-            raise ValueError(error)
+        # rank 0 reads, every rank gets the state
+        state = dist_.load_on_main(checkpoint_path, ctx, "checkpoint", required=False,
+                                   map_location="cpu" if ctx.enabled else run.device)
+        state = dist_.broadcast_object(state, ctx)
     if state is not None:
         run.load_checkpoint(state)
     else:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from stakes.methods.base import Batch, UnlearningMethod, register_method, topq_mask
+from stakes.proxy import random_targets
 
 
 class SalUn(UnlearningMethod):
@@ -14,8 +15,7 @@ class SalUn(UnlearningMethod):
         w_f, w_a = run.loss_weights(batch)
         g = torch.Generator().manual_seed(run.cfg.seed * 100003 + run.step)
         # labels drawn for the global forget batch, this rank's rows taken (the same on any world size)
-        shift = torch.randint(1, run.num_classes, (batch.n_forget,), generator=g)[batch.forget_rows]
-        yr = (batch.forget_y + shift.to(batch.forget_y.device)) % run.num_classes
+        yr = random_targets(batch.forget_y, run.num_classes, g, rows=batch.forget_rows, total=batch.n_forget)
         return {"random_label": w_f * F.cross_entropy(run.deployed(batch.forget_x), yr),
                 "retention": w_a * F.cross_entropy(run.deployed(batch.proxy_x), batch.proxy_y)}
 
