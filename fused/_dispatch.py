@@ -30,6 +30,16 @@ except Exception:  # pragma: no cover - depends on the platform
     HAS_TRITON = False
 
 
+def is_traced(t: torch.Tensor) -> bool:
+    """True when ``t`` has no data here: a tensor traced by torch.compile or AOTAutograd (a Fake or
+    Functional tensor; AOTAutograd traces an op's body with them while
+    ``torch.compiler.is_compiling()`` is still False) or a ``meta`` tensor. Such a tensor has no
+    data pointer, and nothing derived from it may be cached."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t)
+
+
 def interpreter_enabled() -> bool:
     """True when the Triton CPU interpreter is switched on (must be set before import)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")

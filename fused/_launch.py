@@ -19,10 +19,13 @@ A10, L4, L40S, 90 H100/H200, 100 B200).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
+
+from fused._dispatch import is_traced
 
 # Per-block shared-memory opt-in limit (bytes) the driver checks at load time, by arch.
 SHARED_LIMIT = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448, 100: 232_448,
@@ -41,6 +44,14 @@ def device_arch(device: torch.device) -> int:
         major, minor = torch.cuda.get_device_capability(device)
         return 10 * major + minor
     return DEFAULT_ARCH
+
+
+def device_guard(device: Optional[torch.device]):
+    """Make ``device`` the current CUDA device (a kernel launches on the current device, whatever
+    its tensors' device); nothing to do on the CPU, for meta tensors or without a device."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -64,16 +75,28 @@ class Launch:
     kind: str = "other"
     # Other Triton compile options of the launch (e.g. ``maxnreg``).
     options: Dict[str, Any] = field(default_factory=dict)
+    # Positions in ``args`` of the tensors the kernel writes (its outputs).
+    writes: Tuple[int, ...] = ()
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        """The device of the launch's tensors (the first tensor argument's)."""
+        return next((a.device for a in self.args if isinstance(a, torch.Tensor)), None)
 
     def run(self, wrap: bool = False) -> None:
-        """Launch on the tensors' device. ``wrap``: inside a ``torch.library.triton_op`` body."""
+        """Launch on the tensors' device, whichever CUDA device is current.
+        ``wrap``: inside a ``torch.library.triton_op`` body."""
         kernel = self.kernel
         if wrap:
             from fused._dispatch import launcher
 
             kernel = launcher(kernel)
-        kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages,
-                          **self.options)
+        device = self.device
+        # A traced launch (torch.compile, AOTAutograd) only records the kernel: no device to enter.
+        traced = device is not None and is_traced(next(a for a in self.args if isinstance(a, torch.Tensor)))
+        with device_guard(None if traced else device):
+            kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
+                              num_stages=self.num_stages, **self.options)
 
     def compile(self):
         """Compile (no launch) for the active Triton driver's target; returns the CompiledKernel."""

@@ -30,7 +30,6 @@ checks lists of operands. Kernel side (``@triton.jit``): :func:`program_chunk`,
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -129,11 +128,6 @@ if HAS_TRITON:
             tl.store(ptr, value, mask=inb)
         else:
             tl.store(ptr, value)
-
-
-def device_guard(device: torch.device):
-    """Launch on ``device`` (its CUDA device; nothing to do on the CPU or for meta tensors)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- tables

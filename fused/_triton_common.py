@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fused._dispatch import HAS_TRITON, check_tensor
+from fused._dispatch import HAS_TRITON, check_tensor, is_traced
 
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
 
@@ -43,11 +43,19 @@ def kernel_width(D: int) -> int:
     return -(-D // ROW_ALIGN) * ROW_ALIGN
 
 
+def _is_aligned(t: torch.Tensor) -> bool:
+    """``t``'s first element is 16-byte aligned. A traced tensor has no address: its offset into a
+    storage is judged instead (allocators align storages to at least 64 bytes)."""
+    if is_traced(t):
+        return (t.storage_offset() * t.element_size()) % 16 == 0
+    return t.data_ptr() % 16 == 0
+
+
 def _kernel_rows(t: torch.Tensor, width: int) -> torch.Tensor:
     """``t`` [N, D] as the kernels need it: contiguous, 16-byte aligned, ``width`` columns
     (zero-padded). A no-op for the usual D (a multiple of 16) on a fresh tensor."""
     t = t.contiguous()
-    if t.shape[1] == width and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0):
+    if t.shape[1] == width and _is_aligned(t):
         return t
     out = t.new_zeros((t.shape[0], width))
     out[:, : t.shape[1]] = t

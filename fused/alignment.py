@@ -63,6 +63,7 @@ from fused._dispatch import (
     check_same_device,
     check_tensor,
     compute_dtype,
+    is_traced,
     launcher,
     resolve_backend,
     triton_library_op,
@@ -496,6 +497,7 @@ def plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx
              x.stride(0), x_ref.stride(0), a_hat.stride(0), dx.stride(0), dxr.stride(0)),
             dict(**c, NEED_DX=need_dx, NEED_DXR=need_dx_ref, **common, NORM_EPS=NORMALIZE_EPS, COS_EPS=COSINE_EPS),
             warps, stages, config=dict(**{k.lower(): v for k, v in c.items()}, dot=dtype), kind="mma",
+            writes=(3, 4, 5),
         )]
     use_gram = K > D
     b = gram if use_gram else a_hat
@@ -508,7 +510,7 @@ def plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx
          x.stride(0), x_ref.stride(0), b.stride(0)),
         dict(GRAM=use_gram, STORE_COEF=need_coef, **c, **common, NORM_EPS=NORMALIZE_EPS, COS_EPS=COSINE_EPS),
         warps, stages, config=dict(**{k.lower(): v for k, v in c.items()}, via="gram" if use_gram else "anchors",
-                                   dot=dtype), kind="mma",
+                                   dot=dtype), kind="mma", writes=(3, 4),
     )]
     g = dict(cfg["gram_grad"])
     warps, stages = g.pop("num_warps"), g.pop("num_stages")
@@ -520,7 +522,7 @@ def plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx
                 (own, other, gram, coef[:, col:], out, N, D, own.stride(0), other.stride(0), gram.stride(0),
                  out.stride(0)),
                 dict(**g, **common), warps, stages,
-                config=dict(**{k.lower(): v for k, v in g.items()}, dot=dtype), kind="mma",
+                config=dict(**{k.lower(): v for k, v in g.items()}, dot=dtype), kind="mma", writes=(4,),
             ))
     return launches
 
@@ -535,7 +537,7 @@ def _anchor_operands(anchors: torch.Tensor, a_dtype: torch.dtype, need_gram: boo
     """(Â [K, Dk] in ``a_dtype``, M = ÂᵀÂ [Dk, Dk] in ``a_dtype`` or None), Dk = kernel_width(D),
     zero-padded; cached for the same unchanged anchors."""
     key = (anchors.device, a_dtype)
-    tracing = torch.compiler.is_compiling()
+    tracing = is_traced(anchors)  # a traced tensor is never cached (nor compared with the cache)
     hit = None if tracing else _ANCHOR_CACHE.get(key)
     if hit is not None and hit[0]() is anchors and hit[1] == anchors._version and (hit[3] is not None or not need_gram):
         return hit[2], hit[3]

@@ -37,7 +37,6 @@ from fused._multi_tensor import (
     MultiTensorPlan,
     ScratchRows,
     check_layout_and_device,
-    device_guard,
     multi_tensor_chunk_table,
     tile_config,
 )
@@ -128,7 +127,7 @@ def plan_accumulate_importance(
             num_warps=num_warps,
             config=dict(dtypes=f"{str(i_dt).replace('torch.', '')}/{str(g_dt).replace('torch.', '')}",
                         BLOCK=block, TAIL=tail, aligned=aligned, tensors=rows.shape[0]),
-            kind="bandwidth",
+            kind="bandwidth", writes=(0,),  # the importance slot (every tensor of it, through the tables)
         ))
     return plan
 
@@ -140,9 +139,8 @@ def _accumulate_importance_triton(
     """One kernel launch per (importance dtype, gradient dtype) group."""
     device = importance[0].device
     plan = plan_accumulate_importance(importance, grads, weight, device_arch(device))
-    with device_guard(device):
-        for launch in plan:
-            launch.run()
+    for launch in plan:
+        launch.run()
     plan.write_back()
 
 

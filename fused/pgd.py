@@ -186,7 +186,7 @@ def plan_pgd_step(x, x_orig, grad, out, eps_per_sample, step_size, eps, directio
                         SINGLE_BLOCK=single, BLOCK=block),
         num_warps=num_warps,
         config=dict(D=D, BLOCK=block, single_block=single, per_sample_eps=per_sample, clamp=use_clamp),
-        kind="bandwidth",
+        kind="bandwidth", writes=(3,),
     )]
 
 

@@ -156,7 +156,7 @@ def plan_anchor_similarity(x: torch.Tensor, anchors: torch.Tensor, S: torch.Tens
         (x, anchors, S, N, K, D, x.stride(0), anchors.stride(0), S.stride(0)),
         dict(**c, DOT_KIND=kind, EPS=NORMALIZE_EPS), warps, stages,
         config=dict(**{k.lower(): v for k, v in c.items()}, dot=str(DOT_KIND_DTYPES[kind]).replace("torch.", "")),
-        kind="mma",
+        kind="mma", writes=(2,),
     )]
 
 

@@ -55,7 +55,6 @@ from fused._multi_tensor import (
     MultiTensorPlan,
     ScratchRows,
     check_layout_and_device,
-    device_guard,
     multi_tensor_chunk_table,
     tile_config,
 )
@@ -311,7 +310,8 @@ def plan_masked_sgd(
                 dtypes="/".join("-" if d is None else str(d).replace("torch.", "") for d in key[:-1]),
                 BLOCK=block, TAIL=tail, aligned=aligned, tensors=rows.shape[0],
             ),
-            kind="bandwidth",
+            # ψ and the momentum buffers (slots 0 and 5, through the tables) and the partials
+            kind="bandwidth", writes=(0, 5, len(bases) + 2) if b_dt is not None else (0, len(bases) + 2),
         ))
         offset += n_chunks
     return plan
@@ -338,9 +338,8 @@ def _masked_regularized_sgd_step_triton(
     device = params[0].device
     plan = plan_masked_sgd(params, grads, ref_params, importance, momentum_buffers, grad_masks,
                            lr, lam, momentum, weight_decay, proximal, device_arch(device))
-    with device_guard(device):
-        for launch in plan:
-            launch.run()
+    for launch in plan:
+        launch.run()
     plan.write_back()
     return plan.partials.sum()
 

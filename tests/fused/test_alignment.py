@@ -104,7 +104,7 @@ def test_reductions_and_gradients(device, backend, reduction):
     xo = x.clone().requires_grad_()
     loss = structure_alignment_loss(xo, x_ref, anchors, reduction=reduction, backend=backend)
     assert loss.dtype == torch.float32 and loss.shape == ref.shape
-    up = torch.linspace(0.5, 2.0, ref.numel(), dtype=torch.float64).reshape(ref.shape)
+    up = torch.linspace(0.5, 2.0, ref.numel(), dtype=torch.float64, device=device).reshape(ref.shape)
     ref.backward(up)
     loss.backward(up.to(device, torch.float32))
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
