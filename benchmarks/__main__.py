@@ -1,6 +1,9 @@
 """Command line: ``python -m benchmarks run [...]`` and ``python -m benchmarks plot [...]``.
 
 Run from the repository root (``benchmarks`` is not an installed package).
+
+Exit status of ``run``: 0 when no row is an error, 1 when any row is (each failed row is named on
+stderr); 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ def main(argv=None) -> int:
                        help=f"subset of {','.join(PROVIDERS)} (default: all that apply)")
     run_p.add_argument("--no-e2e", action="store_true", help="skip proxy generation and StructGuard steps/s")
     run_p.add_argument("--max-minutes", type=float, default=None,
-                       help="skip the remaining cases once this much time is spent (results so far are kept)")
+                       help="time budget of the op cases, counted from after the end-to-end rows: no case starts "
+                            "once it is spent (results so far are kept)")
+    run_p.add_argument("--deadline-minutes", type=float, default=None,
+                       help="time limit of the whole run, end-to-end rows included: no op case starts after it")
     run_p.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice). On a shared CPU, 1 avoids the "
                             "OpenMP oversubscription that makes multi-threaded timings meaningless")
@@ -53,15 +59,30 @@ def main(argv=None) -> int:
             if args.threads < 1:
                 parser.error(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
-        from benchmarks.run import run
+        for name in ("max_minutes", "deadline_minutes"):
+            value = getattr(args, name)
+            if value is not None and not value > 0:
+                parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        from benchmarks.report import read_results
+        from benchmarks.run import is_error, run, tally
 
         out = run(args.ops, args.regimes, args.out, quick=args.quick, providers=args.providers,
-                  e2e=not args.no_e2e, max_minutes=args.max_minutes)
+                  e2e=not args.no_e2e, max_minutes=args.max_minutes, deadline_minutes=args.deadline_minutes)
         if args.plot:
             from benchmarks.plot import plot
 
             for path in plot(out):
                 print(f"wrote {path}")
+        _, rows = read_results(out)  # what was written is what counts
+        failed = [r for r in rows if is_error(r)]
+        if failed:
+            print(f"python -m benchmarks run: {len(failed)} of {len(rows)} rows failed ({tally(rows)}):",
+                  file=sys.stderr)
+            for r in failed:
+                what = " ".join(str(r.get(k)) for k in ("op", "regime", "shape", "dtype", "provider", "pass")
+                                if r.get(k) is not None)
+                print(f"  {what}: {r.get('status')}", file=sys.stderr)
+            return 1
         return 0
     from benchmarks.plot import plot
 

@@ -49,17 +49,21 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def build_classifier(device: torch.device, *, prefer_resnet: bool) -> Tuple[nn.Module, str]:
-    """The CIFAR ResNet-18 of ``stakes.models`` when present and wanted, else :class:`SmallCNN`."""
+def build_classifier(device: torch.device, *, prefer_resnet: bool) -> Tuple[nn.Module, str, str]:
+    """The CIFAR ResNet-18 of ``stakes.models`` when wanted, else :class:`SmallCNN`: ``(model, arch,
+    note)``. A ResNet that fails to build falls back to the small CNN, and ``note`` says why (it goes
+    into the rows: a fallback is never silent)."""
+    note = ""
     if prefer_resnet:
         try:
             from stakes.models import build_model
 
-            return build_model("resnet18", NUM_CLASSES, in_channels=3, image_size=32).to(device).eval(), "resnet18"
-        except Exception:  # stakes.models not written yet, or a different signature
-            pass
+            return (build_model("resnet18", NUM_CLASSES, in_channels=3, image_size=32).to(device).eval(),
+                    "resnet18", "")
+        except Exception as exc:
+            note = f"resnet18 failed to build ({type(exc).__name__}: {exc}"[:200] + "); small CNN instead"
     torch.manual_seed(0)
-    return SmallCNN().to(device).eval(), "small_cnn"
+    return SmallCNN().to(device).eval(), "small_cnn", note
 
 
 def sequential_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, repetitions: int, steps: int,
@@ -97,15 +101,23 @@ def _row(op: str, shape: str, provider: str, seconds: float, throughput: float, 
             "throughput": throughput, "throughput_unit": unit, "status": "ok", "note": note}
 
 
-def _missing(op: str, shape: str, provider: str, why: str) -> Dict[str, object]:
+def _error(op: str, shape: str, provider: str, why: str) -> Dict[str, object]:
     return {"op": op, "regime": "e2e", "shape": shape, "dtype": "float32", "provider": provider, "pass": "e2e",
-            "status": f"not available: {why}"}
+            "status": f"error: {why}"[:300]}
+
+
+def _with_note(rows: List[Dict[str, object]], note: str) -> List[Dict[str, object]]:
+    """Append ``note`` (a fallback's reason) to every row's note."""
+    if note:
+        for r in rows:
+            r["note"] = f"{r['note']}; {note}" if r.get("note") else note
+    return rows
 
 
 def proxy_generation(device: torch.device, *, quick: bool) -> List[Dict[str, object]]:
     """Sequential paper loop vs batched repetitions (+ fused step on a GPU)."""
     gpu = device.type == "cuda"
-    model, arch = build_classifier(device, prefer_resnet=gpu)
+    model, arch, model_note = build_classifier(device, prefer_resnet=gpu)
     for p in model.parameters():
         p.requires_grad_(False)
     R, k, steps = (20, 256, 10) if gpu else ((2, 32, 2) if quick else (4, 64, 3))
@@ -122,9 +134,9 @@ def proxy_generation(device: torch.device, *, quick: bool) -> List[Dict[str, obj
     rows.append(_row("proxy_generation", shape, "sequential", seq_s, work / seq_s, unit, "batch 128, eager step"))
     try:
         from stakes.proxy import generate_proxies
-    except Exception as exc:
-        rows.append(_missing("proxy_generation", shape, "batched_reference", f"stakes.proxy ({exc})"))
-        return rows
+    except Exception as exc:  # stakes.proxy exists in this repository: failing to import it is a bug
+        rows.append(_error("proxy_generation", shape, "batched_reference", f"importing stakes.proxy: {exc!r}"))
+        return _with_note(rows, model_note)
     backends = [("batched_reference", "reference")] + ([("batched_fused", "triton")] if gpu else [])
     for provider, backend in backends:
         def gen_fn(backend=backend, repetitions=R, steps=steps):
@@ -137,13 +149,12 @@ def proxy_generation(device: torch.device, *, quick: bool) -> List[Dict[str, obj
             rows.append(_row("proxy_generation", shape, provider, s, work / s, unit,
                              f"stakes.proxy.generate_proxies, batch {batch}"))
         except Exception as exc:
-            rows.append({**_missing("proxy_generation", shape, provider, ""),
-                         "status": f"error: {type(exc).__name__}: {exc}"[:300]})
+            rows.append(_error("proxy_generation", shape, provider, f"{type(exc).__name__}: {exc}"))
     seq = rows[0]["median_ms"]
     for r in rows:
         if r.get("status") == "ok":
             r["speedup_vs_eager"] = seq / r["median_ms"]  # vs the sequential paper loop
-    return rows
+    return _with_note(rows, model_note)
 
 
 def structguard_steps(device: torch.device, *, quick: bool) -> List[Dict[str, object]]:
@@ -156,8 +167,8 @@ def structguard_steps(device: torch.device, *, quick: bool) -> List[Dict[str, ob
         unlearn = getattr(stakes, "unlearn", None) or importlib.import_module("stakes.methods").unlearn
         from stakes.config import preset
         from stakes.proxy import ProxySet
-    except Exception as exc:
-        return [_missing("structguard", shape, "reference", f"stakes.unlearn is not importable yet ({exc})")]
+    except Exception as exc:  # stakes exists in this repository: failing to import it is a bug
+        return [_error("structguard", shape, "reference", f"importing stakes.unlearn: {exc!r}")]
     torch.manual_seed(0)
     body = SmallCNN().to(device)
     model = (body.features, body.head)
@@ -182,8 +193,7 @@ def structguard_steps(device: torch.device, *, quick: bool) -> List[Dict[str, ob
             rows.append(_row("structguard", shape, provider, step_s, 1.0 / step_s, "steps/s",
                              f"stakes.unlearn, small CNN, {res.steps} steps, batches 128+128"))
         except Exception as exc:
-            rows.append({**_missing("structguard", shape, provider, ""),
-                         "status": f"error: {type(exc).__name__}: {exc}"[:300]})
+            rows.append(_error("structguard", shape, provider, f"{type(exc).__name__}: {exc}"))
     ok = {r["provider"]: r for r in rows if r.get("status") == "ok"}
     if "reference" in ok:
         for r in ok.values():

@@ -1,4 +1,15 @@
-"""``python -m benchmarks run``: time every case, write results.json / results.csv after each case."""
+"""``python -m benchmarks run``: time every case, write results.json / results.csv after each case.
+
+Every row ends with a ``status``: ``ok``, ``error: ...`` (the case or provider raised, or its module
+failed to import), ``skipped: ...`` (a time limit), or ``not available: ...`` (an op whose module does
+not exist). ``python -m benchmarks run`` exits with status 1 when any row is an error, so a failure on
+a GPU is never just a line in a table. A row whose CUDA-graph capture failed and fell back to the
+event timer keeps the reason in its ``note`` (see :func:`benchmarks.measure.time_cuda`).
+
+Time limits: ``max_minutes`` is the budget of the op cases, counted from after the end-to-end rows
+(which run first and are never cut); ``deadline_minutes`` bounds the whole run, end-to-end rows
+included. Either way a case is never interrupted: the limits only stop new cases from starting.
+"""
 
 from __future__ import annotations
 
@@ -29,15 +40,46 @@ def default_out_dir(device: torch.device) -> str:
 
 
 def _op_available(op: str) -> Optional[str]:
-    """None when the op's module imports, else the reason it does not."""
+    """None when the op's module imports, else the status of its rows: ``not available: ...`` when
+    the module does not exist, ``error: ...`` when it exists and fails to import (a bug, not a gap)."""
     name = OP_MODULES[op]
     try:
         if importlib.util.find_spec(name) is None:
-            return f"{name} does not exist yet"
+            return f"not available: {name} does not exist yet"
         importlib.import_module(name)
-    except Exception as exc:  # a module that fails to import is reported, not fatal
-        return f"{name} failed to import ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # a module that fails to import is reported (and fails the run), not fatal here
+        return f"error: {name} failed to import ({type(exc).__name__}: {exc})"[:300]
     return None
+
+
+STATUS_KINDS = ("ok", "error", "skipped", "not available")
+
+
+def status_kind(row: Dict[str, object]) -> str:
+    """``ok``, ``error``, ``skipped`` or ``not available``; a missing or unknown status is an error."""
+    status = str(row.get("status") or "")
+    for kind in STATUS_KINDS:
+        if status == kind or status.startswith(kind + ":"):
+            return kind
+    return "error"
+
+
+def is_error(row: Dict[str, object]) -> bool:
+    return status_kind(row) == "error"
+
+
+def is_fallback(row: Dict[str, object]) -> bool:
+    return str(row.get("note") or "").startswith("cudagraph capture failed")
+
+
+def tally(rows: Sequence[Dict[str, object]]) -> str:
+    """One line: how many rows are ok, errors, skipped, not available, and CUDA-graph fallbacks."""
+    counts = {k: 0 for k in STATUS_KINDS}
+    for r in rows:
+        counts[status_kind(r)] += 1
+    fallbacks = sum(1 for r in rows if is_fallback(r))
+    return (f"{len(rows)} rows: {counts['ok']} ok, {counts['error']} errors, {counts['skipped']} skipped, "
+            f"{counts['not available']} not available, {fallbacks} CUDA-graph fallbacks")
 
 
 def _free(device: torch.device) -> None:
@@ -67,6 +109,8 @@ def measure_variant(case: ops.Case, variant: ops.Variant, device: torch.device, 
     try:
         timing = measure.time_call(variant.fn, device, cuda_graph=case.cuda_graph, quick=quick)
         row.update({k: timing[k] for k in ("median_ms", "p20_ms", "p80_ms", "timer")})
+        if timing.get("fallback"):  # kept in the row: a fallback is never silent
+            row["note"] = timing["fallback"]
         row.update(measure.peak_memory_mb(variant.fn, device))
     except Exception as exc:  # one failing provider must not stop the run
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -103,20 +147,28 @@ def print_summary(rows: Sequence[Dict[str, object]]) -> None:
     print("-" * len(header))
     for r in rows:
         if r.get("status") != "ok":
-            print(f"{r['op']:<16} {r['regime']:<6} {str(r['shape'])[:38]:<38} {str(r.get('dtype') or ''):<8} "
-                  f"{str(r.get('provider') or ''):<18} {str(r.get('pass') or ''):<8} {r.get('status')}")
+            print(f"{r['op']:<16} {str(r.get('regime') or ''):<6} {str(r.get('shape') or '')[:38]:<38} "
+                  f"{str(r.get('dtype') or ''):<8} {str(r.get('provider') or ''):<18} {str(r.get('pass') or ''):<8} "
+                  f"{r.get('status')}")
             continue
         frac = r.get("roofline_frac")
         sp = r.get("speedup_vs_eager")
         mem = r.get("peak_mem_mb")
         print(f"{r['op']:<16} {r['regime']:<6} {str(r['shape'])[:38]:<38} {str(r['dtype']):<8} {r['provider']:<18} "
               f"{r['pass']:<8} {r['median_ms']:>10.4g} {'' if mem is None else f'{mem:9.1f}':>9} "
-              f"{'' if frac is None else f'{100 * frac:6.1f}':>6} {'' if sp is None else f'{sp:8.2f}':>8}")
+              f"{'' if frac is None else f'{100 * frac:6.1f}':>6} {'' if sp is None else f'{sp:8.2f}':>8}"
+              + (f"  [{r['note']}]" if is_fallback(r) else ""))
 
 
 def run(ops_: Sequence[str], regimes: Sequence[str], out_dir: Optional[str], *, quick: bool,
-        providers: Optional[Sequence[str]] = None, e2e: bool = True, max_minutes: Optional[float] = None) -> str:
-    """Run the selected cases (and the end-to-end runs) and return the output folder."""
+        providers: Optional[Sequence[str]] = None, e2e: bool = True, max_minutes: Optional[float] = None,
+        deadline_minutes: Optional[float] = None) -> str:
+    """Run the selected cases (and the end-to-end runs) and return the output folder.
+
+    ``max_minutes``: no op case starts once this much time has passed since the end-to-end rows
+    ended (they run first). ``deadline_minutes``: no op case starts once this much time has passed
+    since the start of the run. Cases not started are kept as ``skipped`` rows.
+    """
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from fused._dispatch import interpreter_enabled
@@ -154,6 +206,8 @@ def run(ops_: Sequence[str], regimes: Sequence[str], out_dir: Optional[str], *, 
         print("end to end: proxy generation and StructGuard steps ...")
         rows += e2e_mod.run_e2e(device, quick=quick)
         report.write_results(out_dir, metadata, rows)
+    ops_start = time.perf_counter()  # the op-case budget starts here, after the end-to-end rows
+    metadata["e2e_s"] = ops_start - start
     bar = tqdm(total=len(cases), desc="benchmarks", unit="case")
     for case in cases:
         bar.set_postfix_str(f"{case.op} {case.shape} {str(case.dtype).replace('torch.', '')}"[:60])
@@ -163,10 +217,16 @@ def run(ops_: Sequence[str], regimes: Sequence[str], out_dir: Optional[str], *, 
         if case.op not in missing:
             missing[case.op] = _op_available(case.op)
         if missing[case.op]:
-            rows.append({**base, "status": f"not available: {missing[case.op]}"})
+            rows.append({**base, "status": missing[case.op]})
             continue
-        if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
-            rows.append({**base, "status": f"skipped: time budget of {max_minutes} min spent"})
+        now = time.perf_counter()
+        if max_minutes is not None and now - ops_start > 60 * max_minutes:
+            rows.append({**base, "status": f"skipped: op-case budget of {max_minutes:g} min (--max-minutes, "
+                                          f"counted after the end-to-end rows) spent"})
+            continue
+        if deadline_minutes is not None and now - start > 60 * deadline_minutes:
+            rows.append({**base, "status": f"skipped: deadline of {deadline_minutes:g} min (--deadline-minutes, "
+                                          f"end-to-end rows included) reached"})
             continue
         wanted = [p for p in ops.providers_for(case.op, device)
                   if (providers is None or p in providers) and (p != "compile" or case.compile_ok)]
@@ -188,6 +248,7 @@ def run(ops_: Sequence[str], regimes: Sequence[str], out_dir: Optional[str], *, 
     json_path, csv_path = report.write_results(out_dir, metadata, rows)
     print_summary(rows)
     print(f"wrote {json_path} and {csv_path} in {metadata['wall_s']:.0f} s")
+    print(f"benchmarks: {tally(rows)}")
     if device.type == "cpu":
         print(FUSED_ON_CPU + ".")
     return out_dir
