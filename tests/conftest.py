@@ -3,9 +3,17 @@
 triton.jit decides at decoration time whether a kernel is interpreted, so the variable must be
 set here, before any test module imports ``fused``. On a CUDA machine (benchmarks/gpu_check.sh)
 it is left unset and the kernels compile for the card.
+
+A run that would put kernel tests through an interpreter known to be broken with the installed
+numpy (triton <= 3.6 with numpy >= 2.5, see ``interpreter_version_problem``) stops at collection
+with one message naming the versions and the fix, instead of a hundred ``TypeError``s from inside
+``triton/runtime/interpreter.py``. ``STAKES_IGNORE_VERSION_CHECK=1`` runs them anyway
+(``.ci/versions`` does, to record what the interpreter does).
 """
 
 import os
+import re
+from pathlib import Path
 
 import torch
 
@@ -13,6 +21,58 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+# the tests that run Triton kernels (under the interpreter on a CPU machine)
+KERNEL_TESTS = (TESTS / "fused",)
+
+
+def _release(version: str) -> tuple:
+    """(major, minor, patch) of a version string such as '3.6.0', '2.5.0rc1' or '3.6.0+git1a2b'."""
+    parts = [int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def interpreter_version_problem(triton_version, numpy_version, interpreting: bool):
+    """Why the installed triton's CPU interpreter cannot run our kernels with this numpy, or None.
+
+    triton's interpreter up to 3.6 turns a scalar kernel argument into a Python int with
+    ``int(handle.data)`` on a 1-element array (``__index__``, reached by ``range(0, D, BLOCK_D)``);
+    numpy 2.5 refuses that conversion ("only 0-dimensional arrays can be converted to Python
+    scalars"). triton 3.7 squeezes the array first. Measured in benchmarks/results/versions/.
+    """
+    if not interpreting or triton_version is None or numpy_version is None:
+        return None
+    if _release(triton_version) < (3, 7, 0) and _release(numpy_version) >= (2, 5, 0):
+        return (f"the CPU interpreter of triton {triton_version} cannot run with numpy {numpy_version} "
+                f"(triton <= 3.6 converts 1-element arrays to Python ints, which numpy >= 2.5 refuses). "
+                f"Fix: pip install 'numpy<2.5' (or triton >= 3.7 with its torch). "
+                f"Tests that run no kernel: python -m pytest tests/stakes; "
+                f"to run the kernel tests anyway: STAKES_IGNORE_VERSION_CHECK=1")
+    return None
+
+
+def _installed_problem():
+    try:
+        import numpy
+        import triton
+    except ImportError:  # no triton (not Linux): the kernel tests run the reference path only
+        return None
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+    return interpreter_version_problem(getattr(triton, "__version__", None), getattr(numpy, "__version__", None),
+                                       interpreting)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("STAKES_IGNORE_VERSION_CHECK", "0") not in ("", "0"):
+        return
+    problem = _installed_problem()
+    if problem is None:
+        return
+    kernel_items = [it for it in items if any(Path(str(it.path)).is_relative_to(d) for d in KERNEL_TESTS)]
+    if kernel_items:
+        raise pytest.UsageError(f"{len(kernel_items)} collected kernel tests (tests/fused) need the Triton CPU interpreter, "
+                                f"but {problem}")
 
 
 @pytest.fixture
