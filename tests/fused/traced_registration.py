@@ -10,6 +10,13 @@ preparation, row padding, the anchor cache, output slicing, the autograd formula
 the kernels are not. Prints one JSON object: {case: "ok" | error text}.
 
 Usage: ``python tests/fused/traced_registration.py [--only NAME,...]``.
+
+On a card (``benchmarks/gpu_check.sh``): ``python tests/fused/traced_registration.py --device cuda
+--real-kernels`` runs the same cases with the real kernels (nothing stubbed) on CUDA tensors at
+D = 512, ``torch.compile`` with both the ``aot_eager`` and the default ``inductor`` backend, and the
+update and importance steps compiled too; it exits with status 1 when a case fails. The knobs that
+mode sets (``--d``, ``--backends``, ``--compile-steps``, ``--strict``) can also be given alone,
+e.g. to try the inductor backend over the stubbed kernels on a CPU.
 """
 
 from __future__ import annotations
@@ -28,7 +35,42 @@ import torch  # noqa: E402
 import fused._launch as launch_mod  # noqa: E402
 
 D_VALUES = (32, 512, 768)
+CARD_D_VALUES = (512,)
 RUNS = {"launches": 0, "devices": set()}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated case-name prefixes")
+    parser.add_argument("--device", default="cpu", help="where the cases' tensors live (cpu, cuda)")
+    parser.add_argument("--real-kernels", action="store_true",
+                        help="launch the real kernels (a card) instead of the stub; implies --d 512 "
+                             "--backends aot_eager,inductor --compile-steps --strict unless given")
+    parser.add_argument("--d", default=None, help="comma-separated feature sizes (default 32,512,768; 512 with "
+                                                  "--real-kernels)")
+    parser.add_argument("--backends", default=None,
+                        help="torch.compile backends, comma-separated (default aot_eager; aot_eager,inductor with "
+                             "--real-kernels)")
+    parser.add_argument("--compile-steps", action="store_true", default=None,
+                        help="also torch.compile the update and importance steps")
+    parser.add_argument("--strict", action="store_true", default=None, help="exit 1 when a case fails")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    return parser
+
+
+def _settings(argv=None) -> argparse.Namespace:
+    args = _parser().parse_args(argv)
+    real = args.real_kernels
+    args.d_values = tuple(int(d) for d in args.d.split(",")) if args.d else (CARD_D_VALUES if real else D_VALUES)
+    args.backend_list = tuple(b for b in (args.backends or ("aot_eager,inductor" if real else "aot_eager"))
+                              .split(",") if b)
+    args.compile_steps = real if args.compile_steps is None else args.compile_steps
+    args.strict = real if args.strict is None else args.strict
+    return args
+
+
+# The stub is installed before fused is imported unless this process runs the real kernels.
+_REAL_KERNELS = __name__ == "__main__" and "--real-kernels" in sys.argv[1:]
 
 
 def _stub_run(self, wrap: bool = False) -> None:
@@ -41,7 +83,17 @@ def _stub_run(self, wrap: bool = False) -> None:
     RUNS["devices"].add(str(self.device))
 
 
-launch_mod.Launch.run = _stub_run
+_real_run = launch_mod.Launch.run
+
+
+def _counting_run(self, wrap: bool = False):
+    """The real launch, counted (which devices the kernels ran on)."""
+    RUNS["launches"] += 1
+    RUNS["devices"].add(str(self.device))
+    return _real_run(self, wrap)
+
+
+launch_mod.Launch.run = _counting_run if _REAL_KERNELS else _stub_run
 
 import fused  # noqa: E402
 import fused.alignment as alignment_mod  # noqa: E402
@@ -57,29 +109,56 @@ def _opcheck(op, args):
         "test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
 
 
+BACKENDS = ("aot_eager",)  # set by main()
+# Real kernels: eager and compiled calls may differ by rounding (another reduction order in the code
+# inductor generates around the op, atomics); the stubbed kernels must agree to torch's defaults.
+TOLERANCE = {}
+
+
 def _compiled_equals_eager(fn, *inputs, grad: bool = True):
     """torch.compile(fullgraph=True) through AOTAutograd gives the eager values and gradients."""
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    out = {}
-    for name, f in (("eager", fn), ("compiled", compiled)):
-        xs = [t.clone().requires_grad_(grad and t.is_floating_point()) for t in inputs]
-        value = f(*xs)
-        if grad:
-            value.backward()
-            out[name] = (value.detach(), [t.grad for t in xs])
-        else:
-            out[name] = value
-    torch.testing.assert_close(out["compiled"], out["eager"])
-    torch._dynamo.reset()
+    for backend in BACKENDS:
+        compiled = torch.compile(fn, backend=backend, fullgraph=True)
+        out = {}
+        for name, f in (("eager", fn), ("compiled", compiled)):
+            xs = [t.clone().requires_grad_(grad and t.is_floating_point()) for t in inputs]
+            value = f(*xs)
+            if grad:
+                value.backward()
+                out[name] = (value.detach(), [t.grad for t in xs])
+            else:
+                out[name] = value
+        torch.testing.assert_close(out["compiled"], out["eager"], **TOLERANCE,
+                                   msg=lambda m, backend=backend: f"backend={backend}: {m}")
+        torch._dynamo.reset()
 
 
-def cases():
+def _compiled_step_equals_eager(step, lists):
+    """torch.compile(fullgraph=True) of an in-place multi-tensor step (update, importance) leaves the
+    same tensors and returns the same value as the eager call, from identical copies."""
+    for backend in BACKENDS:
+        compiled = torch.compile(step, backend=backend, fullgraph=True)
+        out = {}
+        for name, f in (("eager", step), ("compiled", compiled)):
+            copies = [[t.clone() for t in ts] for ts in lists]
+            value = f(*copies)
+            out[name] = (value, copies)
+        torch.testing.assert_close(out["compiled"], out["eager"], **TOLERANCE,
+                                   msg=lambda m, backend=backend: f"backend={backend}: {m}")
+        torch._dynamo.reset()
+
+
+def cases(device="cpu", d_values=D_VALUES, compile_steps=False):
     gen = torch.Generator().manual_seed(0)
+    device = torch.device(device)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen)
+        return torch.randn(*shape, generator=gen).to(device)
 
-    for D in D_VALUES:
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen).to(device)
+
+    for D in d_values:
         x, anchors = randn(5, D), randn(7, D)
 
         def sim_opcheck(x=x, anchors=anchors):
@@ -113,7 +192,7 @@ def cases():
             yield f"alignment.{path}.opcheck.D{D}", align_opcheck
             yield f"alignment.{path}.compile.D{D}", align_compile
 
-        x0 = torch.rand(3, D, generator=gen)
+        x0 = rand(3, D)
         xa, g = (x0 + 0.1 * randn(3, D)).clamp(0, 1), randn(3, D)
 
         def pgd_opcheck(xa=xa, x0=x0, g=g):
@@ -133,24 +212,56 @@ def cases():
             p = [randn(*s) for s in shapes]
             op = torch.ops.fused.masked_regularized_sgd_step.default
             _opcheck(op, (p, [randn(*s) for s in shapes], [t.clone() for t in p],
-                          [randn(*s).abs() for s in shapes], [torch.zeros(s) for s in shapes],
+                          [randn(*s).abs() for s in shapes], [torch.zeros(s, device=device) for s in shapes],
                           [None] * len(shapes), 0.1, 1.0, 0.9, 0.0, False))
 
         def importance_opcheck(shapes=shapes):
             op = torch.ops.fused.accumulate_importance.default
-            _opcheck(op, ([torch.zeros(s) for s in shapes], [randn(*s) for s in shapes], 0.5))
+            _opcheck(op, ([torch.zeros(s, device=device) for s in shapes], [randn(*s) for s in shapes], 0.5))
 
         yield f"update.opcheck.D{D}", update_opcheck
         yield f"importance.opcheck.D{D}", importance_opcheck
 
+        if not compile_steps:
+            continue
+
+        def update_compile(shapes=shapes):
+            p = [randn(*s) for s in shapes]
+            lists = (p, [randn(*s) for s in shapes], [t + 0.1 * randn(*t.shape) for t in p],
+                     [randn(*s).abs() for s in shapes])
+
+            def step(params, grads, refs, imps):
+                return fused.masked_regularized_sgd_step(params, grads, refs, imps, lr=0.1, lam=1.0)
+
+            _compiled_step_equals_eager(step, lists)
+
+        def importance_compile(shapes=shapes):
+            lists = ([randn(*s).abs() for s in shapes], [randn(*s) for s in shapes])
+
+            def step(importance, grads):
+                fused.accumulate_importance(importance, grads, 0.5)
+                return importance[0].sum()
+
+            _compiled_step_equals_eager(step, lists)
+
+        yield f"update.compile.D{D}", update_compile
+        yield f"importance.compile.D{D}", importance_compile
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated case-name prefixes")
-    args = parser.parse_args(argv)
+    global BACKENDS, TOLERANCE
+    args = _settings(argv)
+    if args.real_kernels != _REAL_KERNELS:
+        raise SystemExit("traced_registration.py: --real-kernels must be on the command line of the script itself "
+                         "(the kernel stub is chosen before fused is imported)")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("traced_registration.py: --device cuda but torch sees no CUDA device")
+    BACKENDS = args.backend_list
+    if args.real_kernels:
+        TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
     prefixes = [p for p in args.only.split(",") if p]
     results = {}
-    for name, fn in cases():
+    for name, fn in cases(args.device, args.d_values, args.compile_steps):
         if prefixes and not any(name.startswith(p) for p in prefixes):
             continue
         try:
@@ -165,7 +276,21 @@ def main(argv=None) -> int:
     results["_launch_devices"] = sorted(RUNS["devices"])
     results["_anchor_cache_traced"] = any(
         launch_mod.is_traced(v[2]) for v in alignment_mod._ANCHOR_CACHE.values())
+    results["_settings"] = {"device": args.device, "real_kernels": args.real_kernels, "d": list(args.d_values),
+                            "backends": list(BACKENDS), "compile_steps": args.compile_steps}
     print(json.dumps(results))
+    failed = sorted(k for k, v in results.items() if not k.startswith("_") and v != "ok")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.strict:
+        ran = len([k for k in results if not k.startswith("_")])
+        if args.real_kernels and not RUNS["launches"]:
+            failed.append("_no_kernel_launched")
+        print(f"VERDICT: {ran - len(failed)} of {ran} cases ok on {args.device} "
+              f"(backends {','.join(BACKENDS)}, {RUNS['launches']} launches on {sorted(RUNS['devices'])})"
+              + (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+        return 1 if failed else 0
     return 0
 
 
