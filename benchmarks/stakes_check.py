@@ -1,0 +1,208 @@
+"""Checks of the stakes runs ``benchmarks/gpu_check.sh`` makes on a card (step d).
+
+``python -m benchmarks.stakes_check main CPU.json CUDA.json``
+    The README's main job (structguard on digits, k = 8, seed 0) run with ``--device cpu`` and with
+    ``--device cuda`` on the same machine, from the same cached pretrained model and the same anchors
+    file. Checked:
+
+    * the pretrained model's retain and test accuracy, evaluated on each device, agree within
+      ``PRETRAINED_BAND`` = 1 point (same weights, same images: only rounding differs; 1 point is
+      3.6 of the 360 test images), its forget accuracy within one of the k images;
+    * both runs forget every image (forget accuracy 0 %);
+    * the card's unlearned test accuracy is within ``--band`` points of the CPU's and at least
+      ``--floor`` %.
+
+    Why a band and not equality after unlearning: the card runs other kernels (cuDNN/TF32
+    convolutions, the Triton ops, another random stream for the proxies), so the two trajectories
+    drift apart from the first step the way two seeds do, and the stop rule (the first epoch end
+    with forget 0 %) ends them at different steps. The band is the CPU's own seed-to-seed spread:
+    the main job with these anchors for seeds 0-5 on 2 CPU cores (2026-12-07) ended at test accuracy
+    46.1, 55.6, 58.9, 60.0, 69.7 and 73.1 % (seed 0: 60.0 %), a range of 26.9 points: ``BAND`` = 30
+    points. ``FLOOR`` = 30 %: three times chance (10 %), well under the lowest seed (46.1 %). A card
+    result outside them is a defect, not a different draw.
+
+``python -m benchmarks.stakes_check torchrun RESULT.json [--reference OTHER.json]``
+    ``torchrun --nproc-per-node=1 -m stakes unlearn --device cuda``: the result must record the NCCL
+    backend and world size 1, forget 0 %, and (given another run of the same job, gpu_check passes
+    the CPU one) a test accuracy within the band of it.
+
+``python -m benchmarks.stakes_check compare DIR --methods A,B --seeds 0,1``
+    ``stakes compare`` on the card: every (method, seed) run present with status ``ok`` (compare
+    itself exits 0 when runs fail) and finite accuracies in [0, 100].
+
+Each prints one ``VERDICT: ...`` line and exits 0 (pass) or 1 (fail); 2 for unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Optional
+
+BAND = 30.0             # points of unlearned test accuracy: the CPU seed-to-seed range (module docstring)
+FLOOR = 30.0            # unlearned test accuracy %, three times chance
+PRETRAINED_BAND = 1.0   # points: the same pretrained model evaluated on two devices
+
+
+def _load(path: str) -> Dict[str, object]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"stakes_check: cannot read {path!r}: {exc}", file=sys.stderr)
+        print(f"VERDICT: FAILED: cannot read {path!r} ({type(exc).__name__})")
+        raise SystemExit(2) from None
+
+
+def _device(result: Dict[str, object]) -> str:
+    return str((result.get("config") or {}).get("device", "?"))
+
+
+def _pct(value) -> str:
+    return f"{value:6.2f} %" if isinstance(value, (int, float)) else f"{value!r:>6} %"
+
+
+def _line(name: str, r: Dict[str, object]) -> str:
+    wall = r.get("wall_time_s")
+    return (f"  {name:<14} device {_device(r):<7} forget {_pct(r.get('forget_accuracy'))}  test "
+            f"{_pct(r.get('test_accuracy'))}  retain {_pct(r.get('retain_accuracy'))}  steps {r.get('steps')} "
+            f"({r.get('stopped')})" + (f", {wall:.1f} s" if isinstance(wall, (int, float)) else ""))
+
+
+def check_main(cpu: Dict[str, object], cuda: Dict[str, object], band: float = BAND,
+               floor: float = FLOOR) -> List[str]:
+    """The problems of a CPU/card pair of main-job results (empty: it passes)."""
+    problems = []
+    for name, r, want in (("cpu", cpu, "cpu"), ("cuda", cuda, "cuda")):
+        if not _device(r).startswith(want):
+            problems.append(f"the {name} result ran on {_device(r)!r}, expected {want}")
+        if r.get("forget_accuracy") != 0.0:
+            problems.append(f"{name}: forget accuracy {r.get('forget_accuracy')} %, expected 0")
+    p_cpu, p_cuda = cpu.get("pretrained") or {}, cuda.get("pretrained") or {}
+    one_image = 100.0 / cpu["k"] + 1e-6 if isinstance(cpu.get("k"), int) and cpu["k"] > 0 else PRETRAINED_BAND
+    for key, tol in (("forget_accuracy", max(one_image, PRETRAINED_BAND)), ("retain_accuracy", PRETRAINED_BAND),
+                     ("test_accuracy", PRETRAINED_BAND)):
+        a, b = p_cpu.get(key), p_cuda.get(key)
+        if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tol):
+            problems.append(f"pretrained {key.replace('_', ' ')}: cpu {a} %, cuda {b} % "
+                            f"(the same model must agree within {tol:.3g} points)")
+    for key in ("method", "dataset", "k", "seed"):
+        if cpu.get(key) != cuda.get(key):
+            problems.append(f"the runs differ in {key}: cpu {cpu.get(key)!r}, cuda {cuda.get(key)!r}")
+    a_cpu, a_cuda = (cpu.get("anchors") or {}).get("source"), (cuda.get("anchors") or {}).get("source")
+    if a_cpu != a_cuda:
+        problems.append(f"the runs used other anchors: cpu {a_cpu!r}, cuda {a_cuda!r}")
+    t_cpu, t_cuda = float(cpu.get("test_accuracy", math.nan)), float(cuda.get("test_accuracy", math.nan))
+    if not t_cuda >= floor:
+        problems.append(f"cuda: test accuracy {t_cuda:.2f} % below the floor {floor:g} %")
+    if not abs(t_cuda - t_cpu) <= band:
+        problems.append(f"test accuracy cuda {t_cuda:.2f} % vs cpu {t_cpu:.2f} %: "
+                        f"{abs(t_cuda - t_cpu):.2f} points apart, band {band:g}")
+    return problems
+
+
+def check_torchrun(result: Dict[str, object], reference: Optional[Dict[str, object]] = None,
+                   band: float = BAND) -> List[str]:
+    problems = []
+    dist = result.get("distributed") or {}
+    if dist.get("backend") != "nccl":
+        problems.append(f"process-group backend {dist.get('backend')!r}, expected 'nccl'")
+    if dist.get("world_size") != 1:
+        problems.append(f"world size {dist.get('world_size')!r}, expected 1")
+    if not _device(result).startswith("cuda"):
+        problems.append(f"ran on {_device(result)!r}, expected cuda")
+    if result.get("forget_accuracy") != 0.0:
+        problems.append(f"forget accuracy {result.get('forget_accuracy')} %, expected 0")
+    if reference is not None:
+        t, t_ref = float(result.get("test_accuracy", math.nan)), float(reference.get("test_accuracy", math.nan))
+        if not abs(t - t_ref) <= band:
+            problems.append(f"test accuracy {t:.2f} % vs {t_ref:.2f} % in the reference run ({_device(reference)}): "
+                            f"{abs(t - t_ref):.2f} points apart, band {band:g}")
+    return problems
+
+
+def check_compare(report: Dict[str, object], methods: List[str], seeds: List[int]) -> List[str]:
+    problems = []
+    runs = report.get("runs") or []
+    got = {(r.get("method"), r.get("seed")): r for r in runs}
+    for m in methods:
+        for s in seeds:
+            r = got.get((m, s))
+            if r is None:
+                problems.append(f"{m} seed {s}: no run in results.json")
+            elif r.get("status") != "ok":
+                problems.append(f"{m} seed {s}: status {r.get('status')!r}: {str(r.get('error'))[:200]}")
+            else:
+                for key in ("forget_accuracy", "test_accuracy", "retain_accuracy"):
+                    v = r.get(key)
+                    if not isinstance(v, (int, float)) or not 0.0 <= v <= 100.0:
+                        problems.append(f"{m} seed {s}: {key} = {v!r}")
+    extra = sorted(set(got) - {(m, s) for m in methods for s in seeds}, key=str)
+    if extra:
+        problems.append(f"unexpected runs {extra}")
+    return problems
+
+
+def _finish(what: str, problems: List[str]) -> int:
+    for p in problems:
+        print(f"  problem: {p}")
+    if problems:
+        print(f"VERDICT: FAILED {what}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        return 1
+    print(f"VERDICT: ok {what}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stakes_check", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("main", help="the main job on cpu and on cuda")
+    p.add_argument("cpu")
+    p.add_argument("cuda")
+    p.add_argument("--band", type=float, default=BAND)
+    p.add_argument("--floor", type=float, default=FLOOR)
+    p = sub.add_parser("torchrun", help="torchrun --nproc-per-node=1 on cuda (NCCL)")
+    p.add_argument("result")
+    p.add_argument("--reference", default=None,
+                   help="another run of the same job (cpu or cuda): the test accuracy must be within the band of it")
+    p.add_argument("--band", type=float, default=BAND)
+    p = sub.add_parser("compare", help="stakes compare on cuda")
+    p.add_argument("dir")
+    p.add_argument("--methods", required=True)
+    p.add_argument("--seeds", required=True)
+    args = parser.parse_args(argv)
+
+    if args.command == "main":
+        cpu, cuda = _load(args.cpu), _load(args.cuda)
+        print(_line("cpu", cpu))
+        print(_line("cuda", cuda))
+        return _finish(f"main job cpu vs cuda: test cuda {_pct(cuda.get('test_accuracy')).strip()} vs cpu "
+                       f"{_pct(cpu.get('test_accuracy')).strip()} (band {args.band:g} points, floor {args.floor:g} %)",
+                       check_main(cpu, cuda, args.band, args.floor))
+    if args.command == "torchrun":
+        result = _load(args.result)
+        reference = _load(args.reference) if args.reference and os.path.exists(args.reference) else None
+        print(_line("torchrun", result))
+        if reference is not None:
+            print(_line("reference", reference))
+        dist = result.get("distributed") or {}
+        return _finish(f"torchrun: backend {dist.get('backend')}, world size {dist.get('world_size')}, test "
+                       f"{_pct(result.get('test_accuracy')).strip()}"
+                       + ("" if reference else " (no reference run to compare with)"),
+                       check_torchrun(result, reference, args.band))
+    report = _load(os.path.join(args.dir, "results.json"))
+    methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    for r in report.get("runs") or []:
+        if r.get("status") == "ok":
+            print(_line(f"{r.get('method')}/{r.get('seed')}", r))
+        else:
+            print(f"  {r.get('method')}/{r.get('seed')}: {r.get('status')}: {r.get('error')}")
+    return _finish(f"compare: {len(methods)} methods x {len(seeds)} seeds", check_compare(report, methods, seeds))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
