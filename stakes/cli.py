@@ -31,7 +31,7 @@ import torch
 from stakes._io import atomic_json_dump
 from stakes.config import PRESETS
 from stakes.jobs import (UsageError, anchor_cache_dir, load_data, load_model, load_or_build_anchors, load_plugins,
-                         make_config, run_one, save_deployed_model)
+                         make_config, parse_overrides, run_one, save_deployed_model)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -311,6 +311,9 @@ def main(argv: Optional[list] = None) -> int:
 
     started = False
     try:
+        if parse_overrides(getattr(args, "set", None)).get("deterministic") is True:
+            # before anything uses cuBLAS (model checks, prototype anchors): its workspace setting is read once
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         started = _init_distributed(args)
         return args.func(args)
     except dist_.DistributedError as err:

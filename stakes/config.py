@@ -16,8 +16,10 @@ BatchNorm in train mode while unlearning) are options that default to off.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,6 +90,7 @@ class UnlearnConfig:
     eval_max_samples: Optional[int] = 2000  # cap on test / retain samples per trajectory entry
     backend: Optional[str] = None    # fused backend; None = automatic
     device: str = "cpu"
+    deterministic: bool = False      # deterministic cuDNN / torch algorithms on a GPU (slower), see below
     progress: bool = True
 
     def __post_init__(self):
@@ -103,7 +106,7 @@ class UnlearnConfig:
                 bound = ">= 0" if allow_zero else "> 0"
                 raise ValueError(f"config.{name} must be {kind} {bound}, got {v!r}")
 
-        for name in ("proximal", "warm_start", "skip_sr_first_steps", "bn_train_mode", "progress"):
+        for name in ("proximal", "warm_start", "skip_sr_first_steps", "bn_train_mode", "progress", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -218,3 +221,26 @@ def preset(name: str = "stable", method: str = "structguard", **overrides) -> Un
         return UnlearnConfig(**values)
     except TypeError as err:  # unknown keyword
         raise ValueError(f"bad config override: {err}") from None
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """While active (``enabled``): cuDNN picks deterministic algorithms and does not benchmark, and
+    torch uses deterministic implementations where it has them (``warn_only``: an op without one
+    warns instead of failing the run). cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` before its
+    first use for deterministic matrix products; it is set here if unset, which takes effect when
+    nothing has used cuBLAS yet in this process (the command line sets it first). On the CPU torch
+    is deterministic for a fixed thread count anyway. Restores the previous settings on exit."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[0], before[1]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])

@@ -339,11 +339,15 @@ def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxi
 
 @torch.no_grad()
 def embedding(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """The representation the head sees: ``model.embed`` of a deployed model, else ``model.features``."""
+    """The representation the head sees: ``model.embed`` of a deployed model, else ``model.features``;
+    batches of ``x`` go to the model's device, and the embeddings stay there."""
+    from stakes.metrics import model_device
+
     embed = getattr(model, "embed", model.features)
+    device = model_device(model, x.device)
     was = model.training
     model.eval()
-    out = [embed(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    out = [embed(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
     model.train(was)
     return torch.cat(out) if out else torch.zeros(0)
 

@@ -108,7 +108,9 @@ def _metric_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+def model_device(model: nn.Module, fallback: Optional[torch.device] = None) -> Optional[torch.device]:
+    """The device of ``model``'s first parameter (or buffer); ``fallback`` for a model with neither.
+    Every function here that runs a model moves its inputs there."""
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -130,7 +132,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torc
     _check_model(model)
     _check_tensor("x", x, min_ndim=1)
     _check_batch_size(batch_size)
-    device = _model_device(model, x.device)
+    device = model_device(model, x.device)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

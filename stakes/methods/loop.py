@@ -33,7 +33,7 @@ import fused
 from fused.optim import StructureSGD
 from stakes import distributed as dist_
 from stakes._io import atomic_torch_save
-from stakes.config import UnlearnConfig, preset
+from stakes.config import UnlearnConfig, deterministic_algorithms, preset
 from stakes.methods.base import Batch, UnlearningMethod, ce_bounded, get_method, margin_deletion
 from stakes.metrics import accuracy, accuracy_from_logits, structure_drift
 from stakes.proxy import ProxySet, calibrate_radius, generate_proxies
@@ -855,43 +855,44 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
     if not isinstance(cfg, UnlearnConfig):
         raise TypeError(f"config must be a stakes.UnlearnConfig, got {type(cfg).__name__}")
     cfg.validate()
-    ctx = dist_.resolve(distributed)
-    start = time.perf_counter()
-    run = _Run(model, forget_set, method_def, anchors, cfg, eval_sets, proxies, callbacks, checkpoint_path,
-               retain_size, ctx)
-    run.check_launch()
-    state = None
-    if resume:
-        if not checkpoint_path:
-            raise ValueError("resume=True needs checkpoint_path")
-        # rank 0 reads, every rank gets the state
-        state = dist_.load_on_main(checkpoint_path, ctx, "checkpoint", required=False,
-                                   map_location="cpu" if ctx.enabled else run.device)
-        state = dist_.broadcast_object(state, ctx)
-    if state is not None:
-        run.load_checkpoint(state)
-    else:
-        if run.proxies is None:
-            run.proxies = run.make_proxies()
-        if run.projector is not None and cfg.warm_start:
-            run.projector.warm_start(generator=torch.Generator().manual_seed(cfg.seed + 17))
-        run.opt = run.build_optimizer()
-    stopped, loop_s = run.fit()
-    run.timings["loop_s"] = loop_s
-    run.timings["step_ms"] = 1000.0 * loop_s / max(run.step, 1)
-    run.check_finite("end of run")
-    last = run.history[-1]
-    metrics = {k: v for k, v in last.items() if k.endswith("_accuracy") or k == "structure_drift"}
-    deployed = run.deployed.eval()
-    model_out, info = deployed, _deployed_info(run)
-    if getattr(run.work, "adapter", None) is not None and run.projector is None:
-        model_out = run.work.adapter.rebuild(run.features, run.head).eval()
-    result = UnlearnResult(
-        method=run.method, model=model_out, metrics=metrics, history=run.history, config=cfg.to_dict(),
-        proxies=run.proxies.summary(), steps=run.step, epochs=run.epoch, stopped=stopped,
-        wall_time_s=time.perf_counter() - start, timings=run.timings, deployed=deployed, model_info=info,
-        distributed=ctx.record(),
-    )
-    if not keep_checkpoint:
-        run.remove_checkpoint()  # the run finished: the resumable state is no longer needed
-    return result
+    with deterministic_algorithms(cfg.deterministic):
+        ctx = dist_.resolve(distributed)
+        start = time.perf_counter()
+        run = _Run(model, forget_set, method_def, anchors, cfg, eval_sets, proxies, callbacks, checkpoint_path,
+                   retain_size, ctx)
+        run.check_launch()
+        state = None
+        if resume:
+            if not checkpoint_path:
+                raise ValueError("resume=True needs checkpoint_path")
+            # rank 0 reads, every rank gets the state
+            state = dist_.load_on_main(checkpoint_path, ctx, "checkpoint", required=False,
+                                       map_location="cpu" if ctx.enabled else run.device)
+            state = dist_.broadcast_object(state, ctx)
+        if state is not None:
+            run.load_checkpoint(state)
+        else:
+            if run.proxies is None:
+                run.proxies = run.make_proxies()
+            if run.projector is not None and cfg.warm_start:
+                run.projector.warm_start(generator=torch.Generator().manual_seed(cfg.seed + 17))
+            run.opt = run.build_optimizer()
+        stopped, loop_s = run.fit()
+        run.timings["loop_s"] = loop_s
+        run.timings["step_ms"] = 1000.0 * loop_s / max(run.step, 1)
+        run.check_finite("end of run")
+        last = run.history[-1]
+        metrics = {k: v for k, v in last.items() if k.endswith("_accuracy") or k == "structure_drift"}
+        deployed = run.deployed.eval()
+        model_out, info = deployed, _deployed_info(run)
+        if getattr(run.work, "adapter", None) is not None and run.projector is None:
+            model_out = run.work.adapter.rebuild(run.features, run.head).eval()
+        result = UnlearnResult(
+            method=run.method, model=model_out, metrics=metrics, history=run.history, config=cfg.to_dict(),
+            proxies=run.proxies.summary(), steps=run.step, epochs=run.epoch, stopped=stopped,
+            wall_time_s=time.perf_counter() - start, timings=run.timings, deployed=deployed, model_info=info,
+            distributed=ctx.record(),
+        )
+        if not keep_checkpoint:
+            run.remove_checkpoint()  # the run finished: the resumable state is no longer needed
+        return result

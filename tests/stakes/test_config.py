@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from stakes.config import UnlearnConfig, preset
 
@@ -50,3 +51,26 @@ def test_unknown_names():
         preset("stable").replace(learning_rate=0.1)
     with pytest.raises(ValueError, match="bad config override"):
         preset("stable", learning_rate=0.1)
+
+
+def test_deterministic_runs_switch_on_deterministic_algorithms(digits_model, forget_set, fast_config):
+    """config.deterministic: deterministic cuDNN and torch algorithms during the run, restored after."""
+    import stakes
+
+    seen = []
+
+    def record(entry):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                     torch.backends.cudnn.benchmark))
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    result = stakes.unlearn(digits_model, forget_set, method="adv", config=fast_config(deterministic=True),
+                            callbacks=[record])
+    assert seen and all(s == (True, True, False) for s in seen)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
+    assert result.config["deterministic"] is True
+    seen.clear()
+    stakes.unlearn(digits_model, forget_set, method="adv", config=fast_config(), callbacks=[record])
+    assert seen and all(s[0] is before[0] for s in seen)
+    with pytest.raises(ValueError, match="config.deterministic must be True or False"):
+        fast_config(deterministic="yes")
