@@ -23,7 +23,9 @@
 #   wave 3  stakes_cuda      the main job with --device cuda, checked against stakes_cpu
 #                            (python -m benchmarks.stakes_check main: forget 0 %, accuracy bands)
 #           stakes_compare   stakes compare, 2 methods x 2 seeds, on the card
-#           stakes_torchrun  torchrun --nproc-per-node=1 (NCCL) of the main job on the card
+#           stakes_torchrun  torchrun --nproc-per-node=1: an NCCL smoke test (collectives, DDP with
+#                            SyncBatchNorm), then the main job on the card (at world size 1 stakes
+#                            forms no process group: its own NCCL paths need two GPUs)
 #           ops_compile      opcheck + torch.compile (aot_eager, inductor) of every op at D = 512
 #                            with the real kernels (tests/fused/traced_registration.py --real-kernels)
 #   wave 4  whole_run        SLOT for `python -m benchmarks whole-run` (another issue adds it); its
@@ -50,6 +52,9 @@
 # is enforced at 1/100 (at least 1 s). GPU_CHECK_FAIL=step,... makes those steps fail and
 # GPU_CHECK_HANG=step,... makes them hang until their limit: the tests use both
 # (tests/benchmarks/test_gpu_check.py).
+#
+# GPU_CHECK_ONLY=step,...: run only these steps (the others are reported as not selected), e.g. to
+# rerun a failed step on the card: GPU_CHECK_ONLY=stakes_cpu,stakes_cuda bash benchmarks/gpu_check.sh
 set -uo pipefail   # no -e: a failing step must not stop the others
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -214,10 +219,14 @@ step_stakes_compare() {
     x python -m benchmarks.stakes_check compare "$PACK/stakes/compare" --methods structguard,neggrad --seeds 0,1
 }
 
-step_stakes_torchrun() {
-    x python -m torch.distributed.run --standalone --nproc-per-node=1 -m stakes unlearn $STAKES_MAIN $ANCHOR_ARGS \
+step_stakes_torchrun() {   # NCCL itself at world size 1, then stakes under torchrun (see stakes_check.py)
+    local rc=0
+    x python -m torch.distributed.run --standalone --nproc-per-node=1 -m benchmarks.stakes_check nccl || rc=1
+    { x python -m torch.distributed.run --standalone --nproc-per-node=1 -m stakes unlearn $STAKES_MAIN $ANCHOR_ARGS \
         --device cuda --out "$PACK/stakes/torchrun.json" &&
-    x python -m benchmarks.stakes_check torchrun "$PACK/stakes/torchrun.json" --reference "$PACK/stakes/cpu.json"
+      x python -m benchmarks.stakes_check torchrun "$PACK/stakes/torchrun.json" --reference "$PACK/stakes/cpu.json"
+    } || rc=1
+    return $rc
 }
 
 step_ops_compile() {
@@ -288,7 +297,8 @@ start_step() {  # start_step NAME LIMIT: run step_NAME in the background under i
 detail() {  # one line about a finished step, from its log
     local log=$LOGS/$1.log line
     line=$(grep -E '^VERDICT:' "$log" 2>/dev/null | tail -n 1 | sed 's/^VERDICT: //')
-    [ -z "$line" ] && line=$(grep -E '^=+ .*(passed|failed|error|no tests ran).* in [0-9.]+s' "$log" 2>/dev/null \
+    [ -z "$line" ] && line=$(grep -E '^preflight: [0-9]+ cases' "$log" 2>/dev/null | tail -n 1)
+    [ -z "$line" ] && line=$(grep -E '^=+ .* in [0-9.]+s( \([0-9:]+\))? =+$' "$log" 2>/dev/null \
         | tail -n 1 | sed -E 's/^=+ //; s/ =+$//')
     [ -z "$line" ] && line=$(grep -E '^benchmarks: [0-9]+ rows' "$log" 2>/dev/null | tail -n 1)
     if [ -z "$line" ] && grep -qE ' (PASSED|FAILED|ERROR)( |$)' "$log" 2>/dev/null; then   # pytest cut short
@@ -361,6 +371,14 @@ pack() {  # summary.txt, gpu_check.tar.gz and the benchmark table into DEST (ato
 }
 
 echo "gpu_check: $CARD_NAME; results -> $DEST$([ "$DRY" = 1 ] && echo " (DRY RUN)")"
+if [ -n "${GPU_CHECK_ONLY:-}" ]; then
+    for s in ${GPU_CHECK_ONLY//,/ }; do
+        if ! declare -F "step_$s" > /dev/null; then
+            echo "gpu_check.sh: GPU_CHECK_ONLY names an unknown step '$s'" >&2
+            exit 2
+        fi
+    done
+fi
 if [ "$BENCH_FLOOR_S" -lt "$MIN_BENCH_S" ]; then
     echo "gpu_check.sh: the plan leaves the benchmarks $BENCH_FLOOR_S s (< $MIN_BENCH_S s) in the worst case;" \
          "shorten the limits" >&2
@@ -371,6 +389,11 @@ for w in $WAVES; do
         set -- $e
         [ "$1" = "$w" ] || continue
         name=$2; limit=$3
+        if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ ",$GPU_CHECK_ONLY," != *",$name,"* ]]; then
+            echo "$limit" > "$STATUS/$name.limit"
+            echo "not selected (GPU_CHECK_ONLY=$GPU_CHECK_ONLY)" > "$STATUS/$name.skip"
+            continue
+        fi
         if [ "$name" = whole_run ] && [ "$WHOLE_RUN_READY" != 1 ]; then
             echo "$limit" > "$STATUS/$name.limit"
             echo "slot for \`python -m benchmarks whole-run\` (not written yet); its $limit s went to the benchmarks" \

@@ -22,9 +22,18 @@
     result outside them is a defect, not a different draw.
 
 ``python -m benchmarks.stakes_check torchrun RESULT.json [--reference OTHER.json]``
-    ``torchrun --nproc-per-node=1 -m stakes unlearn --device cuda``: the result must record the NCCL
-    backend and world size 1, forget 0 %, and (given another run of the same job, gpu_check passes
-    the CPU one) a test accuracy within the band of it.
+    ``torchrun --nproc-per-node=1 -m stakes unlearn --device cuda``: the result must say world size 1,
+    a CUDA device, forget 0 %, and (given another run of the same job, gpu_check passes the CPU one)
+    a test accuracy within the band of it. Its backend must be NCCL or none: stakes forms a process
+    group only for world sizes above 1 (``DistContext.enabled``), so on a one-GPU machine this run
+    takes the single-process path and records no backend; stakes' NCCL paths (DDP, SyncBatchNorm, the
+    collectives) need two GPUs. A CUDA run that records gloo is wrong.
+
+``torchrun --nproc-per-node=1 -m benchmarks.stakes_check nccl [--backend gloo --device cpu]``
+    What one GPU can say about NCCL: a process group on the card, all_reduce, broadcast and
+    all_gather of CUDA tensors with known results, and a DistributedDataParallel step of a model
+    with SyncBatchNorm, at world size 1 (``--backend gloo --device cpu``: the same on a CPU, for the
+    tests; SyncBatchNorm is CUDA-only and left out there).
 
 ``python -m benchmarks.stakes_check compare DIR --methods A,B --seeds 0,1``
     ``stakes compare`` on the card: every (method, seed) run present with status ``ok`` (compare
@@ -108,8 +117,9 @@ def check_torchrun(result: Dict[str, object], reference: Optional[Dict[str, obje
                    band: float = BAND) -> List[str]:
     problems = []
     dist = result.get("distributed") or {}
-    if dist.get("backend") != "nccl":
-        problems.append(f"process-group backend {dist.get('backend')!r}, expected 'nccl'")
+    if dist.get("backend") not in (None, "nccl"):
+        problems.append(f"process-group backend {dist.get('backend')!r} on cuda, expected 'nccl' (or none at "
+                        f"world size 1)")
     if dist.get("world_size") != 1:
         problems.append(f"world size {dist.get('world_size')!r}, expected 1")
     if not _device(result).startswith("cuda"):
@@ -146,6 +156,53 @@ def check_compare(report: Dict[str, object], methods: List[str], seeds: List[int
     return problems
 
 
+def nccl_smoke(backend: str = "nccl", device: str = "cuda") -> tuple:
+    """Collectives and a DDP step at this torchrun job's world size; returns ``(what, problems)``."""
+    import torch
+    import torch.distributed as tdist
+    import torch.nn as nn
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device, local) if device == "cuda" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    tdist.init_process_group(backend, **({"device_id": dev} if dev.type == "cuda" else {}))
+    problems: List[str] = []
+    try:
+        rank, world = tdist.get_rank(), tdist.get_world_size()
+        t = torch.arange(4, device=dev, dtype=torch.float32) + rank
+        tdist.all_reduce(t)
+        want = torch.arange(4, dtype=torch.float32) * world + sum(range(world))
+        if not torch.equal(t.cpu(), want):
+            problems.append(f"all_reduce gave {t.tolist()}, expected {want.tolist()}")
+        b = torch.full((3,), 7.0 if rank == 0 else -1.0, device=dev)
+        tdist.broadcast(b, 0)
+        if b.tolist() != [7.0] * 3:
+            problems.append(f"broadcast gave {b.tolist()}")
+        parts = [torch.empty(2, device=dev) for _ in range(world)]
+        tdist.all_gather(parts, torch.full((2,), float(rank), device=dev))
+        if [p.tolist() for p in parts] != [[float(r)] * 2 for r in range(world)]:
+            problems.append(f"all_gather gave {[p.tolist() for p in parts]}")
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+        if dev.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(dev)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local] if dev.type == "cuda" else None)
+        loss = ddp(torch.rand(8, 1, 8, 8, device=dev)).square().mean()
+        loss.backward()
+        grads = [p.grad for p in ddp.parameters()]
+        if any(g is None or not bool(torch.isfinite(g).all()) for g in grads):
+            problems.append("the DDP step left a missing or non-finite gradient")
+        tdist.barrier()
+        version = ".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl" else torch.__version__
+        what = (f"{backend} {version} at world size {world} on {dev}: all_reduce, broadcast, all_gather, "
+                f"DDP step{' with SyncBatchNorm' if dev.type == 'cuda' else ''}")
+    finally:
+        tdist.destroy_process_group()
+    return what, problems
+
+
 def _finish(what: str, problems: List[str]) -> int:
     for p in problems:
         print(f"  problem: {p}")
@@ -169,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--reference", default=None,
                    help="another run of the same job (cpu or cuda): the test accuracy must be within the band of it")
     p.add_argument("--band", type=float, default=BAND)
+    p = sub.add_parser("nccl", help="collectives and a DDP step, under torchrun")
+    p.add_argument("--backend", default="nccl")
+    p.add_argument("--device", default="cuda")
     p = sub.add_parser("compare", help="stakes compare on cuda")
     p.add_argument("dir")
     p.add_argument("--methods", required=True)
@@ -182,6 +242,9 @@ def main(argv=None) -> int:
         return _finish(f"main job cpu vs cuda: test cuda {_pct(cuda.get('test_accuracy')).strip()} vs cpu "
                        f"{_pct(cpu.get('test_accuracy')).strip()} (band {args.band:g} points, floor {args.floor:g} %)",
                        check_main(cpu, cuda, args.band, args.floor))
+    if args.command == "nccl":
+        what, problems = nccl_smoke(args.backend, args.device)
+        return _finish(what, problems)
     if args.command == "torchrun":
         result = _load(args.result)
         reference = _load(args.reference) if args.reference and os.path.exists(args.reference) else None

@@ -29,7 +29,7 @@ NINE_MINUTES = 540
 
 def _dry_run(tmp_path, **env):
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir(parents=True)
     full = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
     full.update({"OUT": str(out), "GPU_CHECK_DRY_RUN": "1", **env})
     proc = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=full, capture_output=True, text=True, timeout=120)
@@ -119,6 +119,7 @@ def test_the_archive_holds_every_log_and_the_commands_that_would_run(failing_run
     assert "benchmarks.stakes_check main" not in cuda  # the check after a failed run is not reached
     assert "--device cpu" in logs["./logs/stakes_cpu.log"]
     torchrun = logs["./logs/stakes_torchrun.log"]
+    assert "torch.distributed.run --standalone --nproc-per-node=1 -m benchmarks.stakes_check nccl" in torchrun
     assert "torch.distributed.run --standalone --nproc-per-node=1 -m stakes unlearn" in torchrun
     assert "stakes_check torchrun" in torchrun
     assert "--methods structguard,neggrad --k 8 --seeds 0,1 --device cuda" in logs["./logs/stakes_compare.log"]
@@ -137,6 +138,18 @@ def test_a_clean_dry_run_exits_zero(tmp_path):
     text, order, steps = _summary(out)
     assert order == STEPS and "verdict: ok: no step failed" in text
     assert all(s["mark"] == "ok" for n, s in steps.items() if n != "whole_run")
+
+
+def test_only_the_selected_steps_run(tmp_path):
+    proc, out = _dry_run(tmp_path, GPU_CHECK_ONLY="stakes_cpu,stakes_cuda", GPU_CHECK_FAIL="stakes_cuda")
+    assert proc.returncode == 1
+    text, order, steps = _summary(out)
+    assert order == STEPS
+    assert [n for n, s in steps.items() if s["mark"] != "skipped"] == ["stakes_cpu", "stakes_cuda"]
+    assert steps["preflight"]["rest"] == "not selected (GPU_CHECK_ONLY=stakes_cpu,stakes_cuda)"
+    assert "verdict: FAILED: 1 step(s): stakes_cuda" in text
+    proc, _ = _dry_run(tmp_path / "again", GPU_CHECK_ONLY="stakes_gpu")
+    assert proc.returncode == 2 and "unknown step 'stakes_gpu'" in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA path")
@@ -242,9 +255,20 @@ def test_main_check_fails(cuda, problem):
 
 def test_torchrun_check():
     assert stakes_check.check_torchrun(_result("cuda:0", backend="nccl"), _result()) == []
+    assert stakes_check.check_torchrun(_result("cuda"), _result()) == []  # world size 1: stakes forms no group
     problems = stakes_check.check_torchrun(_result("cuda:0", backend="gloo", test=95.0), _result())
-    assert problems == ["process-group backend 'gloo', expected 'nccl'",
+    assert problems == ["process-group backend 'gloo' on cuda, expected 'nccl' (or none at world size 1)",
                         "test accuracy 95.00 % vs 60.00 % in the reference run (cpu): 35.00 points apart, band 30"]
+
+
+def test_nccl_smoke_under_torchrun_with_gloo():
+    """The smoke test's own logic (known collective results, a DDP step), with gloo on the CPU."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                           "-m", "benchmarks.stakes_check", "nccl", "--backend", "gloo", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "VERDICT: ok gloo " in proc.stdout and "at world size 1 on cpu: all_reduce, broadcast, all_gather, " \
+        "DDP step" in proc.stdout
 
 
 def test_compare_check_catches_failed_runs(tmp_path, capsys):
