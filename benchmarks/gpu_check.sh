@@ -14,7 +14,9 @@
 #   wave 1  environment      versions, the card, nvidia-smi, which optional packages are missing
 #   wave 2  preflight        python -m fused preflight on the live card and its arch (a small grid)
 #           tests_bf16       pytest tests/fused/test_bf16_cuda.py (the GPU-only bf16 numerics)
-#           tests_fused      pytest on the other kernel test files, no -x (the preflight's and the
+#           tests_fused      pytest on the other kernel test files, no -x, in two processes (more
+#           tests_fused_2    cores compiling kernels): tests_fused_2 the update, importance, optim
+#                            and nn files, tests_fused every other one (the preflight's and the
 #                            traced-registration CPU tests are left to CI: their card versions are
 #                            the preflight and ops_compile steps)
 #           validate         python -m fused validate (every op vs float64)
@@ -79,6 +81,7 @@ PLAN=(
     "2 preflight 60"
     "2 tests_bf16 150"
     "2 tests_fused 170"
+    "2 tests_fused_2 170"
     "2 validate 75"
     "2 stakes_cpu 120"
     "3 stakes_cuda 80"
@@ -198,10 +201,17 @@ step_tests_bf16() {
     x python -m pytest tests/fused/test_bf16_cuda.py $PYTEST_ARGS --junitxml="$PACK/tests_bf16.xml"
 }
 
-step_tests_fused() {
+TESTS_FUSED_2="tests/fused/test_update.py tests/fused/test_importance.py tests/fused/test_optim.py tests/fused/test_nn.py"
+export TESTS_FUSED_2
+
+step_tests_fused() {   # every kernel test file but the bf16 one, tests_fused_2's and the CPU-side ones
     x python -m pytest tests/fused $PYTEST_ARGS --junitxml="$PACK/tests_fused.xml" \
-        --ignore=tests/fused/test_bf16_cuda.py --ignore=tests/fused/test_preflight.py \
-        --ignore=tests/fused/test_traced_registration.py
+        --ignore=tests/fused/test_bf16_cuda.py --ignore-glob='tests/fused/test_preflight*' \
+        --ignore=tests/fused/test_traced_registration.py $(printf -- '--ignore=%s ' $TESTS_FUSED_2)
+}
+
+step_tests_fused_2() {
+    x python -m pytest $TESTS_FUSED_2 $PYTEST_ARGS --junitxml="$PACK/tests_fused_2.xml"
 }
 
 step_validate() {
@@ -250,7 +260,7 @@ step_plots() {
     x python -m benchmarks plot --in "$PACK/bench"
 }
 
-export -f x step_environment step_preflight step_tests_bf16 step_tests_fused step_validate step_stakes_cpu \
+export -f x step_environment step_preflight step_tests_bf16 step_tests_fused step_tests_fused_2 step_validate step_stakes_cpu \
     step_stakes_cuda step_stakes_compare step_stakes_torchrun step_ops_compile step_whole_run step_benchmarks \
     step_plots
 

@@ -19,7 +19,8 @@ from benchmarks import stakes_check
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 ANCHORS = "benchmarks/inputs/digits_minilm_anchors.pt"
-STEPS = [(1, "environment"), (2, "preflight"), (2, "tests_bf16"), (2, "tests_fused"), (2, "validate"),
+STEPS = [(1, "environment"), (2, "preflight"), (2, "tests_bf16"), (2, "tests_fused"), (2, "tests_fused_2"),
+         (2, "validate"),
          (2, "stakes_cpu"), (3, "stakes_cuda"), (3, "stakes_compare"), (3, "stakes_torchrun"), (3, "ops_compile"),
          (4, "whole_run"), (5, "benchmarks"), (6, "plots")]
 LINE = re.compile(r"^wave (\d+)\s+\[(\w+)\]\s+(\w+)\s+(\S+) /\s*(\d+) s\s+(.*)$")
@@ -124,10 +125,14 @@ def test_the_archive_holds_every_log_and_the_commands_that_would_run(failing_run
     assert "stakes_check torchrun" in torchrun
     assert "--methods structguard,neggrad --k 8 --seeds 0,1 --device cuda" in logs["./logs/stakes_compare.log"]
     assert "traced_registration.py --device cuda --real-kernels" in logs["./logs/ops_compile.log"]
-    bf16, other = logs["./logs/tests_bf16.log"], logs["./logs/tests_fused.log"]
+    bf16, other, other_2 = (logs[f"./logs/{n}.log"] for n in ("tests_bf16", "tests_fused", "tests_fused_2"))
     assert "pytest tests/fused/test_bf16_cuda.py" in bf16
-    assert "--ignore=tests/fused/test_bf16_cuda.py" in other
-    assert " -x" not in bf16 + other
+    second = ["tests/fused/test_update.py", "tests/fused/test_importance.py", "tests/fused/test_optim.py",
+              "tests/fused/test_nn.py"]
+    assert f"pytest {' '.join(second)} " in other_2
+    assert "pytest tests/fused " in other and "--ignore=tests/fused/test_bf16_cuda.py" in other
+    assert all(f"--ignore={f}" in other for f in second)  # no test file runs twice
+    assert " -x" not in bf16 + other + other_2
     deadline = re.search(r"benchmarks run --out \S+ --deadline-minutes ([0-9.]+)", logs["./logs/benchmarks.log"])
     assert deadline and 0 < float(deadline.group(1)) * 60 < 525
 
