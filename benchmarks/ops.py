@@ -29,8 +29,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 from benchmarks import roofline
+from fused._ops import OP_NAMES
 
-OPS = ("similarity", "alignment", "importance", "update", "pgd")
+OPS = OP_NAMES  # every op of the library, from its registry (fused._ops)
 REGIMES = ("paper", "large")
 PROVIDERS = ("eager", "compile", "fused", "loop", "foreach+sgd_fused", "foreach")
 

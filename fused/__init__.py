@@ -20,16 +20,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from fused._ops import REGISTRY  # the op registry: imports no torch and no op module
+
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "anchor_similarity": "fused.similarity",
-    "structure_alignment_loss": "fused.alignment",
-    "accumulate_importance": "fused.importance",
-    "masked_regularized_sgd_step": "fused.update",
-    "l2_pgd_step": "fused.pgd",
-    "resolve_backend": "fused._dispatch",
-}
+
+# Each op's public function from its module (the registry), and the backend choice.
+_EXPORTS = {**{op.function: op.module for op in REGISTRY}, "resolve_backend": "fused._dispatch"}
 
 __all__ = sorted([*_EXPORTS, "optim", "nn"])
 

@@ -28,8 +28,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
 
         if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-            if any(m in sys.modules for m in ("fused.similarity", "fused.alignment", "fused.importance",
-                                              "fused.update", "fused.pgd")):
+            from fused._ops import REGISTRY
+
+            if any(op.module in sys.modules for op in REGISTRY):
                 note = "note: kernel modules were imported before TRITON_INTERPRET could be set"
             else:
                 os.environ["TRITON_INTERPRET"] = "1"

@@ -2,19 +2,19 @@
 compiles for other cards.
 
 Each op builds its launches with one *plan* function (``plan_*`` in its module) from its tensors and
-the target arch; the launcher runs them (:meth:`Launch.run`), the preflight compiles the very same
-launches for any arch with no GPU (:meth:`Launch.compile`, on ``meta`` tensors). So the
-configuration a card gets and the configuration the preflight checks cannot drift apart.
+the target card (:class:`fused._targets.Target`); the launcher runs them (:meth:`Launch.run`), the
+preflight compiles the very same launches for any target with no GPU (:meth:`Launch.compile`, on
+``meta`` tensors). So the configuration a card gets and the configuration the preflight checks
+cannot drift apart.
 
-Interface every op module keeps (the preflight relies on it):
+Interface every op module keeps (the preflight, ``fused validate`` and the benchmarks read it
+through the op registry, :mod:`fused._ops`):
 
 * ``plan_<op>(..., arch) -> list[Launch]``: the launches for these (real or meta) tensors on
-  ``arch``; the op's launcher calls it with its real tensors and :func:`device_arch`.
-* ``preflight_launches(spec: dict, arch: int) -> list[Launch]``: builds meta tensors from a shape
-  spec (keys per op, see each module) and returns ``plan_<op>(...)`` for them.
-
-Arch numbers are ``10·major + minor`` of the CUDA compute capability (80 A100, 86/89 RTX 30xx/40xx,
-A10, L4, L40S, 90 H100/H200, 100 B200).
+  ``arch`` (a Target, or anything :func:`fused._targets.target_of` takes); the op's launcher calls
+  it with its real tensors and :func:`device_target`.
+* ``OP``: its :class:`fused._ops.OpDeclaration` (spec keys, default preflight cases, the launches
+  for a spec on meta tensors, validation cases).
 """
 
 from __future__ import annotations
@@ -26,24 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from fused._dispatch import is_traced
-
-# Per-block shared-memory opt-in limit (bytes) the driver checks at load time, by arch.
-SHARED_LIMIT = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448, 100: 232_448,
-                103: 232_448, 120: 101_376}
-DEFAULT_ARCH = 90  # the configuration used under the CPU interpreter (numerics do not depend on it)
-
-
-def shared_limit(arch: int) -> int:
-    """The per-block shared-memory limit of ``arch`` (the smallest known one for unknown archs)."""
-    return SHARED_LIMIT.get(arch, min(SHARED_LIMIT.values()))
-
-
-def device_arch(device: torch.device) -> int:
-    """The arch a launch on ``device`` compiles for: the card's own, or DEFAULT_ARCH on the CPU."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return DEFAULT_ARCH
+from fused._targets import Target, device_target, target_of  # noqa: F401 - re-exported for the ops
 
 
 def device_guard(device: Optional[torch.device]):
@@ -52,6 +35,37 @@ def device_guard(device: Optional[torch.device]):
     if device is not None and device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def register_options(target: Target) -> Dict[str, Any]:
+    """Compile options of a launch on ``target``: on NVIDIA ``maxnreg=255`` (PTX ``.maxnreg``, the
+    hardware's cap), which lifts the lower register target ptxas otherwise picks for some kernels
+    and then spills under (seen on sm_100 and sm_120: 32-128 registers and 8-16 bytes of stack;
+    with it the registers the kernel needs and none). AMD takes no such option."""
+    return {} if target.is_amd else {"maxnreg": 255}
+
+
+def aligned16(t: torch.Tensor) -> bool:
+    """``t``'s first element is 16-byte aligned. A traced tensor has no address: its offset into a
+    storage is judged instead (allocators align storages to at least 64 bytes)."""
+    if is_traced(t):
+        return (t.storage_offset() * t.element_size()) % 16 == 0
+    return t.data_ptr() % 16 == 0
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A tensor a streaming kernel moves element by element: its ``dtype``, whether the kernel reads
+    it and whether it writes it (an operand may be both: ψ of the masked update)."""
+
+    name: str
+    dtype: torch.dtype
+    read: bool = True
+    written: bool = False
+
+    @property
+    def bytes(self) -> int:
+        return self.dtype.itemsize
 
 
 @dataclass
@@ -70,13 +84,21 @@ class Launch:
     num_warps: int
     num_stages: int = 1
     config: Dict[str, Any] = field(default_factory=dict)
-    # "mma": a matrix kernel (the preflight expects wgmma on sm_90 for 16-bit operands);
-    # "bandwidth": a streaming kernel (the preflight expects 128-bit global loads and stores).
+    # "mma": a matrix kernel (the preflight expects tensor-core / MFMA instructions; wgmma on sm_90
+    # for 16-bit operands); "bandwidth": a streaming kernel (128-bit accesses where ``aligned``).
     kind: str = "other"
-    # Other Triton compile options of the launch (e.g. ``maxnreg``).
+    # Other Triton compile options of the launch (e.g. ``maxnreg`` on NVIDIA).
     options: Dict[str, Any] = field(default_factory=dict)
     # Positions in ``args`` of the tensors the kernel writes (its outputs).
     writes: Tuple[int, ...] = ()
+    # A matrix kernel: the dtype of its tl.dot operands (fp32 products run in Target.fp32_dot).
+    dot: Optional[torch.dtype] = None
+    # A streaming kernel: the operands it moves per element, the elements a program moves in one
+    # full tile, and whether those tiles are provably 16-byte aligned (then every thread must
+    # move each operand in 16-byte vectors: see fused.preflight.gates).
+    operands: Tuple[Operand, ...] = ()
+    tile: int = 0
+    aligned: bool = False
 
     @property
     def device(self) -> Optional[torch.device]:
@@ -104,9 +126,15 @@ class Launch:
                                   num_warps=self.num_warps, num_stages=self.num_stages, **self.options)
 
     def describe(self) -> str:
-        parts = [f"{k}={v}" for k, v in {**self.config, **self.options}.items()]
+        parts = [f"{o.name}={dtype_name(o.dtype)}" for o in self.operands]
+        parts += [f"{k}={v}" for k, v in {**self.config, **self.options}.items()]
         parts += [f"warps={self.num_warps}", f"stages={self.num_stages}"]
         return " ".join(parts)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).replace("torch.", "")
 
 
 def spec_dtype(value) -> torch.dtype:

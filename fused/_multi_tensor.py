@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from fused._dispatch import HAS_TRITON, compute_dtype
+from fused._targets import target_of
 
 # Elements per program. 2048 elements over 8 warps = 8 elements a thread and operand (two 16-byte
 # vectors in fp32, one in fp16/bf16): enough bytes in flight per SM for bandwidth, and the
@@ -43,33 +44,36 @@ from fused._dispatch import HAS_TRITON, compute_dtype
 # Groups with a byte operand run 2048 elements over 4 warps: 16 a thread, one 16-byte vector of
 # the byte operand (four of an fp32 one). See tile_config.
 BLOCK = 2048
-NUM_WARPS = 8
+THREADS = 256  # a program (8 elements a thread)
 VECTOR_BYTES = 16  # one 128-bit global access
 
 
-def tile_config(element_sizes: Sequence[int], arch: int) -> Tuple[int, int, int, Dict[str, int]]:
+def tile_config(element_sizes: Sequence[int], arch) -> Tuple[int, int, int, Dict[str, int]]:
     """(BLOCK, TAIL, num_warps, options) of a multi-tensor launch whose operands have these element
-    sizes. TAIL is the masked sub-tile of a tensor's last chunk (4 elements a thread); ``options``
-    are Triton compile options (:attr:`fused._launch.Launch.options`).
+    sizes on ``arch``. TAIL is the masked sub-tile of a tensor's last chunk (4 elements a thread);
+    ``options`` are Triton compile options (:attr:`fused._launch.Launch.options`).
 
     Every thread must hold at least one whole 16-byte vector of every operand: 16 // size
-    consecutive elements of the narrowest. Same on every supported arch (80 ... 100): the kernels
-    are bandwidth-bound and the tile fits the registers of all of them (checked by the preflight).
+    consecutive elements of the narrowest. The same 256 threads a program on every target (8 warps
+    of 32 lanes, 4 AMD waves of 64): the kernels are bandwidth-bound and the tile fits the registers
+    of all of them (checked by the preflight).
 
     * A group with a byte operand (bool / uint8) thus runs 16 elements a thread. Its fp32/16-bit
       results are stored 16 bytes a thread, in another layout than the loads (one layout change
       through 2-8 KB of shared memory), and ptxas's own register target then sometimes spills a
       few bytes (seen on sm_90: 96 registers, 8 bytes of stack). ``maxnreg=255`` (PTX
-      ``.maxnreg``) lifts that target: ~100-125 registers, no spills on sm_80 ... sm_100.
+      ``.maxnreg``, NVIDIA only) lifts that target: ~100-125 registers, no spills on sm_80 ... sm_120.
     * A group with an fp64 operand keeps 8 elements a thread (16 fp64 values of five operands
       would take ~230 registers a thread); its byte operands then load 8 bytes at a time.
     """
+    target = target_of(arch)
     per_thread = max(8, max(VECTOR_BYTES // s for s in element_sizes))
     if max(element_sizes) >= 8:
         per_thread = 8
-    num_warps = NUM_WARPS if per_thread <= 8 else max(1, NUM_WARPS * 8 // per_thread)
-    options = {"maxnreg": 255} if per_thread > 8 else {}
-    return per_thread * 32 * num_warps, 4 * 32 * num_warps, num_warps, options
+    threads = THREADS * 8 // per_thread
+    num_warps = max(1, threads // target.warp_size)
+    options = {"maxnreg": 255} if per_thread > 8 and not target.is_amd else {}
+    return per_thread * target.warp_size * num_warps, 4 * target.warp_size * num_warps, num_warps, options
 
 
 if HAS_TRITON:
@@ -326,3 +330,45 @@ class ScratchRows:
     def like(self, t: torch.Tensor) -> List[torch.Tensor]:
         """The rows of ``t``'s compute dtype, each viewed with ``t``'s shape (contiguous)."""
         return [row[: t.numel()].view(t.shape) for row in self._rows[compute_dtype(t.dtype)]]
+
+
+# ----------------------------------------------------------------------------- parameter lists
+
+
+def _resnet_shapes(blocks: Sequence[int], bottleneck: bool, classes: int = 1000) -> List[Tuple[int, ...]]:
+    """Parameter shapes of a torchvision ResNet (conv weights, BN weight and bias, fc)."""
+    shapes: List[Tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    c_in, expansion = 64, 4 if bottleneck else 1
+    for stage, n in enumerate(blocks):
+        width = 64 * 2**stage
+        for b in range(n):
+            c_out = width * expansion
+            if bottleneck:
+                convs = [(width, c_in, 1, 1), (width, width, 3, 3), (c_out, width, 1, 1)]
+            else:
+                convs = [(width, c_in, 3, 3), (width, width, 3, 3)]
+            for conv in convs:
+                shapes += [conv, (conv[0],), (conv[0],)]
+            if b == 0 and (stage > 0 or bottleneck):  # projection shortcut
+                shapes += [(c_out, c_in, 1, 1), (c_out,), (c_out,)]
+            c_in = c_out
+    return shapes + [(classes, c_in), (classes,)]
+
+
+def _vit_shapes(dim: int, depth: int, mlp: int, patch: int = 16, image: int = 224, classes: int = 1000):
+    """Parameter shapes of a timm / torchvision ViT (patch embedding, tokens, blocks, head)."""
+    tokens = (image // patch) ** 2 + 1
+    shapes: List[Tuple[int, ...]] = [(dim, 3, patch, patch), (dim,), (1, 1, dim), (1, tokens, dim)]
+    for _ in range(depth):
+        shapes += [(dim,), (dim,), (3 * dim, dim), (3 * dim,), (dim, dim), (dim,),
+                   (dim,), (dim,), (mlp, dim), (mlp,), (dim, mlp), (dim,)]
+    return shapes + [(dim,), (dim,), (classes, dim), (classes,)]
+
+
+# Model parameter lists by name: the multi-tensor ops' preflight specs (``params=resnet50``).
+PARAM_LISTS: Dict[str, List[Tuple[int, ...]]] = {
+    "resnet18": _resnet_shapes((2, 2, 2, 2), bottleneck=False),
+    "resnet50": _resnet_shapes((3, 4, 6, 3), bottleneck=True),
+    "vit_b16": _vit_shapes(768, 12, 3072),
+    "vit_s16": _vit_shapes(384, 12, 1536),
+}

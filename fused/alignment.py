@@ -68,7 +68,8 @@ from fused._dispatch import (
     resolve_backend,
     triton_library_op,
 )
-from fused._launch import Launch, device_arch
+from fused._launch import Launch, device_target, register_options, spec_dtype, target_of
+from fused._ops import KERNEL_DTYPES, OpDeclaration, SpecKey
 from fused._triton_common import (
     DOT_KIND_DTYPES,
     NORMALIZE_EPS,
@@ -78,6 +79,7 @@ from fused._triton_common import (
     dot_kind,
     next_pow2,
     normalize_backward,
+    structure_shapes,
 )
 
 COSINE_EPS = 1e-8  # F.cosine_similarity's default
@@ -242,13 +244,17 @@ if HAS_TRITON:
             tl.store(out_ptr + rows64[:, None] * stride_out + offs_d[None, :], dx.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & (offs_d < D)[None, :])
 
-    @triton.jit
+    # One compiled kernel per tile configuration: N and K are only loop bounds and masks along rows,
+    # never along the contiguous dim, so not specialising them (Triton would on N = 1, K = 1,
+    # multiples of 16) changes no access width; which gradients to write is a uniform runtime branch
+    # (need_dx, need_dxr: 0/1), not a constexpr that would compile four kernels. Nine times fewer
+    # kernels to compile (python -m fused preflight) and to warm up on a card.
+    @triton.jit(do_not_specialize=["N", "K", "need_dx", "need_dxr"])
     def _alignment_anchor_kernel(
         x_ptr, xr_ptr, a_ptr, loss_ptr, dx_ptr, dxr_ptr,
         N, K, D,
-        stride_xn, stride_xrn, stride_an, stride_dxn, stride_dxrn,
-        BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-        NEED_DX: tl.constexpr, NEED_DXR: tl.constexpr, DOT_KIND: tl.constexpr,
+        stride_xn, stride_xrn, stride_an, stride_dxn, stride_dxrn, need_dx, need_dxr,
+        BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT_KIND: tl.constexpr,
         NORM_EPS: tl.constexpr, COS_EPS: tl.constexpr,
     ):
         """Few anchors (K ≤ K_PAD): forward and backward in one launch, S and S_ref in registers.
@@ -291,32 +297,31 @@ if HAS_TRITON:
         loss, alpha, beta, beta_r, proj, proj_r = _row_coefficients(
             tl.sum(s * s, axis=1), tl.sum(r * r, axis=1), tl.sum(s * r, axis=1), nx, nr, NORM_EPS, COS_EPS)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
-        if NEED_DX:
+        if need_dx != 0:
             _anchor_gradient_pass(alpha[:, None] * r + beta[:, None] * s, proj, inv_x, x_ptr, stride_xn,
                                   dx_ptr, stride_dxn, a_ptr, ks64, k_ok, rows64, row_ok, D, stride_an,
                                   BLOCK_N, BLOCK_D, DOT_KIND)
-        if NEED_DXR:
+        if need_dxr != 0:
             _anchor_gradient_pass(alpha[:, None] * s + beta_r[:, None] * r, proj_r, inv_r, xr_ptr, stride_xrn,
                                   dxr_ptr, stride_dxrn, a_ptr, ks64, k_ok, rows64, row_ok, D, stride_an,
                                   BLOCK_N, BLOCK_D, DOT_KIND)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "J", "gram", "store_coef"])  # as _alignment_anchor_kernel
     def _alignment_scalars_kernel(
         x_ptr, xr_ptr, b_ptr, loss_ptr, coef_ptr,
         N, J, D,
-        stride_xn, stride_xrn, stride_bn,
-        GRAM: tl.constexpr, STORE_COEF: tl.constexpr,
+        stride_xn, stride_xrn, stride_bn, gram, store_coef,
         BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DOT_KIND: tl.constexpr,
         NORM_EPS: tl.constexpr, COS_EPS: tl.constexpr,
     ):
         """Many anchors: the loss and the per-row gradient coefficients, GEMM-tiled over D.
 
-        B is Â ([K, D], GRAM=False) or the Gram matrix M = ÂᵀÂ ([D, D], GRAM=True, used when
+        B is Â ([K, D], gram = 0) or the Gram matrix M = ÂᵀÂ ([D, D], gram = 1, used when
         K > D so the inner work is min(K, D)). For each tile of B's rows, T = X Bᵀ and T_ref are
         accumulated over D chunks; then ‖s‖², ‖s0‖², s·s0 (×‖x‖², ‖x‖‖x_ref‖, ‖x_ref‖²) are
         Σ T², Σ T_ref², Σ T·T_ref with Â, or Σ X⊙T, Σ X_ref⊙T_ref, Σ X⊙T_ref with M (M symmetric).
 
-        STORE_COEF: coef [N, 8] fp32 gets, for dx then for dx_ref, the coefficients of the gradient
+        store_coef = 1: coef [N, 8] fp32 gets, for dx then for dx_ref, the coefficients of the gradient
         GEMM (see _alignment_gram_grad_kernel): c_own, c_other (scaled by 1/σ), σ/‖·‖, proj/‖·‖².
         """
         pid = tl.program_id(0)
@@ -347,7 +352,7 @@ if HAS_TRITON:
                 b_t = tl.trans(dot_operand(b, DOT_KIND))
                 t_s = mma(dot_operand(xt, DOT_KIND), b_t, t_s, DOT_KIND)
                 t_r = mma(dot_operand(rt, DOT_KIND), b_t, t_r, DOT_KIND)
-            if GRAM:
+            if gram != 0:
                 xc = _row_tile(x_ptr, rows64, row_ok, stride_xn, j0, D, BLOCK_J).to(tl.float32)
                 rc = _row_tile(xr_ptr, rows64, row_ok, stride_xrn, j0, D, BLOCK_J).to(tl.float32)
                 ss += tl.sum(xc * t_s, axis=1)
@@ -365,7 +370,7 @@ if HAS_TRITON:
         loss, alpha, beta, beta_r, proj, proj_r = _row_coefficients(
             ss * inv_x * inv_x, rr * inv_r * inv_r, sr * inv_x * inv_r, nx, nr, NORM_EPS, COS_EPS)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
-        if STORE_COEF:
+        if store_coef != 0:
             # ∂ℓ/∂x̂ = M·(β·x̂ + α·x̂_ref): Z = σ·(c_own·x + c_other·x_ref), σ = max(|α|, |β|) keeps
             # Z's entries ≤ 2 (unit rows), so a 16-bit operand cannot overflow.
             sig = tl.maximum(tl.maximum(tl.abs(alpha), tl.abs(beta)), 1e-30)
@@ -380,7 +385,7 @@ if HAS_TRITON:
             tl.store(base + 6, sig_r * inv_r, mask=row_ok)
             tl.store(base + 7, proj_r * inv_r * inv_r, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N"])  # as _alignment_anchor_kernel
     def _alignment_gram_grad_kernel(
         own_ptr, other_ptr, m_ptr, coef_ptr, out_ptr,
         N, D,
@@ -423,14 +428,14 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------- configuration
 
 
-def _dot_config(x_dtype: torch.dtype, x_ref_dtype: torch.dtype):
-    """(torch dtype of Â and M, DOT_KIND: 0 fp32, 1 fp16, 2 bf16) — plain ints/dtypes, so inductor
-    can codegen the launch.
+def _dot_config(x_dtype: torch.dtype, x_ref_dtype: torch.dtype, arch) -> Tuple[torch.dtype, int]:
+    """(torch dtype of Â and M, DOT_KIND) on ``arch`` — plain ints/dtypes, so inductor can codegen
+    the launch.
 
     x and x_ref of one 16-bit dtype: tensor cores in that dtype (Â, M rounded to it, fp32
-    accumulate). Otherwise fp32 with "tf32x3" (see ``fused._triton_common.dot_kind``).
+    accumulate). Otherwise fp32, in the target's fp32 precision (``fused._triton_common.dot_kind``).
     """
-    kind = dot_kind(x_dtype, x_ref_dtype)
+    kind = dot_kind(x_dtype, x_ref_dtype, arch)
     return DOT_KIND_DTYPES[kind], kind
 
 
@@ -444,38 +449,54 @@ def alignment_path(K: int) -> str:
     return "anchors" if K <= ANCHOR_PATH_MAX_K else "gram"
 
 
-def _alignment_blocks(kind: int, K: int, arch: int) -> dict:
+def _alignment_blocks(kind: int, K: int, arch) -> dict:
     """Block sizes, warps and stages of the alignment kernels for operands of DOT_KIND ``kind`` on
-    ``arch`` (chosen with ``python -m fused preflight``: no spills, shared memory within every
-    card's limit, wgmma on sm_90).
+    ``arch`` (chosen with ``python -m fused preflight``: no spills, shared memory / LDS within
+    every card's limit, wgmma on sm_90, MFMA on AMD).
 
     Every tile dim is a power of two ≥ 16 (tl.dot on a GPU). 16-bit operands: 64 rows a program
-    (a wgmma M tile on sm_90), D chunks of 64. fp32 operands go through tf32x3 (three products
-    per tile, each operand split in two), which needs about twice the registers: D chunks of 16-32,
-    8 warps, and on sm_8x (mma.sync keeps the A operand in registers) 32 rows a program.
+    (a wgmma M tile on sm_90), D chunks of 64. fp32 operands go through tf32x3 on NVIDIA (three
+    products per tile, each operand split in two), which needs about twice the registers: D chunks
+    of 16-32, 8 warps, and where mma.sync keeps the A operand in registers (sm_8x, sm_120) 32 rows
+    a program.
     """
+    target = target_of(arch)
     k_pad = max(16, next_pow2(K))
-    if kind != 0:
-        # sm_8x: the largest anchor tile takes 32 rows (mma.sync has no 64-row constraint);
+    # sm_90 / sm_100 multiply 64-row tiles from shared memory (wgmma, tcgen05); sm_8x and sm_120
+    # (mma.sync) and AMD (MFMA) hold the A operand and the accumulators in registers.
+    warpgroup = not target.is_amd and 90 <= target.capability < 120
+    if kind in (1, 2):
+        # mma.sync: the largest anchor tile takes 32 rows (no 64-row constraint);
         # sm_90+: 3 stages for the Gram GEMM, sm_100 also 8 warps and 3 stages for the anchor kernel
         # (otherwise ptxas keeps a few stack slots there).
-        anchor_rows = 32 if (arch < 90 and k_pad > 64) else 64
-        return {
+        anchor_rows = 32 if (not warpgroup and k_pad > 64) else 64
+        sm100 = warpgroup and target.capability >= 100
+        cfg = {
             "anchors": dict(BLOCK_N=anchor_rows, K_PAD=k_pad, BLOCK_D=64,
-                            num_warps=8 if (k_pad > 64 or arch >= 100) else 4, num_stages=3 if arch >= 100 else 2),
+                            num_warps=8 if (k_pad > 64 or sm100) else 4, num_stages=3 if sm100 else 2),
             "scalars": dict(BLOCK_N=64, BLOCK_J=64, BLOCK_D=64, num_warps=4, num_stages=2),
-            "gram_grad": dict(BLOCK_N=64, BLOCK_E=64, BLOCK_D=64, num_warps=4, num_stages=3 if arch >= 90 else 2),
+            "gram_grad": dict(BLOCK_N=64, BLOCK_E=64, BLOCK_D=64, num_warps=4, num_stages=3 if warpgroup else 2),
         }
-    rows = 64 if arch >= 90 else 32
-    return {
-        "anchors": dict(BLOCK_N=rows, K_PAD=k_pad, BLOCK_D=16, num_warps=8, num_stages=2),
-        "scalars": dict(BLOCK_N=rows, BLOCK_J=64, BLOCK_D=32, num_warps=8, num_stages=2),
-        "gram_grad": dict(BLOCK_N=rows, BLOCK_E=64, BLOCK_D=32, num_warps=4, num_stages=2),
-    }
+    else:
+        rows = 64 if warpgroup else 32
+        cfg = {
+            "anchors": dict(BLOCK_N=rows, K_PAD=k_pad, BLOCK_D=16, num_warps=8, num_stages=2),
+            "scalars": dict(BLOCK_N=rows, BLOCK_J=64, BLOCK_D=32, num_warps=8, num_stages=2),
+            "gram_grad": dict(BLOCK_N=rows, BLOCK_E=64, BLOCK_D=32, num_warps=4, num_stages=2),
+        }
+    if target.is_amd:
+        cfg = {name: dict(c, num_warps=AMD_WAVES) for name, c in cfg.items()}
+    return cfg
+
+
+# AMD: every alignment kernel runs 4 waves of 64 lanes, one a SIMD of the CU. Fewer give a wave a
+# larger share of the tile than its 256 arch VGPRs hold (2 waves spilled 16-25 VGPRs at K ≤ 32 in
+# 16-bit); 8 would put two waves on each SIMD, which caps both at 256 VGPRs (8 spilled at K = 128).
+AMD_WAVES = 4
 
 
 def plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx: bool, need_dx_ref: bool,
-                             arch: int, path: Optional[str] = None) -> list:
+                             arch, path: Optional[str] = None) -> list:
     """The launches computing ``loss`` (and ``dx`` / ``dxr`` when asked) for these tensors on ``arch``.
 
     ``a_hat`` [K, D] and ``gram`` [D, D] (None on the anchor path) are in the tensor-core dtype;
@@ -484,20 +505,24 @@ def plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx
     N, D = x.shape
     K = a_hat.shape[0]
     path = path or alignment_path(K)
-    kind = DOT_KIND_DTYPES.index(a_hat.dtype)
-    cfg = _alignment_blocks(kind, K, arch)
+    target = target_of(arch)
+    a_dtype, kind = _dot_config(x.dtype, x_ref.dtype, target)
+    if a_hat.dtype != a_dtype:
+        raise ValueError(f"a_hat must be in the operand dtype {a_dtype} of {x.dtype} inputs, got {a_hat.dtype}")
+    cfg = _alignment_blocks(kind, K, target)
     common = dict(DOT_KIND=kind)
-    dtype = str(x.dtype).replace("torch.", "")
     if path == "anchors":
         c = dict(cfg["anchors"])
         warps, stages = c.pop("num_warps"), c.pop("num_stages")
         return [Launch(
             "alignment.anchors", _alignment_anchor_kernel, (triton.cdiv(N, c["BLOCK_N"]),),
-            (x, x_ref, a_hat, loss, dx, dxr, N, K, D,
-             x.stride(0), x_ref.stride(0), a_hat.stride(0), dx.stride(0), dxr.stride(0)),
-            dict(**c, NEED_DX=need_dx, NEED_DXR=need_dx_ref, **common, NORM_EPS=NORMALIZE_EPS, COS_EPS=COSINE_EPS),
-            warps, stages, config=dict(**{k.lower(): v for k, v in c.items()}, dot=dtype), kind="mma",
-            writes=(3, 4, 5),
+            # an absent gradient's placeholder gets x's row stride (never used): one specialisation
+            (x, x_ref, a_hat, loss, dx, dxr, N, K, D, x.stride(0), x_ref.stride(0), a_hat.stride(0),
+             dx.stride(0) if need_dx else x.stride(0), dxr.stride(0) if need_dx_ref else x.stride(0),
+             int(need_dx), int(need_dx_ref)),
+            dict(**c, **common, NORM_EPS=NORMALIZE_EPS, COS_EPS=COSINE_EPS),
+            warps, stages, config={k.lower(): v for k, v in c.items()}, kind="mma", writes=(3, 4, 5), dot=a_dtype,
+            options=register_options(target),
         )]
     use_gram = K > D
     b = gram if use_gram else a_hat
@@ -507,10 +532,10 @@ def plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx
     launches = [Launch(
         "alignment.scalars", _alignment_scalars_kernel, (triton.cdiv(N, c["BLOCK_N"]),),
         (x, x_ref, b, loss, coef if need_coef else loss, N, b.shape[0], D,
-         x.stride(0), x_ref.stride(0), b.stride(0)),
-        dict(GRAM=use_gram, STORE_COEF=need_coef, **c, **common, NORM_EPS=NORMALIZE_EPS, COS_EPS=COSINE_EPS),
-        warps, stages, config=dict(**{k.lower(): v for k, v in c.items()}, via="gram" if use_gram else "anchors",
-                                   dot=dtype), kind="mma", writes=(3, 4),
+         x.stride(0), x_ref.stride(0), b.stride(0), int(use_gram), int(need_coef)),
+        dict(**c, **common, NORM_EPS=NORMALIZE_EPS, COS_EPS=COSINE_EPS),
+        warps, stages, config=dict(**{k.lower(): v for k, v in c.items()}, via="gram" if use_gram else "anchors"),
+        kind="mma", writes=(3, 4), dot=a_dtype, options=register_options(target),
     )]
     g = dict(cfg["gram_grad"])
     warps, stages = g.pop("num_warps"), g.pop("num_stages")
@@ -522,7 +547,8 @@ def plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx
                 (own, other, gram, coef[:, col:], out, N, D, own.stride(0), other.stride(0), gram.stride(0),
                  out.stride(0)),
                 dict(**g, **common), warps, stages,
-                config=dict(**{k.lower(): v for k, v in g.items()}, dot=dtype), kind="mma", writes=(4,),
+                config={k.lower(): v for k, v in g.items()}, kind="mma", writes=(4,), dot=a_dtype,
+                options=register_options(target),
             ))
     return launches
 
@@ -564,7 +590,8 @@ def _structure_alignment_triton(
     One launch for K ≤ ANCHOR_PATH_MAX_K; otherwise one scalars launch + one GEMM per gradient."""
     N, D = x.shape
     K = anchors.shape[0]
-    a_dtype, _ = _dot_config(x.dtype, x_ref.dtype)
+    target = device_target(x.device)
+    a_dtype, _ = _dot_config(x.dtype, x_ref.dtype, target)
     width = kernel_width(D)
     loss = torch.empty((N,), dtype=torch.float32, device=x.device)
     # The kernels write dx / dx_ref rows of ``width`` columns (zeros in the padding); on the
@@ -578,34 +605,13 @@ def _structure_alignment_triton(
         coef = torch.empty((N, 8), dtype=torch.float32, device=x.device) if path == "gram" else None
         for launch in plan_structure_alignment(
             _kernel_rows(x, width), _kernel_rows(x_ref, width), a_hat, gram, loss, coef, dx, dxr,
-            need_dx, need_dx_ref, device_arch(x.device), path,
+            need_dx, need_dx_ref, target, path,
         ):
             launch.run(wrap=True)
     if width != D:
         dx = dx[:, :D].contiguous() if need_dx else dx
         dxr = dxr[:, :D].contiguous() if need_dx_ref else dxr
     return loss, dx, dxr
-
-
-def preflight_launches(spec: dict, arch: int) -> list:
-    """Launches for a shape spec on meta tensors: N, D, K, dtype (of x and x_ref; default fp32),
-    grad ("x" default, "x,x_ref" or "none"), path (default: the launcher's choice)."""
-    N, K = int(spec["N"]), int(spec["K"])
-    D = kernel_width(int(spec["D"]))  # what the launcher hands the kernels
-    dtype = spec.get("dtype", torch.float32)
-    grad = spec.get("grad", "x")
-    need_dx, need_dxr = "x" in grad.split(","), "x_ref" in grad.split(",")
-    a_dtype, _ = _dot_config(dtype, dtype)
-    path = spec.get("path") or alignment_path(K)
-    meta = dict(device="meta")
-    x = torch.empty((N, D), dtype=dtype, **meta)
-    x_ref = torch.empty((N, D), dtype=dtype, **meta)
-    gram = torch.empty((D, D), dtype=a_dtype, **meta) if path == "gram" else None
-    return plan_structure_alignment(
-        x, x_ref, torch.empty((K, D), dtype=a_dtype, **meta), gram, torch.empty((N,), **meta),
-        torch.empty((N, 8), **meta) if path == "gram" else None,
-        torch.empty((N, D) if need_dx else (0,), dtype=dtype, **meta),
-        torch.empty((N, D) if need_dxr else (0,), dtype=dtype, **meta), need_dx, need_dxr, arch, path)
 
 
 @_structure_alignment_triton.register_fake
@@ -726,3 +732,70 @@ def structure_alignment_loss(
         x, x_ref, anchors, grad_on and x.requires_grad, grad_on and x_ref.requires_grad
     )
     return _reduce(rows, reduction)
+
+
+# ----------------------------------------------------------------------------- for the tools
+
+
+def preflight_launches(spec: dict, arch) -> list:
+    """Launches for a shape spec on meta tensors: N, D, K, dtype (of x and x_ref), grad ("x",
+    "x_ref", "x,x_ref" or "none"), path (default: the launcher's choice, alignment_path(K))."""
+    spec = DECLARATION.complete(spec)
+    N, K = int(spec["N"]), int(spec["K"])
+    D = kernel_width(int(spec["D"]))  # what the launcher hands the kernels
+    dtype = spec_dtype(spec["dtype"])
+    grad = spec["grad"]
+    need_dx, need_dxr = "x" in grad.split(","), "x_ref" in grad.split(",")
+    a_dtype, _ = _dot_config(dtype, dtype, arch)
+    path = spec.get("path") or alignment_path(K)
+    meta = dict(device="meta")
+    x = torch.empty((N, D), dtype=dtype, **meta)
+    x_ref = torch.empty((N, D), dtype=dtype, **meta)
+    gram = torch.empty((D, D), dtype=a_dtype, **meta) if path == "gram" else None
+    return plan_structure_alignment(
+        x, x_ref, torch.empty((K, D), dtype=a_dtype, **meta), gram, torch.empty((N,), **meta),
+        torch.empty((N, 8), **meta) if path == "gram" else None,
+        torch.empty((N, D) if need_dx else (0,), dtype=dtype, **meta),
+        torch.empty((N, D) if need_dxr else (0,), dtype=dtype, **meta), need_dx, need_dxr, arch, path)
+
+
+GRAD_CHOICES = ("x", "x,x_ref", "x_ref", "none")
+
+
+def _preflight_cases() -> list:
+    return [dict(N=N, D=D, K=K, dtype=dt, grad=grad)
+            for dt in KERNEL_DTYPES for grad in GRAD_CHOICES for N, D, K in structure_shapes()]
+
+
+def _validation_cases(quick: bool) -> list:
+    from fused.validate import Case, randn, unit_rows
+
+    def case(n, d, k, reduction="mean"):
+        def make(gen):
+            x = randn(gen, n, d)
+            # The unlearned features start near the original ones: a realistic, non-trivial loss.
+            return {"x": x, "x_ref": x + 0.5 * randn(gen, n, d), "anchors": unit_rows(randn(gen, k, d))}
+
+        def run(fn, inp, backend):
+            x = inp["x"].requires_grad_(True)
+            loss = fn(x, inp["x_ref"], inp["anchors"], reduction=reduction, backend=backend)
+            # Per-row losses get unequal upstream weights, so a row mix-up in the backward shows.
+            upstream = (torch.linspace(0.5, 1.5, n, dtype=loss.dtype, device=loss.device)
+                        if reduction == "none" else None)
+            (grad_x,) = torch.autograd.grad(loss, x, grad_outputs=upstream)
+            return [loss.detach(), grad_x]
+
+        return Case(f"structure_alignment_loss[{reduction}] fwd+bwd", f"N={n} D={d} K={k}", make, run)
+
+    cases = [case(37, 77, 13)]
+    if not quick:
+        cases += [case(70, 129, 33, "sum"), case(70, 129, 33, "none"), case(150, 300, 75)]
+    return cases
+
+
+DECLARATION = OpDeclaration(
+    spec={"N": SpecKey("int", 128), "D": SpecKey("int", 512), "K": SpecKey("int", 100),
+          "dtype": SpecKey("dtype", "float32"), "grad": SpecKey("choice", "x", GRAD_CHOICES),
+          "path": SpecKey("choice", None, ("anchors", "gram"))},
+    launches=preflight_launches, cases=_preflight_cases, validation=_validation_cases, weight=6,
+)

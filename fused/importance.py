@@ -13,7 +13,7 @@ groups), built by :func:`plan_accumulate_importance`; it adds in fp32 (fp64 for 
 stores in the importance dtype. Registered as the opaque custom op ``fused::accumulate_importance``
 with ``mutates_args=("importance",)`` for the reason given in ``fused.update``.
 
-``preflight_launches(spec, arch)`` keys: ``params`` (shapes), ``dtype`` (importance), ``grad_dtype``.
+``DECLARATION`` (bottom): what ``python -m fused preflight`` and ``validate`` read.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from fused._dispatch import (
     compute_dtype,
     resolve_backend,
 )
-from fused._launch import Launch, device_arch, spec_dtype
+from fused._launch import Launch, Operand, device_target, spec_dtype
+from fused._ops import KERNEL_DTYPES, OpDeclaration, SpecKey
 from fused._multi_tensor import (
+    PARAM_LISTS,
     MultiTensorGroups,
     MultiTensorPlan,
     ScratchRows,
@@ -125,9 +127,9 @@ def plan_accumulate_importance(
                             TAIL=tail),
             options=options,
             num_warps=num_warps,
-            config=dict(dtypes=f"{str(i_dt).replace('torch.', '')}/{str(g_dt).replace('torch.', '')}",
-                        BLOCK=block, TAIL=tail, aligned=aligned, tensors=rows.shape[0]),
+            config=dict(BLOCK=block, TAIL=tail, aligned=aligned, tensors=rows.shape[0]),
             kind="bandwidth", writes=(0,),  # the importance slot (every tensor of it, through the tables)
+            operands=(Operand("importance", i_dt, written=True), Operand("grad", g_dt)), tile=block, aligned=aligned,
         ))
     return plan
 
@@ -138,23 +140,10 @@ def _accumulate_importance_triton(
 ) -> None:
     """One kernel launch per (importance dtype, gradient dtype) group."""
     device = importance[0].device
-    plan = plan_accumulate_importance(importance, grads, weight, device_arch(device))
+    plan = plan_accumulate_importance(importance, grads, weight, device_target(device))
     for launch in plan:
         launch.run()
     plan.write_back()
-
-
-def preflight_launches(spec: dict, arch: int) -> List[Launch]:
-    """The launches for a shape ``spec``, on ``meta`` tensors (for the preflight).
-
-    Keys (defaults in brackets): ``params`` list of shapes [[(4096,)]]; ``dtype`` of the importance
-    [fp32]; ``grad_dtype`` [dtype]; ``weight`` [0.5].
-    """
-    dtype = spec_dtype(spec.get("dtype", torch.float32))
-    shapes = [tuple(s) for s in spec.get("params", [(4096,)])]
-    imp = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
-    grads = [torch.empty(s, dtype=spec_dtype(spec.get("grad_dtype", dtype)), device="meta") for s in shapes]
-    return list(plan_accumulate_importance(imp, grads, float(spec.get("weight", 0.5)), arch))
 
 
 @_accumulate_importance_triton.register_fake
@@ -197,3 +186,54 @@ def accumulate_importance(
             accumulate_importance_reference(importance, grads, weight)
         else:
             torch.ops.fused.accumulate_importance(importance, grads, weight)
+
+
+# ----------------------------------------------------------------------------- for the tools
+
+
+def preflight_launches(spec: dict, arch) -> List[Launch]:
+    """The launches for a shape ``spec``, on ``meta`` tensors (for the preflight).
+
+    Keys (DECLARATION.spec): ``params`` list of shapes; ``dtype`` of the importance; ``grad_dtype``
+    [dtype]; ``frozen_head``: the last two tensors have no gradient (skipped).
+    """
+    spec = DECLARATION.complete(spec)
+    dtype = spec_dtype(spec["dtype"])
+    params = PARAM_LISTS[spec["params"]] if isinstance(spec["params"], str) else spec["params"]
+    shapes = [tuple(s) for s in params]
+    imp = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
+    grads = [torch.empty(s, dtype=spec_dtype(spec.get("grad_dtype", dtype)), device="meta") for s in shapes]
+    if spec.get("frozen_head", False):
+        grads[-2:] = [None] * len(grads[-2:])
+    return list(plan_accumulate_importance(imp, grads, 0.5, arch))
+
+
+def _preflight_cases() -> list:
+    """Every parameter list in every dtype; fp32 importance of 16-bit gradients; a frozen head."""
+    cases = [dict(params=name, dtype=dt) for dt in KERNEL_DTYPES for name in PARAM_LISTS]
+    cases += [dict(params="resnet50", dtype="float32", grad_dtype=dt) for dt in KERNEL_DTYPES if dt != "float32"]
+    cases += [dict(params="resnet18", dtype=dt, grad_dtype="float32", frozen_head=True) for dt in KERNEL_DTYPES]
+    return cases
+
+
+def _validation_cases(quick: bool) -> list:
+    from fused.validate import PARAM_SHAPES_A, PARAM_SHAPES_B, Case, rand, randn, shapes_label
+
+    def case(shapes, weight):
+        def make(gen):
+            return {"importance": [rand(gen, *s) for s in shapes], "grads": [randn(gen, *s) for s in shapes]}
+
+        def run(fn, inp, backend):
+            fn(inp["importance"], inp["grads"], weight, backend=backend)
+            return list(inp["importance"])
+
+        return Case("accumulate_importance", shapes_label(shapes), make, run)
+
+    return [case(PARAM_SHAPES_A, 0.37)] + ([] if quick else [case(PARAM_SHAPES_B, 1.0)])
+
+
+DECLARATION = OpDeclaration(
+    spec={"params": SpecKey("params", "resnet18"), "dtype": SpecKey("dtype", "float32"),
+          "grad_dtype": SpecKey("dtype"), "frozen_head": SpecKey("flag", False)},
+    launches=preflight_launches, cases=_preflight_cases, validation=_validation_cases,
+)

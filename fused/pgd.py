@@ -35,7 +35,8 @@ from fused._dispatch import (
     resolve_backend,
     triton_library_op,
 )
-from fused._launch import Launch, device_arch, spec_dtype
+from fused._launch import Launch, Operand, aligned16, device_target, register_options, spec_dtype, target_of
+from fused._ops import KERNEL_DTYPES, OpDeclaration, SpecKey
 
 __all__ = ["l2_pgd_step", "l2_pgd_step_reference", "plan_pgd_step", "preflight_launches"]
 
@@ -47,6 +48,7 @@ DELTA_NORM_FLOOR = 1e-30
 # A sample of up to this many values lives in registers (3 fp32 tiles of 8192 over 8 warps
 # = 96 registers a thread); CIFAR (3·32·32 = 3072) fits, ImageNet (3·224·224) loops.
 _MAX_SINGLE_BLOCK = 8192
+_MIN_SINGLE_BLOCK = 1024
 _LOOP_BLOCK = 2048
 
 EpsArg = Union[float, int, torch.Tensor]
@@ -94,14 +96,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # The direction (the sign of ``step``) and whether to clamp (``clamp`` 0/1, a uniform branch)
+    # are runtime values: one compiled kernel serves the four variants of a layout.
+    @triton.jit(do_not_specialize=["clamp"])
     def _l2_pgd_step_kernel(
         x_ptr, x0_ptr, g_ptr, out_ptr, eps_ptr,
         D,
-        step, eps_scalar, lo, hi,
-        DIRECTION: tl.constexpr,  # -1.0 targeted, +1.0 untargeted
+        step,  # −α targeted (descend), +α untargeted (ascend)
+        eps_scalar, lo, hi, clamp,
         PER_SAMPLE_EPS: tl.constexpr,
-        CLAMP: tl.constexpr,
         SINGLE_BLOCK: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -120,11 +123,11 @@ if HAS_TRITON:
             g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             x0 = tl.load(x0_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-            coef = DIRECTION * step / tl.maximum(tl.sqrt(tl.sum(g * g, axis=0)), 1e-12)
+            coef = step / tl.maximum(tl.sqrt(tl.sum(g * g, axis=0)), 1e-12)
             delta = x + coef * g - x0  # masked lanes: 0 + 0 - 0 = 0
             scale = tl.minimum(eps / tl.maximum(tl.sqrt(tl.sum(delta * delta, axis=0)), 1e-30), 1.0)
             y = x0 + delta * scale
-            if CLAMP:
+            if clamp != 0:
                 y = tl.minimum(tl.maximum(y, lo), hi)
             tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=m)
         else:
@@ -134,7 +137,7 @@ if HAS_TRITON:
                 m = start + offs < D
                 g = tl.load(g_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32)
                 acc += g * g
-            coef = DIRECTION * step / tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), 1e-12)
+            coef = step / tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), 1e-12)
             # Pass 2: ‖δ‖² with δ = x + coef·g − x0.
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, D, BLOCK):
@@ -152,23 +155,27 @@ if HAS_TRITON:
                 x = tl.load(x_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32)
                 x0 = tl.load(x0_ptr + base + start + offs, mask=m, other=0.0).to(tl.float32)
                 y = x0 + (x + coef * g - x0) * scale
-                if CLAMP:
+                if clamp != 0:
                     y = tl.minimum(tl.maximum(y, lo), hi)
                 tl.store(out_ptr + base + start + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _launch_config(D: int, arch: int = 90) -> Tuple[bool, int, int]:
-    """(single block?, BLOCK, num_warps) for a sample of D values (the same on every arch 80-100:
-    the single-block tile of 8192 holds 96 fp32 registers a thread, the loop tile 2048 over 4
-    warps 48; both fit without spills, checked by the preflight)."""
+def _launch_config(D: int, arch) -> Tuple[bool, int, int]:
+    """(single block?, BLOCK, num_warps) for a sample of D values: 16 values a thread (a 16-byte
+    vector of every operand dtype, so full tiles compile to 128-bit accesses when D is a multiple of
+    16: every image size here, 8·8, 3·32·32, 3·224·224) in a single block of at least 1024 values
+    (one configuration for all small samples), 8 a thread in the loop over blocks of 2048. The
+    single block keeps 3 × 16-32 fp32 values a thread in registers; both fit without spills on
+    every target (checked by the preflight)."""
+    warp = target_of(arch).warp_size
     if D <= _MAX_SINGLE_BLOCK:
-        block = max(triton.next_power_of_2(D), 128)
-        return True, block, max(1, min(8, block // 512))
-    return False, _LOOP_BLOCK, 4
+        block = max(triton.next_power_of_2(D), _MIN_SINGLE_BLOCK)
+        return True, block, max(1, min(8, block // (16 * warp)))
+    return False, _LOOP_BLOCK, max(1, _LOOP_BLOCK // (8 * warp))
 
 
 def plan_pgd_step(x, x_orig, grad, out, eps_per_sample, step_size, eps, direction, lo, hi, use_clamp,
-                  arch: int) -> list:
+                  arch) -> list:
     """The launches of one step (real or ``meta`` tensors, all sample-major dense with one
     layout): one ``pgd.step`` program per sample. ``[]`` for an empty batch."""
     B = x.shape[0]
@@ -181,12 +188,17 @@ def plan_pgd_step(x, x_orig, grad, out, eps_per_sample, step_size, eps, directio
         name="pgd.step",
         kernel=_l2_pgd_step_kernel,
         grid=(B,),
-        args=(x, x_orig, grad, out, eps_per_sample if per_sample else x, D, step_size, eps, lo, hi),
-        constexprs=dict(DIRECTION=direction, PER_SAMPLE_EPS=per_sample, CLAMP=use_clamp,
-                        SINGLE_BLOCK=single, BLOCK=block),
-        num_warps=num_warps,
+        args=(x, x_orig, grad, out, eps_per_sample if per_sample else x, D, direction * step_size, eps, lo, hi,
+              int(use_clamp)),
+        constexprs=dict(PER_SAMPLE_EPS=per_sample, SINGLE_BLOCK=single, BLOCK=block),
+        num_warps=num_warps, options=register_options(target_of(arch)),
         config=dict(D=D, BLOCK=block, single_block=single, per_sample_eps=per_sample, clamp=use_clamp),
         kind="bandwidth", writes=(3,),
+        operands=(Operand("x", x.dtype), Operand("x_orig", x_orig.dtype), Operand("grad", grad.dtype),
+                  Operand("out", out.dtype, read=False, written=True)),
+        # Triton specialises D as a multiple of 16 when it is one: every sample then starts on a
+        # 16-byte boundary (the bases are: torch allocates them so) and full tiles vectorise.
+        tile=block, aligned=D % 16 == 0 and all(aligned16(t) for t in (x, x_orig, grad, out)),
     )]
 
 
@@ -206,29 +218,8 @@ def _l2_pgd_step_triton(
 ) -> None:
     """Triton path. All tensors are sample-major dense with identical strides (see _layout)."""
     for launch in plan_pgd_step(x, x_orig, grad, out, eps_per_sample, step_size, eps, direction, lo, hi,
-                                use_clamp, device_arch(x.device)):
+                                use_clamp, device_target(x.device)):
         launch.run(wrap=True)
-
-
-def preflight_launches(spec: dict, arch: int) -> list:
-    """The launches of one step for a shape ``spec``, on ``meta`` tensors (for the preflight).
-
-    Keys (defaults in brackets): ``B`` samples [128]; ``D`` values per sample [3072]; ``dtype``
-    of x, x0 and out [fp32]; ``grad_dtype`` [dtype]; ``per_sample_eps`` a [B] fp32 radius tensor
-    [False]; ``clamp`` [True]; ``targeted`` [True].
-    """
-    B, D = int(spec.get("B", 128)), int(spec.get("D", 3072))
-    dtype = spec.get("dtype", torch.float32)
-
-    def meta(dt):
-        return torch.empty((B, D), dtype=spec_dtype(dt), device="meta")
-
-    eps_t = torch.empty(B, dtype=torch.float32, device="meta") if spec.get("per_sample_eps", False) else None
-    return plan_pgd_step(
-        meta(dtype), meta(dtype), meta(spec.get("grad_dtype", dtype)), meta(dtype), eps_t,
-        0.1, 0.0 if eps_t is not None else 1.0, -1.0 if spec.get("targeted", True) else 1.0,
-        0.0, 1.0, bool(spec.get("clamp", True)), arch,
-    )
 
 
 @_l2_pgd_step_triton.register_fake
@@ -375,3 +366,80 @@ def _dispatch_step(x, x_orig, grad, out, step_size, eps, targeted, bounds, backe
     if out is not None and not direct:
         return out.copy_(target)
     return target
+
+
+# ----------------------------------------------------------------------------- for the tools
+
+
+def preflight_launches(spec: dict, arch) -> list:
+    """The launches of one step for a shape ``spec``, on ``meta`` tensors (for the preflight).
+
+    Keys (DECLARATION.spec): ``B`` samples; ``D`` values per sample; ``dtype`` of x, x0 and out;
+    ``grad_dtype`` [dtype]; ``per_sample_eps`` a [B] fp32 radius tensor; ``clamp``; ``targeted``.
+    """
+    spec = DECLARATION.complete(spec)
+    B, D = int(spec["B"]), int(spec["D"])
+    dtype = spec["dtype"]
+
+    def meta(dt):
+        return torch.empty((B, D), dtype=spec_dtype(dt), device="meta")
+
+    eps_t = torch.empty(B, dtype=torch.float32, device="meta") if spec["per_sample_eps"] else None
+    return plan_pgd_step(
+        meta(dtype), meta(dtype), meta(spec.get("grad_dtype", dtype)), meta(dtype), eps_t,
+        0.1, 0.0 if eps_t is not None else 1.0, -1.0 if spec["targeted"] else 1.0,
+        0.0, 1.0, bool(spec["clamp"]), arch,
+    )
+
+
+# Sample sizes (values per sample) of the default preflight grid: digits 8×8, MNIST 28×28, CIFAR
+# 3×32×32, 3×64×64, STL 3×96×96, ImageNet 3×224×224 (looped), Inception 3×299×299 (odd: narrow
+# accesses, not gated), and the single-block limit and one past it.
+PGD_SAMPLE_SIZES = (64, 784, 3072, 12288, 27648, 150528, 268203, _MAX_SINGLE_BLOCK, _MAX_SINGLE_BLOCK + 1)
+
+
+def _preflight_cases() -> list:
+    """Every sample size at the method's step (per-sample radii, clamped, targeted) in every dtype,
+    with every gradient dtype in a register tile and in the loop; the other radius / clamp /
+    direction variants on CIFAR and ImageNet."""
+    cases = [dict(B=512, D=D, dtype=dt, grad_dtype=gdt, per_sample_eps=True, clamp=True, targeted=True)
+             for D in PGD_SAMPLE_SIZES for dt in KERNEL_DTYPES for gdt in KERNEL_DTYPES
+             if gdt == dt or D in (3072, 150528)]
+    cases += [dict(B=B, D=D, dtype=dt, per_sample_eps=ps, clamp=cl, targeted=tg)
+              for D in (3072, 150528) for dt in KERNEL_DTYPES for B in (1, 512)
+              for ps in (True, False) for cl in (True, False) for tg in (True, False)]
+    return cases
+
+
+def _validation_cases(quick: bool) -> list:
+    from fused.validate import Case, rand, randn
+
+    def case(shape, per_sample_eps, targeted):
+        def make(gen):
+            x0 = rand(gen, *shape)
+            x = (x0 + 0.2 * randn(gen, *shape)).clamp(0, 1)
+            inp = {"x": x, "x_orig": x0, "grad": randn(gen, *shape)}
+            # Radii below and above ‖x − x0‖ so that the projection binds for some samples only.
+            inp["eps"] = 0.5 + 4 * rand(gen, shape[0]) if per_sample_eps else 2.0
+            return inp
+
+        def run(fn, inp, backend):
+            return [fn(inp["x"], inp["x_orig"], inp["grad"], step_size=0.3, eps=inp["eps"], targeted=targeted,
+                       backend=backend)]
+
+        variant = ("per-sample eps" if per_sample_eps else "float eps") + (", targeted" if targeted else ", untargeted")
+        return Case(f"l2_pgd_step[{variant}]", "x".join(map(str, shape)), make, run)
+
+    cases = [case((6, 3, 11, 13), per_sample_eps=False, targeted=True),
+             case((5, 2, 9, 7), per_sample_eps=True, targeted=False)]
+    if not quick:
+        cases.append(case((2, 3, 61, 53), per_sample_eps=False, targeted=True))  # D = 9699: the looped kernel
+    return cases
+
+
+DECLARATION = OpDeclaration(
+    spec={"B": SpecKey("int", 128), "D": SpecKey("int", 3 * 32 * 32), "dtype": SpecKey("dtype", "float32"),
+          "grad_dtype": SpecKey("dtype"), "per_sample_eps": SpecKey("flag", False), "clamp": SpecKey("flag", True),
+          "targeted": SpecKey("flag", True)},
+    launches=preflight_launches, cases=_preflight_cases, validation=_validation_cases,
+)

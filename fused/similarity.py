@@ -29,7 +29,8 @@ from fused._dispatch import (
     resolve_backend,
     triton_library_op,
 )
-from fused._launch import Launch, device_arch
+from fused._launch import Launch, device_target, register_options, spec_dtype, target_of
+from fused._ops import KERNEL_DTYPES, OpDeclaration, SpecKey
 from fused._triton_common import (
     DOT_KIND_DTYPES,
     NORMALIZE_EPS,
@@ -39,6 +40,7 @@ from fused._triton_common import (
     dot_kind,
     next_pow2,
     normalize_backward,
+    structure_shapes,
 )
 
 
@@ -85,7 +87,8 @@ if HAS_TRITON:
 
     from fused._triton_common import dot_operand, mma
 
-    @triton.jit
+    # N bounds rows only (K, S's row length, stays specialised: S's stores vectorise on K % 16 == 0).
+    @triton.jit(do_not_specialize=["N"])
     def _anchor_similarity_kernel(
         x_ptr, a_ptr, s_ptr,
         N, K, D,
@@ -125,49 +128,45 @@ if HAS_TRITON:
         tl.store(s_ptrs, s.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _similarity_blocks(N: int, K: int, D: int, kind: int, arch: int) -> dict:
+def _similarity_blocks(K: int, kind: int, arch) -> dict:
     """Block sizes, warps and stages for S = normalize(X)·normalize(A)ᵀ with DOT_KIND ``kind`` on ``arch``.
 
-    Every block dim is a power of two ≥ 16 (tl.dot on a GPU); tiles are masked. 16-bit operands:
-    64 rows a program (a wgmma M tile on sm_90), up to 128 anchors, D chunks of 64. fp32 operands
-    (tf32x3, twice the registers) take up to 64 anchors and D chunks of 32 with 8 warps.
+    Every block dim is a power of two ≥ 16 (tl.dot on a GPU); tiles are masked. 64 rows a program
+    (a wgmma M tile on sm_90) whatever N (the configuration depends on K and the dtype only).
+    16-bit operands: up to 128 anchors, D chunks of 64. fp32 operands (tf32x3, twice the
+    registers) take up to 64 anchors and D chunks of 32 with 8 warps.
     Chosen with ``python -m fused preflight``: no spills, shared memory within every card's limit.
     """
-    if kind != 0:
+    target = target_of(arch)
+    k_pad = max(16, next_pow2(K))
+    if kind in (1, 2):
         # sm_8x (mma.sync, accumulators and A operands in registers): 8 warps, else triton 3.6
-        # spills 8 bytes a thread on sm_80 at K ≥ 128.
-        block_n, block_k, block_d, warps = 64, min(128, max(16, next_pow2(K))), 64, 4 if arch >= 90 else 8
+        # spills 8 bytes a thread on sm_80 at K ≥ 128. AMD: 4 waves of 64 lanes.
+        big = target.is_amd or target.capability >= 90
+        block_k, block_d, warps = min(128, k_pad), 64, 4 if big else 8
     else:
-        block_n = min(64, max(16, next_pow2(N)))
-        block_k, block_d, warps = min(64, max(16, next_pow2(K))), 32, 8 if block_n * max(16, next_pow2(K)) > 1024 else 4
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+        # AMD: as many threads as NVIDIA's warps (4 waves of 64 lanes for 8 warps of 32)
+        block_k, block_d = min(64, k_pad), 32
+        warps = (8 if k_pad > 16 else 4) * 32 // target.warp_size
+    return dict(BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps, num_stages=2)
 
 
 def plan_anchor_similarity(x: torch.Tensor, anchors: torch.Tensor, S: torch.Tensor, arch: int) -> list:
     """The launch writing S [N, K] for these (real or meta) tensors on ``arch``."""
     N, D = x.shape
     K = anchors.shape[0]
-    kind = dot_kind(x.dtype, anchors.dtype)
-    c = _similarity_blocks(N, K, D, kind, arch)
+    target = target_of(arch)
+    kind = dot_kind(x.dtype, anchors.dtype, target)
+    c = _similarity_blocks(K, kind, target)
     warps, stages = c.pop("num_warps"), c.pop("num_stages")
     grid = (triton.cdiv(N, c["BLOCK_N"]), triton.cdiv(K, c["BLOCK_K"]))
     return [Launch(
         "similarity.forward", _anchor_similarity_kernel, grid,
         (x, anchors, S, N, K, D, x.stride(0), anchors.stride(0), S.stride(0)),
         dict(**c, DOT_KIND=kind, EPS=NORMALIZE_EPS), warps, stages,
-        config=dict(**{k.lower(): v for k, v in c.items()}, dot=str(DOT_KIND_DTYPES[kind]).replace("torch.", "")),
-        kind="mma", writes=(2,),
+        config={k.lower(): v for k, v in c.items()}, kind="mma", writes=(2,), dot=DOT_KIND_DTYPES[kind],
+        options=register_options(target),
     )]
-
-
-def preflight_launches(spec: dict, arch: int) -> list:
-    """Launches for a shape spec on meta tensors: N, D, K, dtype (of x and anchors; default fp32)."""
-    N, K = int(spec["N"]), int(spec["K"])
-    D = kernel_width(int(spec["D"]))  # what the launcher hands the kernel
-    dtype = spec.get("dtype", torch.float32)
-    meta = dict(dtype=dtype, device="meta")
-    return plan_anchor_similarity(torch.empty((N, D), **meta), torch.empty((K, D), **meta),
-                                  torch.empty((N, K), **meta), arch)
 
 
 @triton_library_op("fused::anchor_similarity_fwd", mutates_args=())
@@ -180,7 +179,7 @@ def _anchor_similarity_triton(x: torch.Tensor, anchors: torch.Tensor) -> torch.T
     # norms are unchanged; the loads vectorise). A no-op for the usual D.
     width = kernel_width(x.shape[1])
     for launch in plan_anchor_similarity(_kernel_rows(x, width), _kernel_rows(anchors, width), S,
-                                         device_arch(x.device)):
+                                         device_target(x.device)):
         launch.run(wrap=True)
     return S
 
@@ -236,3 +235,43 @@ def anchor_similarity(x: torch.Tensor, anchors: torch.Tensor, *, backend: Option
     if resolved == "reference":
         return anchor_similarity_reference(x, anchors)
     return _anchor_similarity_triton(x, anchors)
+
+
+# ----------------------------------------------------------------------------- for the tools
+
+
+def preflight_launches(spec: dict, arch) -> list:
+    """Launches for a shape spec on meta tensors: N, D, K, dtype (of x and anchors)."""
+    spec = DECLARATION.complete(spec)
+    N, K = int(spec["N"]), int(spec["K"])
+    D = kernel_width(int(spec["D"]))  # what the launcher hands the kernel
+    meta = dict(dtype=spec_dtype(spec["dtype"]), device="meta")
+    return plan_anchor_similarity(torch.empty((N, D), **meta), torch.empty((K, D), **meta),
+                                  torch.empty((N, K), **meta), arch)
+
+
+def _preflight_cases() -> list:
+    return [dict(N=N, D=D, K=K, dtype=dt) for dt in KERNEL_DTYPES for N, D, K in structure_shapes()]
+
+
+def _validation_cases(quick: bool) -> list:
+    from fused.validate import Case, randn, unit_rows
+
+    def case(n, d, k):
+        def make(gen):
+            return {"x": randn(gen, n, d), "anchors": unit_rows(randn(gen, k, d))}
+
+        def run(fn, inp, backend):
+            return [fn(inp["x"], inp["anchors"], backend=backend)]
+
+        return Case("anchor_similarity", f"N={n} D={d} K={k}", make, run)
+
+    # shapes that are no block multiples; the last one has several tiles along N, K and D
+    return [case(37, 77, 13)] + ([] if quick else [case(70, 129, 33), case(150, 300, 75)])
+
+
+DECLARATION = OpDeclaration(
+    spec={"N": SpecKey("int", 128), "D": SpecKey("int", 512), "K": SpecKey("int", 100),
+          "dtype": SpecKey("dtype", "float32")},
+    launches=preflight_launches, cases=_preflight_cases, validation=_validation_cases, weight=2,
+)

@@ -31,7 +31,7 @@ device, not through ``_dispatch.triton_library_op`` (``triton_op`` on a GPU): th
 through offsets loaded from a table, which inductor's mutation analysis of user kernels cannot
 see, and ``triton_op`` traces the body with fake tensors, which have no addresses.
 
-``preflight_launches(spec, arch)`` keys: see its docstring.
+``DECLARATION`` (bottom): what ``python -m fused preflight`` and ``validate`` read.
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ from fused._dispatch import (
     compute_dtype,
     resolve_backend,
 )
-from fused._launch import Launch, device_arch, spec_dtype
+from fused._launch import Launch, Operand, device_target, spec_dtype
+from fused._ops import KERNEL_DTYPES, OpDeclaration, SpecKey
 from fused._multi_tensor import (
+    PARAM_LISTS,
     MultiTensorGroups,
     MultiTensorPlan,
     ScratchRows,
@@ -64,6 +66,8 @@ __all__ = [
 ]
 
 BINARY_DTYPES = (torch.bool, torch.uint8)
+# The kernel's operand slots, in order: ψ, g, ψ0, I, m, b (ψ and b are written when g is given).
+OPERANDS = ("param", "grad", "ref_param", "importance", "grad_mask", "momentum")
 
 if HAS_TRITON:
     import triton
@@ -307,11 +311,15 @@ def plan_masked_sgd(
             options=options,
             num_warps=num_warps,
             config=dict(
-                dtypes="/".join("-" if d is None else str(d).replace("torch.", "") for d in key[:-1]),
                 BLOCK=block, TAIL=tail, aligned=aligned, tensors=rows.shape[0],
             ),
             # ψ and the momentum buffers (slots 0 and 5, through the tables) and the partials
             kind="bandwidth", writes=(0, 5, len(bases) + 2) if b_dt is not None else (0, len(bases) + 2),
+            operands=tuple(
+                Operand(name, dt, written=name in ("param", "momentum") and g_dt is not None)
+                for name, dt in zip(OPERANDS, key[:-1]) if dt is not None
+            ),
+            tile=block, aligned=aligned,
         ))
         offset += n_chunks
     return plan
@@ -337,45 +345,11 @@ def _masked_regularized_sgd_step_triton(
     """
     device = params[0].device
     plan = plan_masked_sgd(params, grads, ref_params, importance, momentum_buffers, grad_masks,
-                           lr, lam, momentum, weight_decay, proximal, device_arch(device))
+                           lr, lam, momentum, weight_decay, proximal, device_target(device))
     for launch in plan:
         launch.run()
     plan.write_back()
     return plan.partials.sum()
-
-
-def preflight_launches(spec: dict, arch: int) -> List[Launch]:
-    """The launches of one step for a shape ``spec``, on ``meta`` tensors (for the preflight).
-
-    Keys (defaults in brackets): ``params`` list of shapes [[(4096,)]]; ``dtype`` of the params
-    [fp32]; ``grad_dtype`` [dtype]; ``ref_dtype`` of ψ0 [dtype]; ``importance`` "none" | "float" |
-    "bool" | "uint8" ["float"]; ``importance_dtype`` of a float importance [dtype]; ``mask`` of
-    the gradient "none" | "float" | "bool" | "uint8" ["none"]; ``mask_dtype`` of a float mask
-    [dtype]; ``momentum`` [0.0]; ``momentum_dtype`` of the buffers [dtype]; ``proximal`` [False];
-    ``weight_decay`` [0.0]; ``lr`` [0.1]; ``lam`` [1.0].
-    """
-    dtype = spec_dtype(spec.get("dtype", torch.float32))
-    shapes = [tuple(s) for s in spec.get("params", [(4096,)])]
-
-    def meta(kind_dtype):
-        return [torch.empty(s, dtype=spec_dtype(kind_dtype), device="meta") for s in shapes]
-
-    def optional(kind, float_dtype):
-        if kind == "none":
-            return [None] * len(shapes)
-        return meta({"float": float_dtype, "bool": torch.bool, "uint8": torch.uint8}[kind])
-
-    momentum = float(spec.get("momentum", 0.0))
-    importance = optional(spec.get("importance", "float"), spec.get("importance_dtype", dtype))
-    return list(plan_masked_sgd(
-        meta(dtype), meta(spec.get("grad_dtype", dtype)),
-        meta(spec.get("ref_dtype", dtype)) if importance[0] is not None else [None] * len(shapes),
-        importance,
-        meta(spec.get("momentum_dtype", dtype)) if momentum != 0 else [],
-        optional(spec.get("mask", "none"), spec.get("mask_dtype", dtype)),
-        float(spec.get("lr", 0.1)), float(spec.get("lam", 1.0)), momentum,
-        float(spec.get("weight_decay", 0.0)), bool(spec.get("proximal", False)), arch,
-    ))
 
 
 @_masked_regularized_sgd_step_triton.register_fake
@@ -498,3 +472,122 @@ def masked_regularized_sgd_step(
             params, grads, ref_params, importance, momentum_buffers, grad_masks,
             float(lr), float(lam), float(momentum), float(weight_decay), proximal,
         )
+
+
+# ----------------------------------------------------------------------------- for the tools
+
+
+def preflight_launches(spec: dict, arch) -> List[Launch]:
+    """The launches of one step for a shape ``spec``, on ``meta`` tensors (for the preflight).
+
+    Keys (DECLARATION.spec): ``params`` list of shapes; ``dtype`` of the params; ``grad_dtype``
+    [dtype]; ``ref_dtype`` of ψ0 [dtype]; ``importance`` "none" | "float" | "bool" | "uint8";
+    ``importance_dtype`` of a float importance [dtype]; ``mask`` of the gradient "none" | "float" |
+    "bool" | "uint8"; ``mask_dtype`` of a float mask [dtype]; ``momentum``; ``momentum_dtype`` of the
+    buffers [dtype]; ``proximal``; ``weight_decay``; ``frozen_head``: the last two tensors (a
+    classifier's weight and bias) have no gradient (not updated; their SR term still counts).
+    """
+    spec = DECLARATION.complete(spec)
+    dtype = spec_dtype(spec["dtype"])
+    params = PARAM_LISTS[spec["params"]] if isinstance(spec["params"], str) else spec["params"]
+    shapes = [tuple(s) for s in params]
+
+    def meta(kind_dtype):
+        return [torch.empty(s, dtype=spec_dtype(kind_dtype), device="meta") for s in shapes]
+
+    def optional(kind, float_dtype):
+        if kind == "none":
+            return [None] * len(shapes)
+        return meta({"float": float_dtype, "bool": torch.bool, "uint8": torch.uint8}[kind])
+
+    momentum = float(spec.get("momentum", 0.0))
+    importance = optional(spec.get("importance", "float"), spec.get("importance_dtype", dtype))
+    grads = meta(spec.get("grad_dtype", dtype))
+    if spec.get("frozen_head", False):
+        grads[-2:] = [None] * len(grads[-2:])
+    return list(plan_masked_sgd(
+        meta(dtype), grads,
+        meta(spec.get("ref_dtype", dtype)) if importance[0] is not None else [None] * len(shapes),
+        importance,
+        meta(spec.get("momentum_dtype", dtype)) if momentum != 0 else [],
+        optional(spec.get("mask", "none"), spec.get("mask_dtype", dtype)),
+        0.1, 1.0, momentum, float(spec.get("weight_decay", 0.0)), bool(spec.get("proximal", False)), arch,
+    ))
+
+
+BINARY_CHOICES = ("none", "float", "bool", "uint8")
+
+
+def _preflight_cases() -> list:
+    """Every parameter list at the method's configuration (the kernel does not depend on the
+    list, only its grid does), then every importance and every mask kind at least once more per
+    dtype, with momentum, proximal, weight decay and a frozen head on and off among them; mixed
+    precision: fp32 master weights with 16-bit gradients, 16-bit weights with fp32 state."""
+    lists = tuple(PARAM_LISTS)
+    # (importance, mask); momentum on at odd places, proximal at 2-3, weight decay at 4-5
+    square = [("bool", "bool"), ("none", "float"), ("float", "none"), ("uint8", "none"), ("uint8", "float"),
+              ("none", "bool")]
+    cases = []
+    for dt in KERNEL_DTYPES:
+        for name in lists:
+            cases.append(dict(params=name, dtype=dt, importance="float", mask="uint8", momentum=0.9,
+                              weight_decay=5e-4))
+        for i, (imp, mask) in enumerate(square):
+            cases.append(dict(params=lists[i % len(lists)], dtype=dt, importance=imp, mask=mask,
+                              importance_dtype="float32" if imp == "float" else None,
+                              momentum=0.9 if i % 2 else 0.0, proximal=bool((i // 2) % 2),
+                              weight_decay=5e-4 if (i // 4) % 2 else 0.0, frozen_head=i in (1, 2)))
+        if dt != "float32":
+            cases.append(dict(params="resnet50", dtype="float32", grad_dtype=dt, mask="bool", momentum=0.9))
+            cases.append(dict(params="vit_s16", dtype=dt, grad_dtype="float32", ref_dtype="float32",
+                              importance_dtype="float32", mask="float", mask_dtype="float32", momentum=0.9,
+                              momentum_dtype="float32"))
+    return [{k: v for k, v in c.items() if v is not None} for c in cases]
+
+
+def _validation_cases(quick: bool) -> list:
+    from fused.validate import PARAM_SHAPES_A, PARAM_SHAPES_B, Case, rand, randn, shapes_label
+
+    def case(variant, shapes):
+        momentum = 0.9 if variant == "momentum" else 0.0
+        weight_decay = 1e-2 if variant in ("momentum", "mask") else 0.0
+
+        def make(gen):
+            inp = {
+                "params": [randn(gen, *s) for s in shapes],
+                "grads": [randn(gen, *s) for s in shapes],
+                "ref_params": [],
+                "importance": [rand(gen, *s) * 2 for s in shapes],
+            }
+            inp["ref_params"] = [p + 0.1 * randn(gen, *p.shape) for p in inp["params"]]
+            if momentum:
+                inp["momentum_buffers"] = [randn(gen, *s) for s in shapes]
+            if variant == "mask":
+                inp["grad_masks"] = [rand(gen, *s) < 0.5 for s in shapes]
+            return inp
+
+        def run(fn, inp, backend):
+            sr = fn(
+                inp["params"], inp["grads"], inp["ref_params"], inp["importance"],
+                lr=0.1, lam=1.0, momentum=momentum, momentum_buffers=inp.get("momentum_buffers"),
+                grad_masks=inp.get("grad_masks"), weight_decay=weight_decay, proximal=variant == "proximal",
+                backend=backend,
+            )
+            return [*inp["params"], *inp.get("momentum_buffers", []), sr]
+
+        return Case(f"masked_regularized_sgd_step[{variant}]", shapes_label(shapes), make, run,
+                    keep_dtype=("grad_masks",))
+
+    variants = ("explicit", "proximal", "momentum", "mask")
+    return [case(v, PARAM_SHAPES_A) for v in variants] + ([] if quick else [case(v, PARAM_SHAPES_B) for v in variants])
+
+
+DECLARATION = OpDeclaration(
+    spec={"params": SpecKey("params", "resnet18"), "dtype": SpecKey("dtype", "float32"),
+          "grad_dtype": SpecKey("dtype"), "importance": SpecKey("choice", "float", BINARY_CHOICES),
+          "importance_dtype": SpecKey("dtype"), "mask": SpecKey("choice", "none", BINARY_CHOICES),
+          "mask_dtype": SpecKey("dtype"), "momentum": SpecKey("number", 0.0), "momentum_dtype": SpecKey("dtype"),
+          "proximal": SpecKey("flag", False), "weight_decay": SpecKey("number", 0.0), "ref_dtype": SpecKey("dtype"),
+          "frozen_head": SpecKey("flag", False)},
+    launches=preflight_launches, cases=_preflight_cases, validation=_validation_cases,
+)

@@ -1,7 +1,8 @@
 """``python -m fused validate``: every fused op, on every backend here, against an fp64 oracle.
 
-For each case (an op, a variant, a shape chosen not to be a multiple of any block size) and each
-dtype (fp32, fp16, and bf16 on CUDA only), the inputs are drawn once in float64 and rounded to the
+For each case (an op, a variant, a shape chosen not to be a multiple of any block size: each op
+module declares its own, ``DECLARATION.validation``, and the op registry ``fused._ops`` lists the
+ops) and each dtype (fp32, fp16, and bf16 on CUDA only), the inputs are drawn once in float64 and rounded to the
 dtype; then
 
 * the truth is the op's PyTorch reference evaluated in float64 on those rounded inputs,
@@ -33,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from fused._dispatch import BACKENDS, interpreter_enabled, triton_available_for
+from fused._ops import REGISTRY, declaration
 
 TOLERANCE = {torch.float32: 5e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -40,16 +42,15 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 @dataclasses.dataclass
 class Case:
-    """One op variant on one shape.
+    """One op variant on one shape (declared by the op module: ``DECLARATION.validation``).
 
-    ``make(gen)`` draws float64 CPU inputs (a dict; tensors, lists of tensors, or other values).
-    ``run(fn, inputs, backend)`` calls the op ``fn`` on inputs already cast to a dtype and moved to
-    the device (fresh copies, so in-place ops may write them) and returns the tensors to compare.
+    ``op`` labels the row and starts with the op's public function name; ``make(gen)`` draws
+    float64 CPU inputs (a dict; tensors, lists of tensors, or other values). ``run(fn, inputs,
+    backend)`` calls the op ``fn`` on inputs already cast to a dtype and moved to the device (fresh
+    copies, so in-place ops may write them) and returns the tensors to compare.
     """
 
     op: str
-    module: str
-    func: str
     shape: str
     make: Callable[[torch.Generator], dict]
     run: Callable[[Callable, dict, str], List[torch.Tensor]]
@@ -74,148 +75,47 @@ class Row:
 
 
 # ----------------------------------------------------------------------------- the cases
+# Each op module declares its cases (``DECLARATION.validation``, fused._ops); these are the
+# helpers they draw their inputs with.
 
 
-def _randn(gen, *shape):
+def randn(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
-def _rand(gen, *shape):
+def rand(gen, *shape):
     return torch.rand(*shape, generator=gen, dtype=torch.float64)
 
 
-def _unit_rows(t):
+def unit_rows(t):
     return t / t.norm(dim=1, keepdim=True)
+
+
+def shapes_label(shapes):
+    return "+".join("x".join(map(str, s)) for s in shapes)
 
 
 # Parameter shapes for the per-parameter ops: odd sizes, a 4-D conv weight, a bias, a scalar-like.
 PARAM_SHAPES_A = [(33, 7), (129,), (5, 3, 3, 3), (1,)]
 PARAM_SHAPES_B = [(70, 19), (257,), (6, 5, 3, 3)]
 
-
-def _similarity_case(n, d, k):
-    def make(gen):
-        return {"x": _randn(gen, n, d), "anchors": _unit_rows(_randn(gen, k, d))}
-
-    def run(fn, inp, backend):
-        return [fn(inp["x"], inp["anchors"], backend=backend)]
-
-    return Case("anchor_similarity", "fused.similarity", "anchor_similarity", f"N={n} D={d} K={k}", make, run)
+# The public function names of the ops (``--op``), from the op registry.
+OP_NAMES = tuple(entry.function for entry in REGISTRY)
 
 
-def _alignment_case(n, d, k, reduction="mean"):
-    def make(gen):
-        x = _randn(gen, n, d)
-        # The unlearned features start near the original ones: a realistic, non-trivial loss.
-        return {"x": x, "x_ref": x + 0.5 * _randn(gen, n, d), "anchors": _unit_rows(_randn(gen, k, d))}
-
-    def run(fn, inp, backend):
-        x = inp["x"].requires_grad_(True)
-        loss = fn(x, inp["x_ref"], inp["anchors"], reduction=reduction, backend=backend)
-        # Per-row losses get unequal upstream weights, so a row mix-up in the backward shows.
-        upstream = torch.linspace(0.5, 1.5, n, dtype=loss.dtype, device=loss.device) if reduction == "none" else None
-        (grad_x,) = torch.autograd.grad(loss, x, grad_outputs=upstream)
-        return [loss.detach(), grad_x]
-
-    return Case(
-        f"structure_alignment_loss[{reduction}] fwd+bwd", "fused.alignment", "structure_alignment_loss",
-        f"N={n} D={d} K={k}", make, run,
-    )
-
-
-def _importance_case(shapes, weight):
-    def make(gen):
-        return {"importance": [_rand(gen, *s) for s in shapes], "grads": [_randn(gen, *s) for s in shapes]}
-
-    def run(fn, inp, backend):
-        fn(inp["importance"], inp["grads"], weight, backend=backend)
-        return list(inp["importance"])
-
-    return Case(
-        "accumulate_importance", "fused.importance", "accumulate_importance", _shapes_label(shapes), make, run,
-    )
-
-
-def _update_case(variant, shapes):
-    momentum = 0.9 if variant == "momentum" else 0.0
-    weight_decay = 1e-2 if variant in ("momentum", "mask") else 0.0
-
-    def make(gen):
-        inp = {
-            "params": [_randn(gen, *s) for s in shapes],
-            "grads": [_randn(gen, *s) for s in shapes],
-            "ref_params": [],
-            "importance": [_rand(gen, *s) * 2 for s in shapes],
-        }
-        inp["ref_params"] = [p + 0.1 * _randn(gen, *p.shape) for p in inp["params"]]
-        if momentum:
-            inp["momentum_buffers"] = [_randn(gen, *s) for s in shapes]
-        if variant == "mask":
-            inp["grad_masks"] = [_rand(gen, *s) < 0.5 for s in shapes]
-        return inp
-
-    def run(fn, inp, backend):
-        sr = fn(
-            inp["params"], inp["grads"], inp["ref_params"], inp["importance"],
-            lr=0.1, lam=1.0, momentum=momentum, momentum_buffers=inp.get("momentum_buffers"),
-            grad_masks=inp.get("grad_masks"), weight_decay=weight_decay, proximal=variant == "proximal",
-            backend=backend,
-        )
-        return [*inp["params"], *inp.get("momentum_buffers", []), sr]
-
-    return Case(
-        f"masked_regularized_sgd_step[{variant}]", "fused.update", "masked_regularized_sgd_step",
-        _shapes_label(shapes), make, run, keep_dtype=("grad_masks",),
-    )
-
-
-def _pgd_case(shape, per_sample_eps, targeted):
-    def make(gen):
-        x0 = _rand(gen, *shape)
-        x = (x0 + 0.2 * _randn(gen, *shape)).clamp(0, 1)
-        inp = {"x": x, "x_orig": x0, "grad": _randn(gen, *shape)}
-        # Radii below and above ‖x − x0‖ so that the projection binds for some samples only.
-        inp["eps"] = 0.5 + 4 * _rand(gen, shape[0]) if per_sample_eps else 2.0
-        return inp
-
-    def run(fn, inp, backend):
-        return [fn(inp["x"], inp["x_orig"], inp["grad"], step_size=0.3, eps=inp["eps"], targeted=targeted,
-                   backend=backend)]
-
-    variant = ("per-sample eps" if per_sample_eps else "float eps") + (", targeted" if targeted else ", untargeted")
-    return Case(f"l2_pgd_step[{variant}]", "fused.pgd", "l2_pgd_step", "x".join(map(str, shape)), make, run)
-
-
-def _shapes_label(shapes):
-    return "+".join("x".join(map(str, s)) for s in shapes)
-
-
-OP_NAMES = ("anchor_similarity", "structure_alignment_loss", "accumulate_importance",
-            "masked_regularized_sgd_step", "l2_pgd_step")
-
-
-def build_cases(quick: bool = False) -> List[Case]:
-    """The validation cases; ``quick`` keeps one shape per op variant."""
-    cases = [
-        _similarity_case(37, 77, 13),
-        _alignment_case(37, 77, 13),
-        _importance_case(PARAM_SHAPES_A, 0.37),
-        *(_update_case(v, PARAM_SHAPES_A) for v in ("explicit", "proximal", "momentum", "mask")),
-        _pgd_case((6, 3, 11, 13), per_sample_eps=False, targeted=True),
-        _pgd_case((5, 2, 9, 7), per_sample_eps=True, targeted=False),
-    ]
-    if not quick:
-        cases += [
-            _similarity_case(70, 129, 33),
-            _alignment_case(70, 129, 33, "sum"),
-            _alignment_case(70, 129, 33, "none"),
-            _similarity_case(150, 300, 75),  # several tiles along N, K and D
-            _alignment_case(150, 300, 75),
-            _importance_case(PARAM_SHAPES_B, 1.0),
-            *(_update_case(v, PARAM_SHAPES_B) for v in ("explicit", "proximal", "momentum", "mask")),
-            _pgd_case((2, 3, 61, 53), per_sample_eps=False, targeted=True),  # D = 9699: the looped kernel
-        ]
-    return cases
+def build_cases(quick: bool = False, ops: Optional[Sequence[str]] = None):
+    """(registry entry, its cases or the exception that stopped its module from declaring them)
+    for every op (or those whose function is in ``ops``); ``quick`` keeps one shape per variant."""
+    out = []
+    for entry in REGISTRY:
+        if ops and entry.function not in ops:
+            continue
+        try:
+            cases = declaration(entry.name).validation(quick)
+        except Exception as exc:  # a module that cannot be imported is a failure, reported per row
+            cases = exc
+        out.append((entry, cases))
+    return out
 
 
 # ----------------------------------------------------------------------------- running
@@ -277,22 +177,26 @@ def run_validation(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = list(backends) if backends else available_backends(device)
     dtypes = validation_dtypes(device)
-    cases = build_cases(quick)
     if ops:
         unknown = sorted(set(ops) - set(OP_NAMES))
         if unknown:
             raise ValueError(f"ops must be names among {OP_NAMES}, got {unknown}")
-        cases = [c for c in cases if c.func in ops]
     rows: List[Row] = []
-    work = [(c, dt) for c in cases for dt in dtypes]
+    work = []
+    for entry, cases in build_cases(quick, ops):
+        if isinstance(cases, Exception):  # its module did not import: every row of the op fails
+            rows += [Row(entry.function, "-", DTYPE_NAMES[dt], b, None, None, TOLERANCE[dt],
+                         f"unavailable ({_short(cases)})") for dt in dtypes for b in backends]
+            continue
+        work += [(entry, c, dt) for c in cases for dt in dtypes]
     if progress:
         from tqdm import tqdm
 
         work = tqdm(work, desc="validate", unit="case", file=sys.stderr)
-    for case, dtype in work:
+    for entry, case, dtype in work:
         dname, tol = DTYPE_NAMES[dtype], TOLERANCE[dtype]
-        try:
-            fn = getattr(importlib.import_module(case.module), case.func)
+        try:  # looked up on every case: a patched function (tests) is the one validated
+            fn = getattr(importlib.import_module(entry.module), entry.function)
         except Exception as exc:  # a missing module is a failure, reported per row
             rows += [Row(case.op, case.shape, dname, b, None, None, tol, f"unavailable ({_short(exc)})") for b in backends]
             continue

@@ -225,7 +225,8 @@ def test_preflight_launches_from_a_spec():
     assert [t.dtype for t in launch.args[:3]] == [torch.bfloat16, torch.bfloat16, torch.float32]
     assert launch.args[4].shape == (4,) and launch.args[4].device.type == "meta"
     c = launch.constexprs
-    assert c["SINGLE_BLOCK"] and c["BLOCK"] == 4096 and c["PER_SAMPLE_EPS"] and not c["CLAMP"]
+    assert c["SINGLE_BLOCK"] and c["BLOCK"] == 4096 and c["PER_SAMPLE_EPS"]
+    assert launch.args[10] == 0  # clamp: a runtime flag (one kernel for the four variants)
     (loop,) = pgd.preflight_launches(dict(D=3 * 224 * 224), 90)
     assert not loop.constexprs["SINGLE_BLOCK"] and loop.grid == (128,)
     assert pgd.preflight_launches(dict(B=0), 90) == []
