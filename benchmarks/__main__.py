@@ -1,9 +1,11 @@
-"""Command line: ``python -m benchmarks run [...]`` and ``python -m benchmarks plot [...]``.
+"""Command line: ``python -m benchmarks run [...]``, ``python -m benchmarks plot [...]`` and
+``python -m benchmarks whole-run [...]``.
 
 Run from the repository root (``benchmarks`` is not an installed package).
 
 Exit status of ``run``: 0 when no row is an error, 1 when any row is (each failed row is named on
-stderr); 2 for bad arguments.
+stderr); of ``whole-run``: 1 when a recipe failed or the two did different work; 2 for bad
+arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ def _csv_list(allowed):
         return items
 
     return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -51,7 +63,31 @@ def main(argv=None) -> int:
     plot_p.add_argument("--in", dest="in_dir", default=None, help="folder with results.json (default benchmarks/results/<device>/)")
     plot_p.add_argument("--out", default=None, help="folder for the PNGs (default: the input folder)")
 
+    whole = sub.add_parser("whole-run", help="the authors' recipe vs stakes' defaults on the same work, per phase; "
+                                             "write whole_run.json/.csv")
+    whole.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    whole.add_argument("--quick", action="store_true",
+                       help="the reduced CPU size (k=16, R=2, 3 PGD steps, 2 steps, 64 importance samples, 32 test "
+                            "images); the default is the issue's size (k=256, R=20, 100 PGD steps, |D_r| importance "
+                            "samples, 3 epochs, 2,000 test images)")
+    for name, what in (("k", "forget images"), ("repetitions", "R"), ("pgd-steps", "PGD steps a proxy"),
+                       ("steps", "optimisation steps (default: the size's number of epochs)"),
+                       ("importance-samples", "N_tot (default with --k: 50,000 - k)"),
+                       ("test-size", "test images an evaluation")):
+        whole.add_argument(f"--{name}", type=_positive_int, default=None, help=what)
+    whole.add_argument("--seed", type=int, default=0)
+    whole.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    whole.add_argument("--no-warmup", action="store_true", help="skip the tiny warm-up run of each recipe")
+    whole.add_argument("--repeats", type=_positive_int, default=1,
+                       help="run both recipes this many times, interleaved, and keep each phase's fastest time "
+                            "(for a shared CPU: contention only slows a run down)")
+    whole.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/)")
+
     args = parser.parse_args(argv)
+    if args.command == "whole-run":
+        from benchmarks import whole_run
+
+        return whole_run.main(args)
     if args.command == "run":
         if args.threads is not None:
             import torch
