@@ -26,8 +26,9 @@
 #                            (python -m benchmarks.stakes_check main: forget 0 %, accuracy bands)
 #           stakes_compare   stakes compare, 2 methods x 2 seeds, on the card
 #           stakes_torchrun  torchrun --nproc-per-node=1: an NCCL smoke test (collectives, DDP with
-#                            SyncBatchNorm), then the main job on the card (at world size 1 stakes
-#                            forms no process group: its own NCCL paths need two GPUs)
+#                            SyncBatchNorm), then the main job on the card with STAKES_DISTRIBUTED=1
+#                            (stakes forms an NCCL group of one and takes its data-parallel path:
+#                            DDP, the collectives, NCCL buffers on the card)
 #           ops_compile      opcheck + torch.compile (aot_eager, inductor) of every op at D = 512
 #                            with the real kernels (tests/fused/traced_registration.py --real-kernels)
 #   wave 4  whole_run        SLOT for `python -m benchmarks whole-run` (another issue adds it); its
@@ -237,8 +238,8 @@ step_stakes_compare() {
 step_stakes_torchrun() {   # NCCL itself at world size 1, then stakes under torchrun (see stakes_check.py)
     local rc=0
     x python -m torch.distributed.run --standalone --nproc-per-node=1 -m benchmarks.stakes_check nccl || rc=1
-    { x python -m torch.distributed.run --standalone --nproc-per-node=1 -m stakes unlearn $STAKES_MAIN $ANCHOR_ARGS \
-        --device cuda --out "$PACK/stakes/torchrun.json" &&
+    { x env STAKES_DISTRIBUTED=1 python -m torch.distributed.run --standalone --nproc-per-node=1 -m stakes unlearn \
+        $STAKES_MAIN $ANCHOR_ARGS --device cuda --out "$PACK/stakes/torchrun.json" &&
       x python -m benchmarks.stakes_check torchrun "$PACK/stakes/torchrun.json" --reference "$PACK/stakes/cpu.json"
     } || rc=1
     return $rc

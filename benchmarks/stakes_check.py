@@ -24,10 +24,9 @@
 ``python -m benchmarks.stakes_check torchrun RESULT.json [--reference OTHER.json]``
     ``torchrun --nproc-per-node=1 -m stakes unlearn --device cuda``: the result must say world size 1,
     a CUDA device, forget 0 %, and (given another run of the same job, gpu_check passes the CPU one)
-    a test accuracy within the band of it. Its backend must be NCCL or none: stakes forms a process
-    group only for world sizes above 1 (``DistContext.enabled``), so on a one-GPU machine this run
-    takes the single-process path and records no backend; stakes' NCCL paths (DDP, SyncBatchNorm, the
-    collectives) need two GPUs. A CUDA run that records gloo is wrong.
+    a test accuracy within the band of it. gpu_check runs it with ``STAKES_DISTRIBUTED=1``, which makes
+    stakes form its process group at world size 1 and take the data-parallel path (DDP, the
+    collectives), so its backend must be NCCL. A CUDA run that records gloo, or none, is wrong.
 
 ``torchrun --nproc-per-node=1 -m benchmarks.stakes_check nccl [--backend gloo --device cpu]``
     What one GPU can say about NCCL: a process group on the card, all_reduce, broadcast and
@@ -37,7 +36,7 @@
 
 ``python -m benchmarks.stakes_check compare DIR --methods A,B --seeds 0,1``
     ``stakes compare`` on the card: every (method, seed) run present with status ``ok`` (compare
-    itself exits 0 when runs fail) and finite accuracies in [0, 100].
+    itself exits 1 when runs fail; this names them) and finite accuracies in [0, 100].
 
 Each prints one ``VERDICT: ...`` line and exits 0 (pass) or 1 (fail); 2 for unreadable input.
 """
@@ -117,9 +116,9 @@ def check_torchrun(result: Dict[str, object], reference: Optional[Dict[str, obje
                    band: float = BAND) -> List[str]:
     problems = []
     dist = result.get("distributed") or {}
-    if dist.get("backend") not in (None, "nccl"):
-        problems.append(f"process-group backend {dist.get('backend')!r} on cuda, expected 'nccl' (or none at "
-                        f"world size 1)")
+    if dist.get("backend") != "nccl":
+        problems.append(f"process-group backend {dist.get('backend')!r} on cuda, expected 'nccl' (gpu_check runs "
+                        "it with STAKES_DISTRIBUTED=1)")
     if dist.get("world_size") != 1:
         problems.append(f"world size {dist.get('world_size')!r}, expected 1")
     if not _device(result).startswith("cuda"):

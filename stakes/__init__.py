@@ -8,8 +8,9 @@ Entry points:
   :class:`UnlearningMethod`), run by name like the built-ins.
 * :func:`stakes.as_classifier` — the view of a timm / torchvision / Hugging Face classifier (or a
   ``(features, head)`` pair) that the methods work on.
-* :class:`stakes.UnlearnConfig` — every hyper-parameter in one object; presets ``"stable"``
-  (default) and ``"paper"``.
+* :class:`stakes.UnlearnConfig` — the options every run shares; :func:`stakes.preset` builds one for
+  a method (``"stable"``, the default, or ``"paper"``), with the method's own options.
+* :class:`stakes.UnlearnContext` — what a method's hooks may use.
 * the ``stakes`` command line (``stakes --help``).
 """
 
@@ -24,13 +25,14 @@ _EXPORTS = {
     "UnlearnResult": "stakes.methods",
     "METHODS": "stakes.methods",
     "UnlearningMethod": "stakes.methods",
+    "UnlearnContext": "stakes.methods",
     "Batch": "stakes.methods",
     "register_method": "stakes.methods",
     "unregister_method": "stakes.methods",
     "available_methods": "stakes.methods",
     "as_classifier": "stakes.models",
     "UnlearnConfig": "stakes.config",
-    "preset": "stakes.config",
+    "preset": "stakes.methods",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,10 +28,13 @@ from typing import Optional
 
 import torch
 
+from stakes import distributed as dist_
 from stakes._io import atomic_json_dump
 from stakes.config import PRESETS
-from stakes.jobs import (UsageError, anchor_cache_dir, load_data, load_model, load_or_build_anchors, load_plugins,
-                         make_config, parse_overrides, run_one, save_deployed_model)
+from stakes.methods import NonFiniteError, available_methods
+from stakes.jobs import (AnchorSpec, DataSpec, ModelSpec, RunSpec, UsageError, float_list, load_data, load_model,
+                         load_or_build_anchors, load_plugins, make_config, parse_overrides, run_one,
+                         save_deployed_model)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -41,12 +44,13 @@ def cmd_pretrain(args) -> int:
     from stakes.models import build_model, default_arch
     from stakes.pretrain import pretrain, save_checkpoint
 
-    data = load_data(args)
+    data = load_data(data_spec(args))
     arch = args.arch or default_arch(data.name)
     torch.manual_seed(args.seed)
     c, h, _ = data.input_shape
     model = build_model(arch, data.num_classes, in_channels=c, image_size=h)
-    kwargs = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size") if getattr(args, k) is not None}
+    kwargs = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
+              if v is not None}
     stats = pretrain(model, data, seed=args.seed, progress=not args.no_progress, device=args.device, **kwargs)
     meta = {"dataset": data.name, "arch": arch, "seed": args.seed, **stats}
     save_checkpoint(args.out, model, meta)
@@ -57,18 +61,19 @@ def cmd_pretrain(args) -> int:
 
 def cmd_anchors(args) -> int:
     from stakes.anchors import BUNDLED_DESCRIPTIONS, build_anchors, class_prompts, load_descriptions, save_anchors
+    from stakes.pretrain import default_cache_dir
 
     if args.dataset in BUNDLED_DESCRIPTIONS and args.root is None and args.dataset != "digits" and args.dataset != "shapes":
         # CIFAR class names come with the bundled descriptions: no data folder needed to build anchors
         class_names = list(load_descriptions(args.dataset).keys())
     else:
-        class_names = load_data(args).class_names
+        class_names = load_data(data_spec(args)).class_names
     if args.encoder == "prototype":
         raise UsageError("prototype anchors depend on a model: use `stakes unlearn --encoder prototype`")
     descriptions = args.descriptions or (args.dataset if args.dataset in BUNDLED_DESCRIPTIONS else None)
     anchors = build_anchors(class_names, descriptions=descriptions, encoder=args.encoder,
-                            cache_dir=anchor_cache_dir(args), checkpoint=args.clip_checkpoint, arch=args.clip_arch,
-                            allow_random=args.clip_random)
+                            cache_dir=args.cache_dir or default_cache_dir(), checkpoint=args.clip_checkpoint,
+                            arch=args.clip_arch, allow_random=args.clip_random)
     prompts = class_prompts(class_names, load_descriptions(descriptions) if descriptions else None)
     save_anchors(args.out, anchors, {"class_names": class_names, "encoder": args.encoder, "prompts": prompts,
                                      "dataset": args.dataset})
@@ -111,21 +116,19 @@ def _summary_lines(rec: dict) -> list:
 
 
 def cmd_unlearn(args) -> int:
-    from stakes import distributed as dist_
-
     ctx = dist_.current()
-    data = load_data(args)
+    data = load_data(data_spec(args))
     if not 1 <= args.k <= len(data.train_y):
         raise UsageError(f"--k must be between 1 and the training set size {len(data.train_y)}, got {args.k}")
     with dist_.main_first(ctx):   # rank 0 first: it may pretrain and cache the default model and anchors
-        model, _ = load_model(args, data)
-        anchors, anchor_meta = load_or_build_anchors(args, data, model)
-    cfg = make_config(args, args.method)   # progress bars: rank 0 alone draws them
+        model, _ = load_model(model_spec(args), data)
+        anchors, anchor_meta = load_or_build_anchors(anchor_spec(args), data, model)
+    cfg = make_config(run_spec(args), args.method, seed=args.seed)   # progress bars: rank 0 alone draws them
     # every run keeps a resumable state next to its result until the result is written; a job that
     # torchrun restarted (--max-restarts) resumes from it
     ckpt = args.checkpoint or args.out + ".ckpt"
     resume = args.resume or dist_.restart_count() > 0
-    record, result = run_one(args, data, model, anchors, args.method, args.k, args.seed, cfg=cfg,
+    record, result = run_one(data, model, anchors, args.method, args.k, args.seed, cfg=cfg,
                              checkpoint_path=ckpt, resume=resume, keep_checkpoint=True, evaluate=ctx.is_main)
     if not ctx.is_main:   # rank 0 evaluates, writes and prints; the job ends when it is done
         dist_.barrier(ctx)
@@ -146,9 +149,40 @@ def cmd_unlearn(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from stakes.compare import run_compare
+    from stakes.compare import CompareJob, run_compare
 
-    return run_compare(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    ablations = list(dict.fromkeys((args.ablate or []) + ["warm-start"] * args.ablate_warm_start
+                                   + ["projector"] * args.ablate_projector))
+    return run_compare(CompareJob(data=data_spec(args), model=model_spec(args), anchors=anchor_spec(args),
+                                  run=run_spec(args), methods=methods, ks=args.k, seeds=args.seeds, out=args.out,
+                                  ablations=ablations, retrain=args.retrain, dist_timeout=args.dist_timeout))
+
+
+# ----------------------------------------------------------------------------- arguments → job dataclasses
+
+
+def data_spec(args) -> DataSpec:
+    return DataSpec(dataset=args.dataset, root=args.root)
+
+
+def model_spec(args) -> ModelSpec:
+    if (args.mean is None) != (args.std is None):
+        raise UsageError("--mean and --std go together (one value per channel each)")
+    normalization = "config" if args.mean is None else (float_list("--mean", args.mean), float_list("--std", args.std))
+    return ModelSpec(path=args.model, arch=args.arch, model_args=parse_overrides(args.model_arg),
+                     normalization=normalization, cache_dir=args.cache_dir, progress=not args.no_progress)
+
+
+def anchor_spec(args) -> AnchorSpec:
+    return AnchorSpec(encoder=args.encoder, descriptions=args.descriptions, path=args.anchors,
+                      clip_arch=args.clip_arch, clip_checkpoint=args.clip_checkpoint, clip_random=args.clip_random,
+                      cache_dir=args.cache_dir)
+
+
+def run_spec(args) -> RunSpec:
+    return RunSpec(preset=args.preset, overrides=parse_overrides(args.set), device=args.device,
+                   progress=not args.no_progress)
 
 
 def cmd_report(args) -> int:
@@ -177,54 +211,57 @@ def _int_list(text: str) -> list:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_args(sp, model=True):
     from stakes.data import DATASETS
 
+    sp.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (default: digits, bundled)")
+    sp.add_argument("--root", default=None, help="data folder (CIFAR python-pickle folder, ImageFolder tree)")
+    sp.add_argument("--device", default="cpu", help="torch device (default: cpu; under torchrun, cuda means "
+                                                       "cuda:LOCAL_RANK, one GPU per process)")
+    sp.add_argument("--cache-dir", default=None, help="cache for pretrained models and anchors "
+                                                      "(default: $STAKES_CACHE or ~/.cache/stakes)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp.add_argument("--seed", type=int, default=0)
+    if model:
+        sp.add_argument("--model", default=None,
+                        help="the model to unlearn: a stakes checkpoint (stakes pretrain), a whole pickled model "
+                             "(torch.save(model); unpickled, so only your own files), or a state dict with "
+                             "--arch; default: pretrain and cache one for digits/shapes")
+        sp.add_argument("--arch", default=None, metavar="FAMILY:NAME",
+                        help="what a --model state dict belongs to: timm:NAME, torchvision:NAME (random-weight "
+                             "model built with the data set's classes) or hf:LOCAL_DIR (a save_pretrained folder; "
+                             "without --model its own weights); never downloads")
+        sp.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                        help="extra keyword for the --arch constructor, e.g. patch_size=4 (repeatable)")
+        sp.add_argument("--mean", default=None, help="input mean per channel, comma-separated (with --std); "
+                                                     "default: the model's config (timm, Hugging Face) or none")
+        sp.add_argument("--std", default=None, help="input std per channel, comma-separated (with --mean)")
+        sp.add_argument("--plugin", action="append", metavar="PATH_OR_MODULE",
+                        help="a .py file or module that registers methods with stakes.register_method "
+                             "(repeatable)")
+
+
+def _anchor_args(sp):
+    sp.add_argument("--encoder", default="minilm", choices=("minilm", "open_clip", "prototype"))
+    sp.add_argument("--descriptions", default=None, help="JSON {class: [attribute, ...]} (default: bundled)")
+    sp.add_argument("--anchors", default=None, help="anchors file from `stakes anchors`")
+    sp.add_argument("--clip-arch", default="ViT-B-32")
+    sp.add_argument("--clip-checkpoint", default=None, help="local open_clip checkpoint")
+    sp.add_argument("--clip-random", action="store_true", help="random-weight open_clip (testing only)")
+
+
+def _dist_args(sp):
+    sp.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                    help="under torchrun: how long a collective waits for the other ranks before the job "
+                         "stops with an error (default 1800)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stakes", description="Structure-faithful instance unlearning on fused ops.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, model=True):
-        sp.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (default: digits, bundled)")
-        sp.add_argument("--root", default=None, help="data folder (CIFAR python-pickle folder, ImageFolder tree)")
-        sp.add_argument("--device", default="cpu", help="torch device (default: cpu; under torchrun, cuda means "
-                                                           "cuda:LOCAL_RANK, one GPU per process)")
-        sp.add_argument("--cache-dir", default=None, help="cache for pretrained models and anchors "
-                                                          "(default: $STAKES_CACHE or ~/.cache/stakes)")
-        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
-        sp.add_argument("--seed", type=int, default=0)
-        if model:
-            sp.add_argument("--model", default=None,
-                            help="the model to unlearn: a stakes checkpoint (stakes pretrain), a whole pickled model "
-                                 "(torch.save(model); unpickled, so only your own files), or a state dict with "
-                                 "--arch; default: pretrain and cache one for digits/shapes")
-            sp.add_argument("--arch", default=None, metavar="FAMILY:NAME",
-                            help="what a --model state dict belongs to: timm:NAME, torchvision:NAME (random-weight "
-                                 "model built with the data set's classes) or hf:LOCAL_DIR (a save_pretrained folder; "
-                                 "without --model its own weights); never downloads")
-            sp.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                            help="extra keyword for the --arch constructor, e.g. patch_size=4 (repeatable)")
-            sp.add_argument("--mean", default=None, help="input mean per channel, comma-separated (with --std); "
-                                                         "default: the model's config (timm, Hugging Face) or none")
-            sp.add_argument("--std", default=None, help="input std per channel, comma-separated (with --mean)")
-            sp.add_argument("--plugin", action="append", metavar="PATH_OR_MODULE",
-                            help="a .py file or module that registers methods with stakes.register_method "
-                                 "(repeatable)")
-
-    def anchor_args(sp):
-        sp.add_argument("--encoder", default="minilm", choices=("minilm", "open_clip", "prototype"))
-        sp.add_argument("--descriptions", default=None, help="JSON {class: [attribute, ...]} (default: bundled)")
-        sp.add_argument("--anchors", default=None, help="anchors file from `stakes anchors`")
-        sp.add_argument("--clip-arch", default="ViT-B-32")
-        sp.add_argument("--clip-checkpoint", default=None, help="local open_clip checkpoint")
-        sp.add_argument("--clip-random", action="store_true", help="random-weight open_clip (testing only)")
-
-    def dist_args(sp):
-        sp.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
-                        help="under torchrun: how long a collective waits for the other ranks before the job "
-                             "stops with an error (default 1800)")
-
     sp = sub.add_parser("pretrain", help="train and save a model")
-    common(sp, model=False)
+    _common_args(sp, model=False)
     sp.add_argument("--arch", default=None)
     sp.add_argument("--epochs", type=int, default=None)
     sp.add_argument("--lr", type=float, default=None)
@@ -233,56 +270,65 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_pretrain)
 
     sp = sub.add_parser("anchors", help="build semantic anchors")
-    common(sp, model=False)
-    anchor_args(sp)
+    _common_args(sp, model=False)
+    _anchor_args(sp)
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_anchors)
-
-    sp = sub.add_parser("unlearn", help="unlearn k training instances")
-    common(sp)
-    anchor_args(sp)
-    from stakes.methods import available_methods
-
-    sp.add_argument("--method", default="structguard", choices=available_methods(oracles=False),
-                    help="a registered method (the built-ins, and those of --plugin)")
-    sp.add_argument("--k", type=int, default=8, help="forget set size")
-    sp.add_argument("--preset", default="stable", choices=PRESETS)
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    sp.add_argument("--out", default="result.json")
-    sp.add_argument("--checkpoint", default=None, help="resumable state file (default: OUT.ckpt; removed once "
-                                                           "the result is written)")
-    sp.add_argument("--resume", action="store_true", help="resume an interrupted run from its checkpoint")
-    sp.add_argument("--save-model", default=None, help="also save the deployed model here")
-    dist_args(sp)
-    sp.set_defaults(func=cmd_unlearn)
-
-    sp = sub.add_parser("compare", help="run a grid of methods × k × seeds and write a report")
-    common(sp)
-    anchor_args(sp)
-    sp.add_argument("--methods", default="neggrad,adv,l2ul,salun,structguard",
-                    help="comma-separated registered methods (the built-ins, and those of --plugin)")
-    sp.add_argument("--k", type=_int_list, default=[8, 16])
-    sp.add_argument("--seeds", type=_int_list, default=[0, 1, 2, 3, 4])
-    sp.add_argument("--preset", default="stable", choices=PRESETS)
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE")
-    sp.add_argument("--ablate-warm-start", action="store_true",
-                    help="also run StructGuard with the deployed-model warm start flipped "
-                         "(structguard-cold under the stable preset: the paper's random projector, trained at "
-                         "projector_lr 0.009; structguard+warm under paper)")
-    sp.add_argument("--ablate-projector", action="store_true",
-                    help="also run StructGuard with the warm-started projector's training flipped "
-                         "(structguard-fixedproj: projector_lr=0, or structguard-trainproj when it is already 0)")
-    sp.add_argument("--retrain", action="store_true", help="also run the retrain oracle")
-    sp.add_argument("--out", default="report")
-    dist_args(sp)
-    sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("report", help="redraw summary.md and the plots of a compare folder from its results.json, "
                                        "or merge several compare folders into one")
     sp.add_argument("dir", nargs="+", help="compare folder(s); with more than one, --out is required")
     sp.add_argument("--out", default=None, help="write the merged report of all DIRs here")
     sp.set_defaults(func=cmd_report)
+    _add_run_commands(sub)
     return p
+
+
+def _add_run_commands(sub) -> None:
+    """``stakes unlearn`` and ``stakes compare``."""
+    sp = sub.add_parser("unlearn", help="unlearn k training instances")
+    _common_args(sp)
+    _anchor_args(sp)
+    sp.add_argument("--method", default="structguard", choices=available_methods(),
+                    help="a registered method (the built-ins, and those of --plugin)")
+    sp.add_argument("--k", type=int, default=8, help="forget set size")
+    sp.add_argument("--preset", default="stable", choices=PRESETS)
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override an option (repeatable): a shared one (lr=0.01), or the method's own "
+                         "(structguard.align_weight=2, or align_weight=2)")
+    sp.add_argument("--out", default="result.json")
+    sp.add_argument("--checkpoint", default=None, help="resumable state file (default: OUT.ckpt; removed once "
+                                                           "the result is written)")
+    sp.add_argument("--resume", action="store_true", help="resume an interrupted run from its checkpoint")
+    sp.add_argument("--save-model", default=None, help="also save the deployed model here")
+    _dist_args(sp)
+    sp.set_defaults(func=cmd_unlearn)
+
+    sp = sub.add_parser("compare", help="run a grid of methods × k × seeds and write a report")
+    _common_args(sp)
+    _anchor_args(sp)
+    sp.add_argument("--methods", default="neggrad,adv,l2ul,salun,structguard",
+                    help="comma-separated registered methods (the built-ins, and those of --plugin)")
+    sp.add_argument("--k", type=_int_list, default=[8, 16])
+    sp.add_argument("--seeds", type=_int_list, default=[0, 1, 2, 3, 4])
+    sp.add_argument("--preset", default="stable", choices=PRESETS)
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override an option (repeatable): a shared one, a method's own as NAME.option=value, or "
+                         "the plain option name where one method of the grid has it")
+    sp.add_argument("--ablate", action="append", metavar="NAME",
+                    help="also run the ablation NAME of every method of the grid that declares it (StructGuard: "
+                         "warm-start, projector); repeatable")
+    sp.add_argument("--ablate-warm-start", action="store_true",
+                    help="= --ablate warm-start: StructGuard with the deployed-model warm start flipped "
+                         "(structguard-cold under the stable preset: the paper's random projector, trained at "
+                         "projector_lr 0.009; structguard+warm under paper)")
+    sp.add_argument("--ablate-projector", action="store_true",
+                    help="= --ablate projector: StructGuard with the warm-started projector's training flipped "
+                         "(structguard-fixedproj: projector_lr=0, or structguard-trainproj when it is already 0)")
+    sp.add_argument("--retrain", action="store_true", help="also run the retrain oracle")
+    sp.add_argument("--out", default="report")
+    _dist_args(sp)
+    sp.set_defaults(func=cmd_compare)
 
 
 def _plugin_specs(argv: list) -> list:
@@ -306,12 +352,10 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     parser = build_parser()
     args = parser.parse_args(argv)
-    from stakes import distributed as dist_
-    from stakes.methods import NonFiniteError
 
     started = False
     try:
-        if parse_overrides(getattr(args, "set", None)).get("deterministic") is True:
+        if args.command in ("unlearn", "compare") and parse_overrides(args.set).get("deterministic") is True:
             # before anything uses cuBLAS (model checks, prototype anchors): its workspace setting is read once
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         started = _init_distributed(args)
@@ -340,8 +384,6 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def _rank_prefix() -> str:
-    from stakes import distributed as dist_
-
     ctx = dist_.current()
     return f"rank {ctx.rank}/{ctx.world_size}: " if ctx.enabled else ""
 
@@ -350,9 +392,7 @@ def _init_distributed(args) -> bool:
     """Under torchrun (world size > 1): the process group for ``unlearn`` (NCCL on CUDA, gloo on CPU)
     and ``compare`` (gloo: its ranks only coordinate); ``args.device`` becomes this rank's device.
     Returns whether a group was initialised here."""
-    from stakes import distributed as dist_
-
-    if not dist_.launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not dist_.wants_group():
         return False
     if args.command not in ("unlearn", "compare"):
         raise UsageError(f"`stakes {args.command}` runs on one process; launch it without torchrun "

@@ -23,15 +23,29 @@ runs are rerun.
 
 from __future__ import annotations
 
+import datetime
+import glob
+import json
+import os
+import shutil
 import time
 import traceback
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
+import torch.distributed as tdist
 from tqdm.auto import tqdm
 
+from stakes import distributed as dist_
 from stakes._io import atomic_json_dump, atomic_text
-from stakes.config import UnlearnConfig
-from stakes.methods.retrain import retrain_oracle  # noqa: F401  (also part of this module's API)
+from stakes.data import sample_forget_indices
+from stakes.distributed import digest
+from stakes.jobs import (AnchorSpec, DataSpec, ModelSpec, RunSpec, UsageError, load_data, load_model,
+                         load_or_build_anchors, make_config, run_one)
+from stakes.methods import available_methods, build_proxies, get_method
+from stakes.metrics import accuracy, evaluate_model, matched_forgetting, membership_inference, summarize
+from stakes.oracle import retrain_oracle  # noqa: F401  (also part of this module's API)
 
 MATCHED = (25.0, 10.0, 0.0)
 
@@ -65,8 +79,6 @@ EMBEDDING_COLUMNS = (("recall@1", "recall@1", 1), ("recall@5", "recall@5", 1), (
 def _embedding_table(ok: list, methods: list, k: int) -> list:
     """Markdown lines: retrieval / identification / pairwise-cosine change and peak memory per method,
     for the runs of ``k`` that recorded them (reports written before these fields existed have none)."""
-    from stakes.metrics import summarize
-
     rows = []
     for m in methods:
         rs = [r for r in ok if r["method"] == m and r["k"] == k and r.get("retrieval")]
@@ -93,8 +105,6 @@ def _embedding_table(ok: list, methods: list, k: int) -> list:
 
 def write_summary(records: list, path: str, meta: dict) -> str:
     """The mean ± std tables of ``records`` as Markdown (also returned)."""
-    from stakes.metrics import matched_forgetting, summarize
-
     ok = [r for r in records if r.get("status") == "ok"]
     failed = [r for r in records if r.get("status") != "ok"]
     methods = list(dict.fromkeys(r["method"] for r in records))
@@ -165,9 +175,7 @@ def write_summary(records: list, path: str, meta: dict) -> str:
 
 def plot_report(records: list, out_dir: str) -> list:
     """Draw the report's PNGs from ``records``; returns the paths written."""
-    import os
-
-    import matplotlib
+    import matplotlib   # only for drawing: a grid that fails before the report does not pay for it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -249,8 +257,6 @@ def _merge_radius(dst: dict, src: dict, ks=None, seeds=None) -> dict:
 
 
 def _parts_dir(out_dir: str) -> str:
-    import os
-
     return os.path.join(out_dir, "parts")
 
 
@@ -260,10 +266,6 @@ def _finished_runs(out_dir: str, settings: str, grid_keys: set, ks: set, seeds: 
     Reads ``results.json`` and any ``parts/rank*.json`` a distributed grid left; keeps the records of
     this grid with status "ok" whose report was written with the same settings (data set, preset,
     ``--set`` overrides, model and anchors), later files winning."""
-    import glob
-    import json
-    import os
-
     parts = sorted(glob.glob(os.path.join(_parts_dir(out_dir), "rank*.json")))
     sources = [p for p in [os.path.join(out_dir, "results.json")] + parts if os.path.isfile(p)]
     kept: dict = {}
@@ -295,12 +297,6 @@ def _wait_for_all_ranks(ctx, poll_s: float = 1.0) -> None:
     beyond any collective timeout): each rank adds 1 to a key of the process group's store and polls
     it until it reaches the world size. Without a store (a group not made by init_process_group) a
     gloo ``monitored_barrier`` with a month's timeout, else a plain barrier."""
-    import datetime
-
-    import torch.distributed as dist
-
-    from stakes import distributed as dist_
-
     if not ctx.enabled:
         return
     _WAIT_SEQ[0] += 1
@@ -314,7 +310,7 @@ def _wait_for_all_ranks(ctx, poll_s: float = 1.0) -> None:
     if store is None:
         if ctx.backend == "gloo":
             with dist_._collective("monitored_barrier"):
-                dist.monitored_barrier(timeout=datetime.timedelta(days=30))
+                tdist.monitored_barrier(timeout=datetime.timedelta(days=30))
         else:
             dist_.barrier(ctx)
         return
@@ -324,20 +320,165 @@ def _wait_for_all_ranks(ctx, poll_s: float = 1.0) -> None:
             time.sleep(poll_s)
 
 
-def _grid_settings(args, data, model, anchors) -> dict:
+def _grid_settings(job: "CompareJob", data, model, anchors) -> dict:
     """Digests of what decides a run's result besides (method, k, seed)."""
-    from stakes.distributed import digest
-    from stakes.jobs import parse_overrides
-
     state = model.state_dict() if hasattr(model, "state_dict") else {}
     return {"dataset": digest([data.name, list(data.train_x.shape), data.train_y, list(data.test_x.shape)]),
-            "preset": digest(args.preset),
-            "set overrides": digest({k: repr(v) for k, v in parse_overrides(getattr(args, "set", None)).items()}),
+            "preset": digest(job.run.preset),
+            "set overrides": digest({k: repr(v) for k, v in job.run.overrides.items()}),
             "model": digest({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}),
             "anchors": digest(anchors if isinstance(anchors, torch.Tensor) else repr(anchors))}
 
 
-def run_compare(args) -> int:
+# ----------------------------------------------------------------------------- the grid's jobs
+
+
+@dataclass
+class CompareJob:
+    """A ``stakes compare`` grid: methods (and their ablations) × k × seeds, and the retrain oracle."""
+
+    data: DataSpec
+    model: ModelSpec
+    anchors: AnchorSpec
+    run: RunSpec
+    methods: list
+    ks: list
+    seeds: list
+    out: str
+    ablations: list = field(default_factory=list)   # names of method ablations (StructGuard: warm-start, projector)
+    retrain: bool = False
+    dist_timeout: float = dist_.DEFAULT_TIMEOUT_S
+
+
+@dataclass
+class _Grid:
+    """What every run of a grid shares (the loaded data, model and anchors), and the per-(k, seed)
+    state of this process: the forget set, the pretrained model's figures and the proxy sets."""
+
+    job: CompareJob
+    data: object
+    model: object
+    anchors: object
+    radius: dict = field(default_factory=dict)
+    at: Optional[tuple] = None
+    forget_idx: Optional[torch.Tensor] = None
+    pretrained: Optional[dict] = None
+    proxies: dict = field(default_factory=dict)
+
+    def select(self, k: int, seed: int) -> None:
+        """The (k, seed) whose forget set, pretrained figures and proxies are at hand."""
+        if self.at != (k, seed):
+            self.at, self.proxies, self.pretrained = (k, seed), {}, None
+            self.forget_idx = sample_forget_indices(self.data.train_y, k, seed)
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One unlearning run of the grid: ``method`` (with ``options`` changed: an ablation ``label``)
+    on the forget set of (k, seed)."""
+
+    label: str
+    method: str
+    k: int
+    seed: int
+    options: tuple = ()   # (option, value) pairs of the ablation
+
+    def execute(self, grid: _Grid) -> dict:
+        data, job = grid.data, grid.job
+        grid.select(self.k, self.seed)
+        if grid.pretrained is None:
+            grid.pretrained = evaluate_model(grid.model, data, grid.forget_idx)
+        cfg = make_config(job.run, self.method, seed=self.seed, grid=job.methods)
+        if self.options:
+            cfg = cfg.with_method_options(get_method(self.method).key, **dict(self.options))
+        key = (cfg.eps, cfg.repetitions, cfg.pgd_steps, cfg.pgd_step_size, cfg.target_success)
+        if key not in grid.proxies:
+            # each rank runs whole runs on its own device: no data parallelism inside a grid
+            grid.proxies[key] = build_proxies(grid.model, data.train_x[grid.forget_idx], data.train_y[grid.forget_idx],
+                                              cfg, distributed=False)
+        proxies, ptimes = grid.proxies[key]
+        record, _ = run_one(data, grid.model, grid.anchors, self.method, self.k, self.seed, proxies=proxies, cfg=cfg,
+                            pretrained=grid.pretrained, distributed=False)
+        record["method"] = self.label
+        record["timings"].update({f"shared_{n}": v for n, v in ptimes.items()})
+        # the proxy set is shared, but each method that trains on it would have had to build it alone
+        uses_proxies = get_method(self.method).uses_proxies
+        record["wall_time_with_proxies_s"] = record["wall_time_s"] + uses_proxies * sum(ptimes.values())
+        record["status"] = "ok"
+        radius = grid.radius.setdefault(str(self.k), {"calibrated": cfg.eps is None, "eps": {}, "neighbour_distance": {}})
+        if str(self.seed) not in radius["eps"]:
+            radius["eps"][str(self.seed)] = round(proxies.eps, 3)
+            radius["neighbour_distance"][str(self.seed)] = round(median_neighbour_distance(data, grid.forget_idx), 3)
+        return record
+
+
+@dataclass(frozen=True)
+class RetrainRun:
+    """The retrain oracle of (k, seed): trained from scratch without the forget set (METHOD.md §10)."""
+
+    k: int
+    seed: int
+    label: str = "retrain"
+
+    def execute(self, grid: _Grid) -> dict:
+        t0 = time.perf_counter()
+        data = grid.data
+        grid.select(self.k, self.seed)
+        oracle = retrain_oracle(data, grid.forget_idx, self.seed, device=grid.job.run.device)
+        metrics = evaluate_model(oracle, data, grid.forget_idx)
+        fx, fy = data.train_x[grid.forget_idx], data.train_y[grid.forget_idx]
+        return {"method": self.label, "k": self.k, "seed": self.seed, "status": "ok", **metrics,
+                "mia": membership_inference(oracle, fx, fy, data.test_x, data.test_y, seed=self.seed),
+                "structure_drift": None, "steps": 0, "wall_time_s": time.perf_counter() - t0,
+                "history": [{"step": 0, **metrics}]}
+
+
+def plan_grid(job: CompareJob) -> list:
+    """The grid's runs in report order: for each (k, seed), every method, the ablations its methods
+    declare for ``job.ablations``, and the retrain oracle when asked."""
+    variants = [(m, m, ()) for m in job.methods]
+    for name in job.ablations:
+        owners = [m for m in job.methods if name in get_method(m).ablation_names]
+        if not owners:
+            declared = {m: list(get_method(m).ablation_names) for m in available_methods()}
+            raise UsageError(f"--ablate {name}: no method of this grid ({', '.join(job.methods)}) has that ablation "
+                             f"(the registered methods have {declared})")
+        for m in owners:
+            method = get_method(m)
+            options = method.options_for(make_config(job.run, m, seed=0, grid=job.methods))
+            try:
+                variant = method.ablation(name, options)
+            except ValueError as err:
+                raise UsageError(f"--ablate {name}: {err}") from None
+            variants.append((variant.label, m, tuple(sorted(variant.options.items()))))
+    runs = []
+    for k in job.ks:
+        for seed in job.seeds:
+            runs += [MethodRun(label, m, k, seed, options) for label, m, options in variants]
+            if job.retrain:
+                runs.append(RetrainRun(k, seed))
+    return runs
+
+
+def _run_safely(run, grid: _Grid, rank: int, grid_record: dict, distributed: bool) -> dict:
+    """One run's record; a failure is recorded with its error and the grid goes on."""
+    try:
+        record = run.execute(grid)
+    except Exception as err:
+        record = {"method": run.label, "k": run.k, "seed": run.seed, "status": "failed",
+                  "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=5)}
+    record["rank"] = rank
+    if distributed:   # the run itself is on one process (its own "distributed" record says so); the grid is not
+        own = record.get("distributed") if isinstance(record.get("distributed"), dict) else \
+            {"world_size": 1, "backend": None}
+        record["distributed"] = {**own, "grid": grid_record}
+    return record
+
+
+# ----------------------------------------------------------------------------- running a grid
+
+
+def run_compare(job: CompareJob) -> int:
     """The ``stakes compare`` command (see the module docstring).
 
     Under ``torchrun`` (a process group of world size > 1) the grid's runs (method, k, seed) are
@@ -346,229 +487,150 @@ def run_compare(args) -> int:
     the one report. A rerun in the same folder (serial or distributed) skips the runs an earlier,
     interrupted grid finished with the same settings (failed runs are rerun).
     """
-    import os
-
-    import torch.distributed as tdist
-
-    from stakes import distributed as dist_
-
     initialised_here = False
-    if (dist_.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-            and not (tdist.is_available() and tdist.is_initialized())):
-        # the CLI normally does this; harmless (a no-op) when a group already exists
-        _, args.device = dist_.init_from_env(args.device, backend="gloo",
-                                             timeout_s=getattr(args, "dist_timeout", dist_.DEFAULT_TIMEOUT_S))
+    if dist_.wants_group() and not (tdist.is_available() and tdist.is_initialized()):
+        # the command line normally does this; harmless (a no-op) when a group already exists
+        _, job.run.device = dist_.init_from_env(job.run.device, backend="gloo", timeout_s=job.dist_timeout)
         initialised_here = True
     try:
-        return _run_compare(args, dist_.current())
+        return _run_compare(job, dist_.current())
     finally:
         if initialised_here:
             dist_.shutdown()
 
 
-def _run_compare(args, ctx) -> int:
-    import os
-    import shutil
-
-    from stakes import distributed as dist_
-    from stakes.data import sample_forget_indices
-    from stakes.jobs import UsageError, load_data, load_model, load_or_build_anchors, make_config, run_one
-    from stakes.methods import available_methods, build_proxies, get_method
-    from stakes.metrics import accuracy, evaluate_model, membership_inference
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    valid = available_methods(oracles=False)
-    bad = [m for m in methods if m not in valid]
-    if bad or not methods:
+def _run_compare(job: CompareJob, ctx) -> int:
+    valid = available_methods()
+    bad = [m for m in job.methods if m not in valid]
+    if bad or not job.methods:
         raise UsageError(f"--methods: unknown {bad or 'empty list'}; expected a comma-separated subset of {valid}")
-    data = load_data(args)
-    for k in args.k:
+    data = load_data(job.data)
+    for k in job.ks:
         if not 1 <= k <= len(data.train_y):
             raise UsageError(f"--k must be between 1 and the training set size {len(data.train_y)}, got {k}")
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(job.out, exist_ok=True)
     with dist_.main_first(ctx):   # rank 0 first: it may pretrain and cache the default model and anchors
-        model, model_meta = load_model(args, data)
-        anchors, anchor_meta = load_or_build_anchors(args, data, model)
-    variants = [(m, m, {}) for m in methods]
-    if args.ablate_warm_start and "structguard" in methods:
-        base = make_config(args, "structguard")
-        flip = {"warm_start": not base.warm_start}
-        if base.warm_start and base.projector_lr == 0:   # the paper's cold projector is trained (else it stays random)
-            flip["projector_lr"] = UnlearnConfig.projector_lr
-        variants.append(("structguard-cold" if base.warm_start else "structguard+warm", "structguard", flip))
-    if getattr(args, "ablate_projector", False) and "structguard" in methods:
-        base = make_config(args, "structguard")
-        if not base.warm_start:
-            raise UsageError("--ablate-projector needs the deployed-model warm start (a fixed cold projector is a "
-                             "fixed random map); use the stable preset or --set warm_start=true")
-        fixed = base.projector_lr == 0
-        variants.append(("structguard-trainproj" if fixed else "structguard-fixedproj", "structguard",
-                         {"projector_lr": UnlearnConfig.projector_lr if fixed else 0.0}))
-    settings_parts = _grid_settings(args, data, model, anchors)
+        model, _ = load_model(job.model, data)
+        anchors, anchor_meta = load_or_build_anchors(job.anchors, data, model)
+    runs = plan_grid(job)
+    labels = list(dict.fromkeys(r.label for r in runs if isinstance(r, MethodRun)))
+    settings_parts = _grid_settings(job, data, model, anchors)
     settings = dist_.digest(settings_parts)
     # every rank must have been given the same grid (same command, same files)
-    dist_.check_same_across_ranks({**settings_parts,
-                                   "methods": dist_.digest([v[0] for v in variants]),
-                                   "k": dist_.digest(list(args.k)), "seeds": dist_.digest(list(args.seeds)),
-                                   "retrain": dist_.digest(bool(args.retrain))}, ctx, "compare grid")
-    pre_test = accuracy(model, data.test_x, data.test_y)
-    meta = {"dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "preset": args.preset,
-            "seeds": args.seeds, "ks": args.k, "methods": [v[0] for v in variants], "anchors": anchor_meta,
-            "pretrained_test_accuracy": pre_test, "radius": {}}
-    results_path = os.path.join(args.out, "results.json")
-    parts_dir = _parts_dir(args.out)
-    grid = [(k, s) for k in args.k for s in args.seeds]
-    runs = []   # (k, seed, label, method, extra), in report order; method None: the retrain oracle
-    for k, seed in grid:
-        runs += [(k, seed, label, method, extra) for label, method, extra in variants]
-        if args.retrain:
-            runs.append((k, seed, "retrain", None, None))
-    order = {(label, k, seed): i for i, (k, seed, label, _, _) in enumerate(runs)}
+    dist_.check_same_across_ranks({**settings_parts, "methods": dist_.digest(labels), "k": dist_.digest(list(job.ks)),
+                                   "seeds": dist_.digest(list(job.seeds)), "retrain": dist_.digest(bool(job.retrain))},
+                                  ctx, "compare grid")
+    meta = {"dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "preset": job.run.preset,
+            "seeds": job.seeds, "ks": job.ks, "methods": labels, "anchors": anchor_meta,
+            "pretrained_test_accuracy": accuracy(model, data.test_x, data.test_y), "radius": {}}
+    order = {(r.label, r.k, r.seed): i for i, r in enumerate(runs)}
+    finished = _resume_grid(job, ctx, meta, settings, order)
+    todo = [r for r in runs if (r.label, r.k, r.seed) not in finished]
+    mine = dist_.contiguous_chunks(todo, ctx.world_size)[ctx.rank] if ctx.enabled else todo
+    meta["settings"] = settings
+    meta["distributed"] = ctx.record()
+    grid = _Grid(job, data, model, anchors)
+    start = time.perf_counter()
+    my_records = _run_share(mine, grid, ctx, meta, finished, order)
+    records = _gather(job, ctx, meta, grid, my_records, finished, order, start)
+    if records is None:   # a rank other than 0: rank 0 writes the report
+        return 0
+    return 1 if _report(job, meta, records, finished) else 0
 
-    def ordered(records):
-        return sorted(records, key=lambda r: order.get(_run_key(r), len(order)))
 
-    # ----- what an interrupted earlier grid in this folder finished (rank 0 reads, every rank learns)
+def _ordered(records, order: dict) -> list:
+    return sorted(records, key=lambda r: order.get(_run_key(r), len(order)))
+
+
+def _resume_grid(job: CompareJob, ctx, meta: dict, settings: str, order: dict) -> dict:
+    """What an interrupted earlier grid in ``job.out`` finished ({key: record}, rank 0 reads, every
+    rank learns the keys); a distributed grid's parts are folded into results.json first."""
     finished: dict = {}
     if ctx.is_main:
         finished, old_radius, notes, had_parts = _finished_runs(
-            args.out, settings, set(order), {str(k) for k in args.k}, {str(s) for s in args.seeds})
+            job.out, settings, set(order), {str(k) for k in job.ks}, {str(s) for s in job.seeds})
         for note in notes:
             print(f"stakes compare: {note}", flush=True)
         _merge_radius(meta["radius"], old_radius)
         if had_parts:
             # fold the parts of an interrupted distributed grid into results.json before this grid's ranks
             # write their own (so that an interruption of this grid loses nothing either)
-            atomic_json_dump({"meta": {**meta, "settings": settings}, "runs": ordered(finished.values())},
-                             results_path)
-            shutil.rmtree(parts_dir, ignore_errors=True)
+            atomic_json_dump({"meta": {**meta, "settings": settings}, "runs": _ordered(finished.values(), order)},
+                             os.path.join(job.out, "results.json"))
+            shutil.rmtree(_parts_dir(job.out), ignore_errors=True)
         if finished:
-            print(f"stakes compare: {len(finished)} of {len(runs)} runs already finished in {args.out}; skipping "
-                  f"them, running the other {len(runs) - len(finished)}", flush=True)
+            print(f"stakes compare: {len(finished)} of {len(order)} runs already finished in {job.out}; skipping "
+                  f"them, running the other {len(order) - len(finished)}", flush=True)
     done_keys = dist_.broadcast_object(sorted(finished), ctx)
-    done_set = {tuple(key) for key in done_keys}
-    todo = [r for r in runs if (r[2], r[0], r[1]) not in done_set]
-    mine = dist_.contiguous_chunks(todo, ctx.world_size)[ctx.rank] if ctx.enabled else todo
+    return {tuple(key): finished.get(tuple(key)) for key in done_keys}
 
-    meta["settings"] = settings
-    meta["distributed"] = ctx.record()
-    grid_record = ctx.record()
+
+def _run_share(mine: list, grid: _Grid, ctx, meta: dict, finished: dict, order: dict) -> list:
+    """Run this rank's share of the grid, saving after every run (a part file per rank, or results.json)."""
+    job = grid.job
     my_records: list = []
-    my_radius: dict = {}
-    part_path = os.path.join(parts_dir, f"rank{ctx.rank}.json")
-
-    def save():
+    part_path = os.path.join(_parts_dir(job.out), f"rank{ctx.rank}.json")
+    bar = tqdm(total=len(mine), desc=f"compare rank {ctx.rank}" if ctx.enabled else "compare",
+               disable=not job.run.progress)
+    for run in mine:
+        bar.set_postfix(method=run.label, k=run.k, seed=run.seed)
+        my_records.append(_run_safely(run, grid, ctx.rank, ctx.record(), ctx.enabled))
         if ctx.enabled:
-            atomic_json_dump({"meta": {**meta, "radius": my_radius, "rank": ctx.rank}, "runs": my_records},
+            atomic_json_dump({"meta": {**meta, "radius": grid.radius, "rank": ctx.rank}, "runs": my_records},
                              part_path)
         else:
-            _merge_radius(meta["radius"], my_radius)
-            atomic_json_dump({"meta": meta, "runs": ordered(list(finished.values()) + my_records)}, results_path)
-
-    bar = tqdm(total=len(mine), desc=f"compare rank {ctx.rank}" if ctx.enabled else "compare",
-               disable=args.no_progress)
-    start = time.perf_counter()
-    at = None   # the (k, seed) whose forget set, pretrained figures and proxies are at hand
-    for k, seed, label, method, extra in mine:
-        if at != (k, seed):
-            at = (k, seed)
-            proxy_cache: dict = {}
-            forget_idx = sample_forget_indices(data.train_y, k, seed)
-            pretrained = None   # the same for every method of this (k, seed); computed when first needed
-        bar.set_postfix(method=label, k=k, seed=seed)
-        if method is None:   # the retrain oracle
-            t0 = time.perf_counter()
-            try:
-                oracle = retrain_oracle(data, forget_idx, seed, device=args.device)
-                metrics = evaluate_model(oracle, data, forget_idx)
-                fx, fy = data.train_x[forget_idx], data.train_y[forget_idx]
-                record = {"method": "retrain", "k": k, "seed": seed, "status": "ok", **metrics,
-                          "mia": membership_inference(oracle, fx, fy, data.test_x, data.test_y, seed=seed),
-                          "structure_drift": None, "steps": 0, "wall_time_s": time.perf_counter() - t0,
-                          "history": [{"step": 0, **metrics}]}
-            except Exception as err:
-                record = {"method": "retrain", "k": k, "seed": seed, "status": "failed",
-                          "error": f"{type(err).__name__}: {err}"}
-        else:
-            try:
-                if pretrained is None:
-                    pretrained = evaluate_model(model, data, forget_idx)
-                cfg: UnlearnConfig = make_config(args, method).replace(seed=seed, **extra)
-                key = (cfg.eps, cfg.repetitions, cfg.pgd_steps, cfg.pgd_step_size, cfg.target_success)
-                if key not in proxy_cache:
-                    # each rank runs whole runs on its own device: no data parallelism inside a grid
-                    proxy_cache[key] = build_proxies(model, data.train_x[forget_idx], data.train_y[forget_idx], cfg,
-                                                     distributed=False)
-                proxies, ptimes = proxy_cache[key]
-                record, _ = run_one(args, data, model, anchors, method, k, seed, proxies=proxies, cfg=cfg,
-                                     pretrained=pretrained, distributed=False)
-                record["method"] = label
-                record["timings"].update({f"shared_{n}": v for n, v in ptimes.items()})
-                # the proxy set is shared, but each method that trains on it would have had to build it alone
-                uses_proxies = get_method(method).uses_proxies
-                record["wall_time_with_proxies_s"] = record["wall_time_s"] + uses_proxies * sum(ptimes.values())
-                record["status"] = "ok"
-                radius = my_radius.setdefault(str(k), {"calibrated": cfg.eps is None, "eps": {},
-                                                       "neighbour_distance": {}})
-                if str(seed) not in radius["eps"]:
-                    radius["eps"][str(seed)] = round(proxies.eps, 3)
-                    radius["neighbour_distance"][str(seed)] = round(median_neighbour_distance(data, forget_idx), 3)
-            except Exception as err:  # the grid goes on; the failure is recorded with its error
-                record = {"method": label, "k": k, "seed": seed, "status": "failed",
-                          "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=5)}
-        record["rank"] = ctx.rank
-        if ctx.enabled and isinstance(record.get("distributed"), dict):
-            # the run itself is on one process (its own "distributed" record says so); the grid is not
-            record["distributed"] = {**record["distributed"], "grid": grid_record}
-        elif ctx.enabled:
-            record["distributed"] = {"world_size": 1, "backend": None, "grid": grid_record}
-        my_records.append(record)
-        save()
+            _merge_radius(meta["radius"], grid.radius)
+            atomic_json_dump({"meta": meta, "runs": _ordered(list(finished.values()) + my_records, order)},
+                             os.path.join(job.out, "results.json"))
         bar.update(1)
     bar.close()
+    return my_records
 
+
+def _gather(job: CompareJob, ctx, meta: dict, grid: _Grid, my_records: list, finished: dict, order: dict,
+            start: float):
+    """Every record of the grid on rank 0 (None on the other ranks), results.json written."""
     if ctx.enabled:
         # ranks finish hours apart: wait on the store, not in a collective that would time out
         _wait_for_all_ranks(ctx)
-        gathered = dist_.all_gather_object({"runs": my_records, "radius": my_radius}, ctx)
+        gathered = dist_.all_gather_object({"runs": my_records, "radius": grid.radius}, ctx)
+        records = None
         if ctx.is_main:
-            new = [r for part in gathered for r in part["runs"]]
             for part in gathered:
                 _merge_radius(meta["radius"], part["radius"])
-            records = ordered(list(finished.values()) + new)
+            records = _ordered(list(finished.values()) + [r for part in gathered for r in part["runs"]], order)
             meta["wall_time_s"] = time.perf_counter() - start
-            atomic_json_dump({"meta": meta, "runs": records}, results_path)
-            text = write_summary(records, os.path.join(args.out, "summary.md"), meta)
-            plots = plot_report(records, args.out)
+            atomic_json_dump({"meta": meta, "runs": records}, os.path.join(job.out, "results.json"))
         dist_.barrier(ctx)   # results.json holds every rank's runs: the parts can go
         try:
-            os.remove(part_path)
+            os.remove(os.path.join(_parts_dir(job.out), f"rank{ctx.rank}.json"))
         except FileNotFoundError:
             pass
-        if not ctx.is_main:
-            return 0
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    else:
-        records = ordered(list(finished.values()) + my_records)
-        meta["wall_time_s"] = time.perf_counter() - start
-        atomic_json_dump({"meta": meta, "runs": records}, results_path)
-        text = write_summary(records, os.path.join(args.out, "summary.md"), meta)
-        plots = plot_report(records, args.out)
+        if ctx.is_main:
+            shutil.rmtree(_parts_dir(job.out), ignore_errors=True)
+        return records
+    records = _ordered(list(finished.values()) + my_records, order)
+    meta["wall_time_s"] = time.perf_counter() - start
+    atomic_json_dump({"meta": meta, "runs": records}, os.path.join(job.out, "results.json"))
+    return records
+
+
+def _report(job: CompareJob, meta: dict, records: list, finished: dict) -> int:
+    """summary.md and the plots, printed; returns the number of failed runs."""
+    text = write_summary(records, os.path.join(job.out, "summary.md"), meta)
+    plots = plot_report(records, job.out)
     print(text)
-    print(f"\nreport -> {args.out}/ (results.json, summary.md, {', '.join(os.path.basename(p) for p in plots)})")
+    print(f"\nreport -> {job.out}/ (results.json, summary.md, {', '.join(os.path.basename(p) for p in plots)})")
     if finished:
         print(f"{len(finished)} of {len(records)} runs were finished by an earlier run of this grid and skipped")
     n_failed = sum(1 for r in records if r.get("status") != "ok")
     if n_failed:
         print(f"{n_failed} of {len(records)} runs failed; see summary.md")
-    return 0
+    return n_failed
 
 
 def load_report(out_dir: str) -> tuple:
     """``(meta, runs)`` of a report folder's ``results.json``, with a clear error if it is not one."""
-    import json
-    import os
-
     path = os.path.join(out_dir, "results.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no results.json in {out_dir!r} (run `stakes compare --out {out_dir}` first)")
@@ -578,8 +640,6 @@ def load_report(out_dir: str) -> tuple:
 def _read_results(path: str) -> tuple:
     """``(meta, runs)`` of a compare results file (``results.json`` or a rank's part); ValueError
     naming the file if it is not one."""
-    import json
-
     try:
         with open(path) as fh:
             payload = json.load(fh)
@@ -598,8 +658,6 @@ def merge_reports(dirs: list, out_dir: str) -> tuple:
     The parts must share the data set, preset and pretrained model, and no (method, k, seed) may
     appear twice.
     """
-    import os
-
     if not dirs:
         raise ValueError("merge_reports needs at least one report folder")
     meta: dict = {}
@@ -647,8 +705,6 @@ def merge_reports(dirs: list, out_dir: str) -> tuple:
 
 def rerender_report(out_dir: str) -> str:
     """Rewrite ``summary.md`` and the PNGs of a report folder from its ``results.json``."""
-    import os
-
     meta, records = load_report(out_dir)
     text = write_summary(records, os.path.join(out_dir, "summary.md"), meta)
     plot_report(records, out_dir)

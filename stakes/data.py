@@ -208,110 +208,119 @@ def _over(canvas: Tensor, colour: Tensor, alpha: Tensor) -> Tensor:
     return canvas.lerp_(colour.expand_as(canvas), alpha.unsqueeze(1))
 
 
-def _draw_shapes(n: int, size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def _shape_parameters(n: int, gen: torch.Generator) -> tuple[Tensor, dict]:
+    """Balanced labels and every per-image parameter of the shapes data set (all drawn up front, so
+    the pixel work can be chunked freely)."""
     def rand(*shape):
         return torch.rand(*shape, generator=gen)
 
-    num_classes = len(SHAPE_CLASSES)
     # Balanced labels: every class n // 10 or n // 10 + 1 times, in random order.
-    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
-
-    # ---- all per-image parameters first, so the pixel work below can be chunked freely.
-    scale = 0.5 + 0.32 * rand(n)                      # shape radius, image spans [-1, 1]
-    centre = (rand(n, 2) * 2 - 1) * (0.95 - scale).unsqueeze(1)
-    angle = rand(n) * 2 * math.pi
-    bg1, bg2 = rand(n, 3), rand(n, 3)
-    bg_dir = rand(n) * 2 * math.pi
+    labels = (torch.arange(n) % len(SHAPE_CLASSES))[torch.randperm(n, generator=gen)]
+    P = {}
+    P["scale"] = 0.5 + 0.32 * rand(n)                      # shape radius, image spans [-1, 1]
+    P["centre"] = (rand(n, 2) * 2 - 1) * (0.95 - P["scale"]).unsqueeze(1)
+    P["angle"] = rand(n) * 2 * math.pi
+    P["bg1"], P["bg2"] = rand(n, 3), rand(n, 3)
+    P["bg_dir"] = rand(n) * 2 * math.pi
     fg = rand(n, 3)
     # Keep the shape visible: a colour too close to the background's mean is replaced by its
     # complement (distance in RGB ≥ 0.35 is then almost always true).
-    bg_mean = (bg1 + bg2) / 2
+    bg_mean = (P["bg1"] + P["bg2"]) / 2
     too_close = (fg - bg_mean).norm(dim=1, keepdim=True) < 0.45
-    fg = torch.where(too_close, 1 - fg, fg)
-    fg2 = fg * (0.55 + 0.3 * rand(n, 1))               # texture colour: a darker shade of fg
-    texture = torch.randint(0, 3, (n,), generator=gen)  # 0 solid, 1 stripes, 2 dots
-    tex_freq = 1.5 + 1.5 * rand(n)
-    tex_dir = rand(n) * 2 * math.pi
-    tex_phase = rand(n) * 2 * math.pi
-    max_blobs, max_lines = 3, 2
-    n_blobs = torch.randint(0, max_blobs + 1, (n,), generator=gen)
-    blob_pos = rand(n, max_blobs, 2) * 2 - 1
-    blob_r = 0.06 + 0.1 * rand(n, max_blobs)
-    blob_col = rand(n, max_blobs, 3)
-    n_lines = torch.randint(0, max_lines + 1, (n,), generator=gen)
-    line_a = rand(n, max_lines, 2) * 2 - 1
-    line_b = rand(n, max_lines, 2) * 2 - 1
-    line_col = rand(n, max_lines, 3)
-    noise_std = 0.02 + 0.04 * rand(n)
+    P["fg"] = torch.where(too_close, 1 - fg, fg)
+    P["fg2"] = P["fg"] * (0.55 + 0.3 * rand(n, 1))               # texture colour: a darker shade of fg
+    P["texture"] = torch.randint(0, 3, (n,), generator=gen)  # 0 solid, 1 stripes, 2 dots
+    P["tex_freq"] = 1.5 + 1.5 * rand(n)
+    P["tex_dir"] = rand(n) * 2 * math.pi
+    P["tex_phase"] = rand(n) * 2 * math.pi
+    P["n_blobs"] = torch.randint(0, _MAX_BLOBS + 1, (n,), generator=gen)
+    P["blob_pos"] = rand(n, _MAX_BLOBS, 2) * 2 - 1
+    P["blob_r"] = 0.06 + 0.1 * rand(n, _MAX_BLOBS)
+    P["blob_col"] = rand(n, _MAX_BLOBS, 3)
+    P["n_lines"] = torch.randint(0, _MAX_LINES + 1, (n,), generator=gen)
+    P["line_a"] = rand(n, _MAX_LINES, 2) * 2 - 1
+    P["line_b"] = rand(n, _MAX_LINES, 2) * 2 - 1
+    P["line_col"] = rand(n, _MAX_LINES, 3)
+    P["noise_std"] = 0.02 + 0.04 * rand(n)
+    return labels, P
 
+
+_MAX_BLOBS, _MAX_LINES = 3, 2
+
+
+def _draw_shapes(n: int, size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    labels, P = _shape_parameters(n, gen)
     pixel = 2.0 / size                                   # pixel pitch in image units
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) * pixel - 1
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")  # y down rows, x across columns
-
-    def coverage(d_image: Tensor) -> Tensor:
-        # One-pixel-wide anti-aliasing: 1 inside, 0 outside, linear across the edge.
-        return (0.5 - d_image / pixel).clamp(0, 1)
-
     images = torch.empty(n, 3, size, size)
     chunk = 1024
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         m = sl.stop - sl.start
-        X, Y = gx.expand(m, size, size), gy.expand(m, size, size)
-
-        # gradient background b1 → b2 along a random direction
-        c, s = torch.cos(bg_dir[sl]).view(m, 1, 1), torch.sin(bg_dir[sl]).view(m, 1, 1)
-        t = ((X * c + Y * s) * 0.5 + 0.5).clamp(0, 1).unsqueeze(1)
-        img = torch.lerp(bg1[sl].view(m, 3, 1, 1), bg2[sl].view(m, 3, 1, 1), t)
-
-        # distractor blobs behind the shape
-        for b in range(max_blobs):
-            bx, by = blob_pos[sl, b, 0].view(m, 1, 1), blob_pos[sl, b, 1].view(m, 1, 1)
-            d = torch.sqrt((X - bx) ** 2 + (Y - by) ** 2) - blob_r[sl, b].view(m, 1, 1)
-            alpha = coverage(d) * (n_blobs[sl] > b).view(m, 1, 1)
-            img = _over(img, blob_col[sl, b].view(m, 3, 1, 1), alpha)
-
-        # the shape, in its own frame: rotate by -angle, divide by scale
-        dx = X - centre[sl, 0].view(m, 1, 1)
-        dy = Y - centre[sl, 1].view(m, 1, 1)
-        c, s = torch.cos(angle[sl]).view(m, 1, 1), torch.sin(angle[sl]).view(m, 1, 1)
-        sc = scale[sl].view(m, 1, 1)
-        u, v = (c * dx + s * dy) / sc, (-s * dx + c * dy) / sc
-        d_local = torch.empty(m, size, size)
-        lab = labels[sl]
-        for k in range(num_classes):
-            idx = (lab == k).nonzero(as_tuple=True)[0]
-            if len(idx):
-                d_local[idx] = _shape_sdf(k, u[idx], v[idx])
-        alpha = coverage(d_local * sc)
-
-        # texture fixed to the shape frame (it rotates and scales with the shape)
-        tc = torch.cos(tex_dir[sl]).view(m, 1, 1)
-        ts = torch.sin(tex_dir[sl]).view(m, 1, 1)
-        f = tex_freq[sl].view(m, 1, 1) * math.pi
-        ph = tex_phase[sl].view(m, 1, 1)
-        stripes = (torch.sin(f * (u * tc + v * ts) + ph) > 0).float()
-        dots = ((torch.sin(f * u + ph) * torch.sin(f * v + ph)) > 0.35).float()
-        kind = texture[sl].view(m, 1, 1)
-        pattern = torch.where(kind == 1, stripes, torch.where(kind == 2, dots, torch.zeros_like(u)))
-        p = pattern.unsqueeze(1)
-        colour = torch.lerp(fg[sl].view(m, 3, 1, 1), fg2[sl].view(m, 3, 1, 1), p)
-        img = _over(img, colour, alpha)
-
-        # thin distractor lines over the shape: distance to segment a→b
-        for li in range(max_lines):
-            a, b = line_a[sl, li], line_b[sl, li]
-            ab = b - a
-            ax, ay = a[:, 0].view(m, 1, 1), a[:, 1].view(m, 1, 1)
-            abx, aby = ab[:, 0].view(m, 1, 1), ab[:, 1].view(m, 1, 1)
-            h = (((X - ax) * abx + (Y - ay) * aby) / (abx * abx + aby * aby + 1e-8)).clamp(0, 1)
-            d = torch.sqrt((X - ax - h * abx) ** 2 + (Y - ay - h * aby) ** 2) - 0.5 * pixel
-            alpha = coverage(d) * (n_lines[sl] > li).view(m, 1, 1)
-            img = _over(img, line_col[sl, li].view(m, 3, 1, 1), alpha)
-
-        noise = torch.randn(m, 3, size, size, generator=gen) * noise_std[sl].view(m, 1, 1, 1)
+        img = _render_chunk(P, labels[sl], sl, gx.expand(m, size, size), gy.expand(m, size, size), pixel)
+        noise = torch.randn(m, 3, size, size, generator=gen) * P["noise_std"][sl].view(m, 1, 1, 1)
         images[sl] = img.add_(noise).clamp_(0, 1)
     return images, labels.to(torch.int64)
+
+
+def _render_chunk(P: dict, lab: Tensor, sl: slice, X: Tensor, Y: Tensor, pixel: float) -> Tensor:
+    """The images ``sl`` of the shapes data set without noise: background, blobs, the textured
+    shape, lines. ``X``/``Y``: the pixel centres' coordinates, ``[m, size, size]``."""
+    m, size = X.shape[0], X.shape[1]
+
+    def coverage(d_image: Tensor) -> Tensor:
+        # One-pixel-wide anti-aliasing: 1 inside, 0 outside, linear across the edge.
+        return (0.5 - d_image / pixel).clamp(0, 1)
+
+    # gradient background b1 → b2 along a random direction
+    c, s = torch.cos(P["bg_dir"][sl]).view(m, 1, 1), torch.sin(P["bg_dir"][sl]).view(m, 1, 1)
+    t = ((X * c + Y * s) * 0.5 + 0.5).clamp(0, 1).unsqueeze(1)
+    img = torch.lerp(P["bg1"][sl].view(m, 3, 1, 1), P["bg2"][sl].view(m, 3, 1, 1), t)
+
+    # distractor blobs behind the shape
+    for b in range(_MAX_BLOBS):
+        bx, by = P["blob_pos"][sl, b, 0].view(m, 1, 1), P["blob_pos"][sl, b, 1].view(m, 1, 1)
+        d = torch.sqrt((X - bx) ** 2 + (Y - by) ** 2) - P["blob_r"][sl, b].view(m, 1, 1)
+        alpha = coverage(d) * (P["n_blobs"][sl] > b).view(m, 1, 1)
+        img = _over(img, P["blob_col"][sl, b].view(m, 3, 1, 1), alpha)
+
+    # the shape, in its own frame: rotate by -angle, divide by scale
+    dx = X - P["centre"][sl, 0].view(m, 1, 1)
+    dy = Y - P["centre"][sl, 1].view(m, 1, 1)
+    c, s = torch.cos(P["angle"][sl]).view(m, 1, 1), torch.sin(P["angle"][sl]).view(m, 1, 1)
+    sc = P["scale"][sl].view(m, 1, 1)
+    u, v = (c * dx + s * dy) / sc, (-s * dx + c * dy) / sc
+    d_local = torch.empty(m, size, size)
+    for k in range(len(SHAPE_CLASSES)):
+        idx = (lab == k).nonzero(as_tuple=True)[0]
+        if len(idx):
+            d_local[idx] = _shape_sdf(k, u[idx], v[idx])
+    alpha = coverage(d_local * sc)
+
+    # texture fixed to the shape frame (it rotates and scales with the shape)
+    tc = torch.cos(P["tex_dir"][sl]).view(m, 1, 1)
+    ts = torch.sin(P["tex_dir"][sl]).view(m, 1, 1)
+    f = P["tex_freq"][sl].view(m, 1, 1) * math.pi
+    ph = P["tex_phase"][sl].view(m, 1, 1)
+    stripes = (torch.sin(f * (u * tc + v * ts) + ph) > 0).float()
+    dots = ((torch.sin(f * u + ph) * torch.sin(f * v + ph)) > 0.35).float()
+    kind = P["texture"][sl].view(m, 1, 1)
+    pattern = torch.where(kind == 1, stripes, torch.where(kind == 2, dots, torch.zeros_like(u)))
+    colour = torch.lerp(P["fg"][sl].view(m, 3, 1, 1), P["fg2"][sl].view(m, 3, 1, 1), pattern.unsqueeze(1))
+    img = _over(img, colour, alpha)
+
+    # thin distractor lines over the shape: distance to segment a→b
+    for li in range(_MAX_LINES):
+        a, b = P["line_a"][sl, li], P["line_b"][sl, li]
+        ab = b - a
+        ax, ay = a[:, 0].view(m, 1, 1), a[:, 1].view(m, 1, 1)
+        abx, aby = ab[:, 0].view(m, 1, 1), ab[:, 1].view(m, 1, 1)
+        h = (((X - ax) * abx + (Y - ay) * aby) / (abx * abx + aby * aby + 1e-8)).clamp(0, 1)
+        d = torch.sqrt((X - ax - h * abx) ** 2 + (Y - ay - h * aby) ** 2) - 0.5 * pixel
+        alpha = coverage(d) * (P["n_lines"][sl] > li).view(m, 1, 1)
+        img = _over(img, P["line_col"][sl, li].view(m, 3, 1, 1), alpha)
+    return img
 
 
 # ------------------------------------------------------------------------------------------ CIFAR

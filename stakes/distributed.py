@@ -51,10 +51,11 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     backend: Optional[str] = None
+    forced: bool = False   # a group of one process that takes the data-parallel path (STAKES_DISTRIBUTED=1)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.forced
 
     @property
     def is_main(self) -> bool:
@@ -81,8 +82,22 @@ def current() -> DistContext:
     """The context of the initialised default process group, or the single-process one."""
     if dist.is_available() and dist.is_initialized():
         return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                           local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())), backend=dist.get_backend())
+                           local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())), backend=dist.get_backend(),
+                           forced=forced_by_env())
     return SINGLE
+
+
+def forced_by_env() -> bool:
+    """``STAKES_DISTRIBUTED=1``: under torchrun, form the process group and take the data-parallel
+    path even with one process (DDP, SyncBatchNorm and the collectives, NCCL on a GPU), so one GPU
+    exercises what a multi-GPU job runs."""
+    return os.environ.get("STAKES_DISTRIBUTED") == "1"
+
+
+def wants_group() -> bool:
+    """Whether this process should join a process group: torchrun's environment with a world size
+    above 1, or of 1 with ``STAKES_DISTRIBUTED=1``."""
+    return launched_by_torchrun() and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or forced_by_env())
 
 
 def resolve(distributed) -> DistContext:
@@ -120,13 +135,14 @@ def init_from_env(device: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, backend:
 
     The backend is NCCL for CUDA devices and gloo otherwise (``backend`` overrides); a CUDA device
     becomes ``cuda:LOCAL_RANK``, one device per process. Without torchrun's environment (or with a
-    world size of 1) nothing is initialised and ``device`` is returned as given.
+    world size of 1, unless ``STAKES_DISTRIBUTED=1``) nothing is initialised and ``device`` is
+    returned as given.
     """
     if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
         raise ValueError(f"the collective timeout must be a number of seconds > 0, got {timeout_s!r}")
     if dist.is_available() and dist.is_initialized():
         return current(), device
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
+    if not wants_group():
         return SINGLE, device
     if not dist.is_available():
         raise DistributedError("this torch build has no torch.distributed")

@@ -1,23 +1,84 @@
-"""The jobs the command line runs, built from its arguments: data, model, anchors, config, one
-unlearning run with its full evaluation. ``stakes.cli`` (the command line) and ``stakes.compare``
-(the grid) both build on this module; nothing here imports them.
+"""The jobs the command line runs, described by dataclasses the command line fills once from its
+arguments (nothing below it sees argparse): the data set (:class:`DataSpec`), the model
+(:class:`ModelSpec`), the anchors (:class:`AnchorSpec`), how runs are configured (:class:`RunSpec`);
+and the pieces they are built from: data, model, anchors, config, one unlearning run with its full
+evaluation. ``stakes.cli`` (the command line) and ``stakes.compare`` (the grid) both build on this
+module; nothing here imports them.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 import os
 import sys
-from typing import Optional
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
 
 import torch
 
 from stakes._io import atomic_torch_save
-from stakes.config import UnlearnConfig, preset
+from stakes.config import UnlearnConfig
+from stakes.data import load_dataset, sample_forget_indices
+from stakes.methods import UnlearningMethod, get_method, preset, route_options, unlearn
+from stakes.anchors import BUNDLED_DESCRIPTIONS, build_anchors, load_anchors, prototype_anchors
+from stakes.metrics import (ResourceMeter, evaluate_model, forgotten_retrieval_rate, identification_accuracy,
+                            membership_inference, model_device, pairwise_cosine_change, retrieval_metrics)
+from stakes.models import Classifier, as_classifier
+from stakes.pretrain import CHECKPOINT_FORMAT, default_cache_dir, load_checkpoint, pretrained_model
 
 
 class UsageError(ValueError):
     """Bad command-line input."""
+
+
+@dataclass
+class DataSpec:
+    """The data set: a bundled one (digits, shapes) or one read from ``root``."""
+
+    dataset: str = "digits"
+    root: Optional[str] = None
+
+
+@dataclass
+class ModelSpec:
+    """The model to unlearn: ``path`` (a stakes checkpoint, a whole pickled model, or a state dict
+    with ``arch``), ``arch`` alone (``hf:DIR`` with its own weights), or neither (the cached
+    default of digits / shapes). ``normalization``: "config" or ``(mean, std)`` per channel."""
+
+    path: Optional[str] = None
+    arch: Optional[str] = None
+    model_args: dict = field(default_factory=dict)
+    normalization: Union[str, tuple] = "config"
+    cache_dir: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class AnchorSpec:
+    """The anchors: a saved file (``path``), class-mean ``prototype`` anchors, or a text encoder
+    over the descriptions (bundled for the data set unless given)."""
+
+    encoder: str = "minilm"
+    descriptions: Optional[str] = None
+    path: Optional[str] = None
+    clip_arch: str = "ViT-B-32"
+    clip_checkpoint: Optional[str] = None
+    clip_random: bool = False
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class RunSpec:
+    """How a job's runs are configured: the preset, the ``--set`` values (shared options, and
+    methods' own as ``NAME.option`` or a plain name where unambiguous), device and progress bars."""
+
+    preset: str = "stable"
+    overrides: dict = field(default_factory=dict)
+    device: str = "cpu"
+    progress: bool = True
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -53,39 +114,43 @@ def parse_overrides(items) -> dict:
     return out
 
 
-def make_config(args, method: str) -> UnlearnConfig:
-    overrides = parse_overrides(getattr(args, "set", None))
-    overrides.setdefault("seed", args.seed)
-    overrides.setdefault("device", args.device)
-    overrides.setdefault("progress", not args.no_progress)
-    return preset(args.preset, method=method, **overrides)
+def make_config(run: RunSpec, method: str, *, seed: int, grid: Sequence[str] = ()) -> UnlearnConfig:
+    """The config of one run of ``method`` with ``seed``: the preset for the method, the shared
+    ``--set`` values, and those of the method's own options that the values give it. ``grid``: the
+    methods of the whole job (a plain option name must be unambiguous among them)."""
+    methods = [get_method(m) for m in dict.fromkeys([*grid, method])]
+    try:
+        shared, own = route_options(run.overrides, methods)
+        values = dict(seed=seed, device=run.device, progress=run.progress)
+        values.update(shared)
+        m = get_method(method)
+        cfg = preset(run.preset, method=m, **values)
+        if own.get(m.key):
+            cfg = cfg.with_method_options(m.key, **own[m.key])
+            m.options_for(cfg)
+    except ValueError as err:
+        raise UsageError(f"--set: {err}") from None
+    return cfg
 
 
-def load_data(args):
-    from stakes.data import load_dataset
-
-    return load_dataset(args.dataset, root=args.root, seed=0)
+def load_data(spec: DataSpec):
+    return load_dataset(spec.dataset, root=spec.root, seed=0)
 
 
-def load_model(args, data):
+def load_model(spec: ModelSpec, data):
     """The pretrained model as a :class:`stakes.models.Classifier` (images in [0, 1]) and its meta.
 
-    ``--model`` is a stakes checkpoint (``stakes pretrain``), a whole pickled model (``torch.save(model)``,
-    or a ``--save-model`` file), or a state dict together with ``--arch timm:NAME | torchvision:NAME |
-    hf:LOCAL_DIR`` (``hf:DIR`` alone loads the folder's own weights). A user's model is split by
-    :func:`stakes.models.as_classifier`, with ``--mean/--std`` or its config's normalisation in front.
-    Without either, the cached/pretrained default of digits and shapes."""
-    from stakes.models import Classifier, as_classifier
-    from stakes.pretrain import pretrained_model
-
-    arch = getattr(args, "arch", None)
-    if args.model or arch:
-        model, meta = _user_model(args, data)
-        normalization = _cli_normalization(args)
-        if isinstance(model, Classifier) and normalization != "config":
+    ``spec.path`` is a stakes checkpoint (``stakes pretrain``), a whole pickled model
+    (``torch.save(model)``, or a ``--save-model`` file), or a state dict together with ``spec.arch``
+    (``timm:NAME | torchvision:NAME | hf:LOCAL_DIR``; ``hf:DIR`` alone loads the folder's own
+    weights). A user's model is split by :func:`stakes.models.as_classifier`, with
+    ``spec.normalization`` in front. Without either, the cached/pretrained default of digits and shapes."""
+    if spec.path or spec.arch:
+        model, meta = _user_model(spec, data)
+        if isinstance(model, Classifier) and spec.normalization != "config":
             raise UsageError("--mean/--std are for timm / torchvision / Hugging Face models; a stakes model "
                              "normalises its input itself")
-        clf = as_classifier(model, normalization=normalization)
+        clf = as_classifier(model, normalization=spec.normalization)
         if clf.num_classes != data.num_classes:
             raise UsageError(f"--model has {clf.num_classes} classes but data set {data.name!r} has "
                              f"{data.num_classes}")
@@ -102,12 +167,13 @@ def load_model(args, data):
         if getattr(clf, "adapter", None) is not None:
             meta = {**meta, "type": clf.adapter.model_type, "normalization": clf.normalization}
         return clf, meta
-    if args.dataset not in ("digits", "shapes"):
-        raise UsageError(f"--model is required for data set {args.dataset!r} (pretrain one with `stakes pretrain`)")
-    return pretrained_model(args.dataset, data=data, cache_dir=args.cache_dir, progress=not args.no_progress)
+    if data.name not in ("digits", "shapes"):
+        raise UsageError(f"--model is required for data set {data.name!r} (pretrain one with `stakes pretrain`)")
+    return pretrained_model(data.name, data=data, cache_dir=spec.cache_dir, progress=spec.progress)
 
 
-def _float_list(name: str, text):
+def float_list(name: str, text):
+    """Comma-separated numbers (one per channel), with a UsageError naming ``name`` otherwise."""
     try:
         values = [float(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
@@ -117,21 +183,9 @@ def _float_list(name: str, text):
     return values
 
 
-def _cli_normalization(args):
-    """``--mean/--std`` (both or neither), else the model's config ("config")."""
-    mean, std = getattr(args, "mean", None), getattr(args, "std", None)
-    if (mean is None) != (std is None):
-        raise UsageError("--mean and --std go together (one value per channel each)")
-    if mean is None:
-        return "config"
-    return _float_list("--mean", mean), _float_list("--std", std)
-
-
-def _user_model(args, data):
+def _user_model(spec: ModelSpec, data):
     """The user's ``nn.Module`` from ``--model`` and/or ``--arch`` (see :func:`load_model`)."""
-    from stakes.pretrain import CHECKPOINT_FORMAT, load_checkpoint
-
-    arch, path = getattr(args, "arch", None), args.model
+    arch, path = spec.arch, spec.path
     payload = None
     if path:
         if not os.path.isfile(path):
@@ -157,8 +211,7 @@ def _user_model(args, data):
     if not arch:
         raise UsageError(f"--model {path} is a state dict: say what it belongs to with --arch timm:NAME, "
                          "torchvision:NAME or hf:LOCAL_DIR")
-    model = build_user_arch(arch, data, model_args=parse_overrides(getattr(args, "model_arg", None)),
-                            load_weights=payload is None)
+    model = build_user_arch(arch, data, model_args=spec.model_args, load_weights=payload is None)
     if payload is not None:
         try:
             model.load_state_dict(payload)
@@ -213,9 +266,6 @@ def build_user_arch(arch: str, data, *, model_args: Optional[dict] = None, load_
 def load_plugins(specs) -> list:
     """Import each ``--plugin`` (a .py file or a module name); a plugin registers its methods with
     :func:`stakes.register_method` when imported. Returns the modules."""
-    import importlib
-    import importlib.util
-
     modules = []
     for spec in specs or ():
         try:
@@ -242,62 +292,48 @@ def load_plugins(specs) -> list:
     return modules
 
 
-def anchor_cache_dir(args):
-    """Anchors are cached next to the pretrained models (keyed by encoder and prompts), so the text
-    encoder is loaded once per cache, not once per command."""
-    from stakes.pretrain import default_cache_dir
-
-    return args.cache_dir or default_cache_dir()
-
-
-def load_or_build_anchors(args, data, model=None):
-    from stakes.anchors import BUNDLED_DESCRIPTIONS, build_anchors, load_anchors, prototype_anchors
-
-    if getattr(args, "anchors", None):
-        anchors, meta = load_anchors(args.anchors)
+def load_or_build_anchors(spec: AnchorSpec, data, model=None):
+    """The anchors of ``spec`` for ``data`` and their meta (a file, prototypes of ``model``, or a text
+    encoder; encoded anchors are cached next to the pretrained models, keyed by encoder and prompts,
+    so the encoder is loaded once per cache)."""
+    if spec.path:
+        anchors, meta = load_anchors(spec.path)
         if anchors.shape[0] != data.num_classes:
             raise UsageError(f"--anchors has {anchors.shape[0]} anchors but data set {data.name!r} has "
                              f"{data.num_classes} classes")
-        return anchors, {"source": args.anchors, **{k: v for k, v in meta.items() if k != "prompts"}}
-    if args.encoder == "prototype":
+        return anchors, {"source": spec.path, **{k: v for k, v in meta.items() if k != "prompts"}}
+    if spec.encoder == "prototype":
         if model is None:
             raise UsageError("--encoder prototype needs a model (class means of its features)")
         return prototype_anchors(model, data.train_x, data.train_y, data.num_classes), {"encoder": "prototype"}
-    descriptions = args.descriptions
+    descriptions = spec.descriptions
     if descriptions is None and data.name in BUNDLED_DESCRIPTIONS:
         descriptions = data.name
-    anchors = build_anchors(data.class_names, descriptions=descriptions, encoder=args.encoder,
-                            cache_dir=anchor_cache_dir(args), checkpoint=args.clip_checkpoint, arch=args.clip_arch,
-                            allow_random=args.clip_random)
-    return anchors, {"encoder": args.encoder, "descriptions": descriptions}
-
+    anchors = build_anchors(data.class_names, descriptions=descriptions, encoder=spec.encoder,
+                            cache_dir=spec.cache_dir or default_cache_dir(), checkpoint=spec.clip_checkpoint,
+                            arch=spec.clip_arch, allow_random=spec.clip_random)
+    return anchors, {"encoder": spec.encoder, "descriptions": descriptions}
 
 
 # ----------------------------------------------------------------------------- one run
 
 
-def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxies=None, cfg=None,
+def run_one(data, model, anchors, method: str, k: int, seed: int, *, cfg: UnlearnConfig, proxies=None,
             checkpoint_path=None, resume=False, keep_checkpoint=False, pretrained=None, distributed=None,
             evaluate=True):
     """One unlearning run with the full evaluation; returns (record, result).
 
-    ``pretrained``: the pretrained model's ``evaluate_model`` figures for this forget set, when the
-    caller already has them (a grid shares them between methods). ``distributed``: as in
-    :func:`stakes.unlearn` (None: data-parallel over the default process group if there is one;
-    False: this process alone). ``evaluate=False`` skips the evaluation (the other ranks of a
-    data-parallel run: rank 0 evaluates and writes) and returns ``(None, result)``."""
-    import time
-    from stakes.data import sample_forget_indices
-    from stakes.methods import unlearn
-    from stakes.models import as_classifier
-    from stakes.metrics import ResourceMeter, evaluate_model, membership_inference
-
+    ``cfg``: the run's config (:func:`make_config`). ``pretrained``: the pretrained model's
+    ``evaluate_model`` figures for this forget set, when the caller already has them (a grid shares
+    them between methods). ``distributed``: as in :func:`stakes.unlearn` (None: data-parallel over
+    the default process group if there is one; False: this process alone). ``evaluate=False`` skips
+    the evaluation (the other ranks of a data-parallel run: rank 0 evaluates and writes) and returns
+    ``(None, result)``."""
     model = as_classifier(model)
     forget_idx = sample_forget_indices(data.train_y, k, seed)
     fx, fy = data.train_x[forget_idx], data.train_y[forget_idx]
     keep = torch.ones(len(data.train_y), dtype=torch.bool)
     keep[forget_idx] = False
-    cfg = cfg or make_config(args, method).replace(seed=seed)
     g = torch.Generator().manual_seed(seed)
     cap = cfg.eval_max_samples
     retain_idx = keep.nonzero().squeeze(1)
@@ -332,7 +368,8 @@ def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxi
         "steps": result.steps, "epochs": result.epochs, "stopped": result.stopped,
         "wall_time_s": result.wall_time_s, "timings": {**result.timings, "evaluation_s": time.perf_counter() - t0},
         "proxies": result.proxies, "distributed": result.distributed,
-        "config": result.config, "history": result.history, "model": result.model_info,
+        "config": result.config, "method_config": result.method_config, "history": result.history,
+        "model": result.model_info,
     }
     return record, result
 
@@ -341,8 +378,6 @@ def run_one(args, data, model, anchors, method: str, k: int, seed: int, *, proxi
 def embedding(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """The representation the head sees: ``model.embed`` of a deployed model, else ``model.features``;
     batches of ``x`` go to the model's device, and the embeddings stay there."""
-    from stakes.metrics import model_device
-
     embed = getattr(model, "embed", model.features)
     device = model_device(model, x.device)
     was = model.training
@@ -356,9 +391,6 @@ def embedding_metrics(original, deployed, fx, fy, query_x, query_y, gallery_x, g
     """Retrieval on embeddings (METHOD.md §11): test queries against the retained gallery
     (recall@1/5, mAP), identification accuracy (1-NN), how often a forgotten image still retrieves
     its own class, and the change of the retained embeddings' pairwise cosine matrix."""
-    from stakes.metrics import (forgotten_retrieval_rate, identification_accuracy, pairwise_cosine_change,
-                                retrieval_metrics)
-
     q, gal, f = embedding(deployed, query_x), embedding(deployed, gallery_x), embedding(deployed, fx)
     out = dict(retrieval_metrics(q, query_y, gal, gallery_y))
     out["identification_accuracy"] = identification_accuracy(q, query_y, gal, gallery_y)

@@ -9,10 +9,10 @@ from stakes.methods.base import Batch, UnlearningMethod, register_method
 
 
 class Adv(UnlearningMethod):
-    def loss_terms(self, run, batch: Batch) -> dict:
-        w_f, w_a = run.loss_weights(batch)
-        return {"deletion": w_f * run.deletion(run.deployed(batch.forget_x), batch.forget_y),
-                "retention": w_a * F.cross_entropy(run.deployed(batch.proxy_x), batch.proxy_y)}
+    def loss_terms(self, ctx, batch: Batch) -> dict:
+        w_f, w_a = ctx.loss_weights(batch)
+        return {"deletion": w_f * ctx.deletion(ctx.deployed(batch.forget_x), batch.forget_y),
+                "retention": w_a * F.cross_entropy(ctx.deployed(batch.proxy_x), batch.proxy_y)}
 
 
 register_method("adv", Adv())

@@ -2,14 +2,17 @@
 shape: adding a method never touches the loop that runs methods).
 
 A method is one :class:`UnlearningMethod`: its loss terms (the only required part), and, when it
-needs them, its importance or gradient mask, its optimiser groups and options, a check of the
-config and whether it trains a projector. The loop (:mod:`stakes.methods.loop`) calls these hooks
-and knows no method names; every method shares its batches, its fused update
-(:class:`fused.optim.StructureSGD`), its stop rule, metrics and reports.
+needs them, its importance or gradient mask, its optimiser groups and options, its own options
+(a :class:`~stakes.config.MethodConfig` subclass with presets), a check of them, whether it trains
+a projector, and the ablation variants a comparison may add. Every hook receives the run's
+:class:`~stakes.methods.context.UnlearnContext` (``stakes.UnlearnContext``), the documented surface of
+a run, and nothing else. The loop (:mod:`stakes.methods.loop`) calls these hooks and knows no method
+names; every method shares its batches, its fused update (:class:`fused.optim.StructureSGD`), its
+stop rule, metrics and reports.
 
     class MyMethod(stakes.UnlearningMethod):
-        def loss_terms(self, run, batch):
-            return {"retention": F.cross_entropy(run.deployed(batch.proxy_x), batch.proxy_y)}
+        def loss_terms(self, ctx, batch):
+            return {"retention": F.cross_entropy(ctx.deployed(batch.proxy_x), batch.proxy_y)}
 
     stakes.register_method("mine", MyMethod())
 """
@@ -17,11 +20,14 @@ and knows no method names; every method shares its batches, its fused update
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from stakes import config as config_
+from stakes.config import MethodConfig, UnlearnConfig
 
 # The paper's baselines use their own optimiser settings under the `paper` preset (METHOD.md §10).
 PAPER_BASELINE_VALUES = dict(lr=0.001, momentum=0.9, weight_decay=1e-4, eps=4.0)
@@ -63,20 +69,34 @@ class Batch:
         return self.proxy_x.shape[0] if self.proxy_total is None else self.proxy_total
 
 
+@dataclass(frozen=True)
+class Variant:
+    """An ablation of a method that a comparison runs next to it: a label for the reports and the
+    changes to the method's own options."""
+
+    label: str
+    options: dict = field(default_factory=dict)
+
+
 class UnlearningMethod:
     """Base class of a method; override :meth:`loss_terms`, and the other hooks where needed.
 
-    Each hook gets the run (:class:`stakes.methods.loop._Run`), which exposes ``cfg`` (the
-    :class:`~stakes.UnlearnConfig`), ``deployed`` (the model being unlearned, images in [0, 1] →
-    logits), ``features``, ``head``, ``projector`` (or None), ``orig`` (the frozen pretrained
-    classifier), ``anchors`` (unit rows, or None), ``rp`` (the fixed projection R_p), ``fx``/``fy``
-    (the whole forget set), ``proxies``, ``num_classes``, ``step`` and the shared helpers
-    ``deletion(logits, y)`` and ``loss_weights(batch)``.
+    Each hook gets the run's :class:`~stakes.methods.context.UnlearnContext` (``ctx``): the models
+    (``deployed``, ``features``, ``head``, ``projector``, ``orig``), the anchors and projection
+    (``anchors``, ``rp``, ``orig_structure_input``), the shared options (``config``) and this
+    method's own (``options``, an instance of :attr:`config_class`), the data (``forget_x``,
+    ``forget_y``, ``proxies``, ``retain_size``), the progress (``step``, ``epoch``), and the shared
+    helpers ``deletion(logits, y)``, ``loss_weights(batch)``, ``batch_gradient(loss_fn, x, params)``,
+    ``train_mode()`` and, once the optimiser exists, ``param_groups``.
 
     Class attributes:
+        config_class: the method's own options, a :class:`~stakes.config.MethodConfig` dataclass
+            with its presets (``PRESETS``); ``--set NAME.option=value`` on the command line.
+        paper_preset: shared config values this method gets under ``preset("paper")`` (the
+            baselines: the paper's baseline optimiser).
+        ablation_names: the ablations :meth:`ablation` builds (``stakes compare --ablate NAME``).
         needs_anchors: refuse to run without anchors.
         uses_proxies: trains on the proxy set (a comparison charges the proxies' time to it).
-        paper_preset: config values this method gets under ``preset("paper")``.
         proxy_terms, forget_terms: the names of the loss terms that are means over the proxy batch
             and over the forget batch. In a data-parallel run each rank computes every term on its
             shard of the batches; these terms are weighted by the shard's share of the global batch
@@ -87,59 +107,82 @@ class UnlearningMethod:
     """
 
     name: Optional[str] = None          # set by register_method
+    config_class: type = MethodConfig
+    paper_preset: dict = PAPER_BASELINE_VALUES
+    ablation_names: tuple = ()
     needs_anchors: bool = False
     uses_proxies: bool = True
-    paper_preset: dict = PAPER_BASELINE_VALUES
     proxy_terms: tuple = ("retention", "alignment")
     forget_terms: tuple = ("deletion", "random_label")
 
     # ------------------------------------------------------------------ the loss
-    def loss_terms(self, run, batch: Batch) -> dict:
+    def loss_terms(self, ctx, batch: Batch) -> dict:
         """The named loss terms of one step (summed into the loss; each is logged)."""
-        raise NotImplementedError(f"{type(self).__name__} must define loss_terms(run, batch)")
+        raise NotImplementedError(f"{type(self).__name__} must define loss_terms(ctx, batch)")
+
+    # ------------------------------------------------------------------ options
+    @property
+    def key(self) -> str:
+        """The name its options go under (``config.method_options``): the registered name."""
+        return self.name or type(self).__name__
+
+    def options_for(self, cfg: UnlearnConfig) -> MethodConfig:
+        """This method's own options in a run with ``cfg``: its preset ``cfg.preset``, then
+        ``cfg.method_options[self.key]``; a ValueError names a bad or unknown option."""
+        given = cfg.method_options.get(self.key, {})
+        try:
+            return self.config_class.for_preset(cfg.preset, **given)
+        except ValueError as err:
+            raise ValueError(f"method {self.key!r}: {err}") from None
+
+    def ablation(self, name: str, options: MethodConfig) -> Variant:
+        """The ablation ``name`` (one of :attr:`ablation_names`) of a run whose options are
+        ``options``; ValueError if it does not apply to them."""
+        raise ValueError(f"method {self.key!r} has no ablation {name!r} (it has {list(self.ablation_names)})")
 
     # ------------------------------------------------------------------ optional hooks
-    def check(self, run) -> None:
-        """Raise ValueError for a config this method cannot run (called before anything is built)."""
+    def check(self, ctx) -> None:
+        """Raise ValueError for a run this method cannot do (called before anything is trained)."""
 
-    def needs_projector(self, run) -> bool:
+    def needs_projector(self, ctx) -> bool:
         """Whether the run puts a trainable projector between features and head (METHOD.md §7)."""
         return False
 
-    def param_groups(self, run) -> list:
+    def param_groups(self, ctx) -> list:
         """Optimiser groups: the features at ``lr``, the head at ``head_lr`` (0 = frozen), the
-        projector (if any) at ``projector_lr`` (0 = fixed)."""
-        cfg = run.cfg
-        groups = [{"params": list(run.features.parameters()), "name": "features", "lr": cfg.lr}]
+        projector (if any) at the method's ``projector_lr`` (0 = fixed)."""
+        cfg = ctx.config
+        groups = [{"params": list(ctx.features.parameters()), "name": "features", "lr": cfg.lr}]
         head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
         if head_lr > 0:
-            groups.append({"params": list(run.head.parameters()), "name": "head", "lr": head_lr})
+            groups.append({"params": list(ctx.head.parameters()), "name": "head", "lr": head_lr})
         else:  # a frozen head: the deletion has to go through the representation
-            for p in run.head.parameters():
+            for p in ctx.head.parameters():
                 p.requires_grad_(False)
-        if run.projector is not None and cfg.projector_lr > 0:
-            groups.append({"params": list(run.projector.parameters()), "name": "projector", "lr": cfg.projector_lr})
-        elif run.projector is not None:  # a fixed projector (with warm start: the identity on features)
-            for p in run.projector.parameters():
+        projector_lr = getattr(ctx.options, "projector_lr", 0.0)
+        if ctx.projector is not None and projector_lr > 0:
+            groups.append({"params": list(ctx.projector.parameters()), "name": "projector", "lr": projector_lr})
+        elif ctx.projector is not None:  # a fixed projector (with warm start: the identity on features)
+            for p in ctx.projector.parameters():
                 p.requires_grad_(False)
         return groups
 
-    def optimizer_options(self, run) -> dict:
+    def optimizer_options(self, ctx) -> dict:
         """Keyword arguments of :class:`fused.optim.StructureSGD` (lr, lam, momentum, weight decay,
         proximal, backend)."""
-        cfg = run.cfg
+        cfg = ctx.config
         return dict(lr=cfg.lr, lam=cfg.lam, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                     proximal=cfg.proximal, backend=cfg.backend)
 
-    def importance(self, run) -> Optional[dict]:
+    def importance(self, ctx) -> Optional[dict]:
         """Per-parameter importance I for the SR term (dict parameter → tensor), or None."""
         return None
 
-    def grad_masks(self, run) -> Optional[dict]:
+    def grad_masks(self, ctx) -> Optional[dict]:
         """Per-parameter gradient masks (dict parameter → tensor), or None."""
         return None
 
-    def before_update(self, run) -> None:
+    def before_update(self, ctx) -> None:
         """Called after ``loss.backward()``, before gradient clipping and the update."""
 
     def __repr__(self) -> str:
@@ -215,8 +258,15 @@ def register_method(name: str, method, *, replace: bool = False):
     if not isinstance(method, UnlearningMethod):
         raise TypeError(f"register_method({name!r}, ...): method must be a stakes.UnlearningMethod instance or "
                         f"subclass, got {type(method).__name__}")
-    if type(method).loss_terms is UnlearningMethod.loss_terms and not getattr(method, "oracle", False):
-        raise TypeError(f"register_method({name!r}, ...): {type(method).__name__} does not define loss_terms(run, batch)")
+    if type(method).loss_terms is UnlearningMethod.loss_terms:
+        raise TypeError(f"register_method({name!r}, ...): {type(method).__name__} does not define loss_terms(ctx, batch)")
+    if not (inspect.isclass(method.config_class) and issubclass(method.config_class, MethodConfig)):
+        raise TypeError(f"register_method({name!r}, ...): config_class must be a stakes.config.MethodConfig "
+                        f"subclass, got {method.config_class!r}")
+    clash = sorted(set(method.config_class.field_names()) & set(UnlearnConfig.field_names()))
+    if clash:
+        raise TypeError(f"register_method({name!r}, ...): options {clash} of {method.config_class.__name__} are "
+                        "already shared options of stakes.UnlearnConfig; rename them")
     if name in _REGISTRY and not replace and _REGISTRY[name] is not method:
         raise ValueError(f"method {name!r} is already registered ({_REGISTRY[name]!r}); pass replace=True to "
                          "replace it")
@@ -233,10 +283,10 @@ def unregister_method(name: str) -> None:
 
 
 def available_methods(*, oracles: bool = True) -> list:
-    """Names of the registered methods, in registration order (built-ins first); ``oracles=False``
-    leaves out reference points that are not unlearning runs (the retrain oracle)."""
+    """Names of the registered methods, in registration order (built-ins first). (``oracles`` is
+    accepted for compatibility: the retrain oracle is a comparison job, not a method.)"""
     _load_builtins()
-    return [n for n, m in _REGISTRY.items() if oracles or not getattr(m, "oracle", False)]
+    return list(_REGISTRY)
 
 
 def get_method(name: str) -> UnlearningMethod:
@@ -244,7 +294,7 @@ def get_method(name: str) -> UnlearningMethod:
     _load_builtins()
     method = _REGISTRY.get(name) if isinstance(name, str) else None
     if method is None:
-        valid = available_methods(oracles=False)
+        valid = available_methods()
         raise ValueError(f"unknown method {name!r}; expected one of {valid} (register your own with "
                          f"stakes.register_method(name, method))")
     return method
@@ -253,3 +303,62 @@ def get_method(name: str) -> UnlearningMethod:
 def _load_builtins() -> None:
     """Import the built-in method modules (each registers itself) once."""
     import stakes.methods  # noqa: F401  (its __init__ imports every built-in module)
+
+
+# ----------------------------------------------------------------------------- presets and options
+
+
+def preset(name: str = "stable", method="structguard", **overrides) -> UnlearnConfig:
+    """The config of preset ``name`` ("stable" or "paper") for ``method`` (a registered name or an
+    :class:`UnlearningMethod`), with ``overrides``.
+
+    Under ``paper`` each method adds its own ``paper_preset`` shared values (the baselines: the
+    paper's baseline optimiser, SGD lr 0.001, momentum 0.9, weight decay 1e-4, PGD ε 4.0;
+    StructGuard: none); under ``stable`` every method shares the same values. An override that is
+    not a shared option is one of the method's own (``config.method_options``), checked here.
+    """
+    m = method if isinstance(method, UnlearningMethod) else get_method(method)
+    shared, own = route_options(overrides, [m])
+    values = {**(m.paper_preset if name == "paper" else {}), **shared}
+    cfg = config_.preset(name, **values)
+    if own.get(m.key):
+        cfg = cfg.with_method_options(m.key, **own[m.key])
+        m.options_for(cfg)   # checked now, not when the run starts
+    return cfg
+
+
+def route_options(values: dict, methods: Sequence[UnlearningMethod]) -> tuple:
+    """Split option values into ``(shared, {method key: options})``.
+
+    ``"NAME.option"`` goes to method NAME (one of ``methods``); a plain name is a shared option when
+    :class:`~stakes.config.UnlearnConfig` has it, else the option of the one method of ``methods``
+    that has it. ValueError for a name no method has, one that several have (say which), or a
+    method that is not among ``methods``."""
+    shared: dict = {}
+    own: dict = {}
+    by_key = {m.key: m for m in methods}
+    shared_names = set(UnlearnConfig.field_names())
+    for name, value in values.items():
+        if "." in name:
+            key, _, option = name.partition(".")
+            m = by_key.get(key)
+            if m is None:
+                raise ValueError(f"{name}: {key!r} is not a method of this run (its methods: {sorted(by_key)})")
+            if option not in m.config_class.field_names():
+                raise ValueError(f"{name}: method {key!r} has no option {option!r} (its options: "
+                                 f"{sorted(m.config_class.field_names())})")
+            own.setdefault(key, {})[option] = value
+        elif name in shared_names:
+            shared[name] = value
+        else:
+            having = [m.key for m in methods if name in m.config_class.field_names()]
+            if len(having) == 1:
+                own.setdefault(having[0], {})[name] = value
+            elif having:
+                raise ValueError(f"{name} is an option of several methods here ({having}); say which: "
+                                 + " or ".join(f"{k}.{name}" for k in having))
+            else:
+                elsewhere = [k for k in available_methods() if name in get_method(k).config_class.field_names()]
+                where = f"an option of {elsewhere}, not of {sorted(by_key)}" if elsewhere else "not an option"
+                raise ValueError(f"unknown option {name!r}: {where}; shared options: {sorted(shared_names)}")
+    return shared, own

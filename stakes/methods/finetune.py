@@ -8,8 +8,8 @@ from stakes.methods.base import Batch, UnlearningMethod, register_method
 
 
 class FineTune(UnlearningMethod):
-    def loss_terms(self, run, batch: Batch) -> dict:
-        return {"retention": F.cross_entropy(run.deployed(batch.proxy_x), batch.proxy_y)}
+    def loss_terms(self, ctx, batch: Batch) -> dict:
+        return {"retention": F.cross_entropy(ctx.deployed(batch.proxy_x), batch.proxy_y)}
 
 
 register_method("finetune", FineTune())

@@ -10,11 +10,11 @@ from stakes.methods.base import minmax_invert, register_method
 
 
 class L2UL(Adv):
-    def importance(self, run) -> dict:
+    def importance(self, ctx) -> dict:
         """Ω = |∂ mean_x ‖f(x_f)‖₂ / ∂θ| on the forget set, min-max normalised per tensor, inverted (§10)."""
-        params = [p for p in run.deployed.parameters() if p.requires_grad]
-        run.set_train()
-        out = run.deployed(run.fx).norm(dim=1).mean()
+        params = [p for p in ctx.deployed.parameters() if p.requires_grad]
+        ctx.train_mode()
+        out = ctx.deployed(ctx.forget_x).norm(dim=1).mean()
         grads = torch.autograd.grad(out, params, allow_unused=True)
         return {p: minmax_invert(g.abs() if g is not None else torch.zeros_like(p)) for p, g in zip(params, grads)}
 

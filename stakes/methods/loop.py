@@ -4,161 +4,47 @@ a user's registered ones) under one API and one stopping rule.
     result = stakes.unlearn(model, (forget_x, forget_y), method="structguard", anchors=A)
 
 The loop knows no method names: a method (:mod:`stakes.methods.base`) gives its loss terms,
-importance or mask, optimiser groups and options. Every method runs the same loop: an epoch zips the proxy batches with a cycled forget loader; the
-update is :class:`fused.optim.StructureSGD` (the fused masked, regularised step) for every method,
-so L2UL's inverted importance, SalUn's saliency mask and StructGuard's structure importance all go
-through the same kernel; the run stops at the end of the first epoch where the deployed model
-misclassifies every forget image (forget accuracy 0 %), after at most ``max_epochs``.
+importance or mask, optimiser groups and options, through the run's
+:class:`~stakes.methods.context.UnlearnContext`. Every method runs the same loop (:func:`fit`): an
+epoch zips the proxy batches with a cycled forget loader; the update is
+:class:`fused.optim.StructureSGD` (the fused masked, regularised step) for every method, so L2UL's
+inverted importance, SalUn's saliency mask and StructGuard's structure importance all go through the
+same kernel; the run stops at the end of the first epoch where the deployed model misclassifies
+every forget image (forget accuracy 0 %), after at most ``max_epochs``.
 
-Between logging points a step makes no host synchronisation: a non-finite loss is recorded in a
-flag on the device and raised (:class:`NonFiniteError`, naming the first bad step and the terms)
-at the next log point, epoch end or the end of the run.
+The jobs around the loop live in their own modules: one process or many (:mod:`.strategy`), the
+evaluation at log points (:mod:`.evaluation`), checkpoints (:mod:`.checkpoint`), non-finite losses
+(:mod:`.finite`), the model pieces (:mod:`.parts`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import fused
 from fused.optim import StructureSGD
 from stakes import distributed as dist_
-from stakes._io import atomic_torch_save
-from stakes.config import UnlearnConfig, deterministic_algorithms, preset
-from stakes.methods.base import Batch, UnlearningMethod, ce_bounded, get_method, margin_deletion
-from stakes.metrics import accuracy, accuracy_from_logits, structure_drift
+from stakes.config import UnlearnConfig, deterministic_algorithms
+from stakes.methods.base import Batch, UnlearningMethod, get_method, preset
+from stakes.methods.checkpoint import Checkpointer, recipe
+from stakes.methods.context import UnlearnContext
+from stakes.methods.evaluation import Evaluator
+from stakes.methods.finite import NonFiniteError, NonFiniteWatch, check_finite_parameters
+from stakes.methods.parts import DeployedModel, Projector, random_projection
+from stakes.methods.strategy import SingleProcess, strategy_for
+from stakes.metrics import accuracy
 from stakes.proxy import ProxySet, calibrate_radius, generate_proxies
 
-
-class NonFiniteError(RuntimeError):
-    """A loss or parameter became NaN/inf; the run is stopped and nothing is written."""
-
-
-# ----------------------------------------------------------------------------- model pieces
-
-
-class Projector(nn.Module):
-    """p_ω: Linear(d_f, d_a) → BatchNorm1d → ReLU → Linear(d_a, d_f) (METHOD.md §7).
-
-    ``forward`` returns ``(out, z)``: the d_f-dimensional output fed to the head and the
-    d_a-dimensional representation z whose anchor structure is aligned (§4). For d_f == d_a, z is
-    the output; otherwise z is the first linear layer's output (the hidden layer of width d_a,
-    before BatchNorm) [ours].
-    """
-
-    def __init__(self, feature_dim: int, anchor_dim: int, hidden_dim: Optional[int] = None):
-        super().__init__()
-        hidden_dim = anchor_dim if hidden_dim is None else hidden_dim
-        self.feature_dim, self.anchor_dim, self.hidden_dim = feature_dim, anchor_dim, hidden_dim
-        self.fc1 = nn.Linear(feature_dim, hidden_dim)
-        self.bn = nn.BatchNorm1d(hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, feature_dim)
-        self.frozen_bn = False   # warm start keeps BatchNorm statistics fixed
-
-    def forward(self, h: torch.Tensor):
-        hidden = self.fc1(h)
-        out = self.fc2(F.relu(self.bn(hidden)))
-        z = out if self.feature_dim == self.hidden_dim else hidden
-        return out, z
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen_bn:
-            self.bn.eval()
-        return self
-
-    @torch.no_grad()
-    def warm_start(self, init_std: float = 0.01, generator: Optional[torch.Generator] = None) -> None:
-        """Initialise so that ``out == h`` for every h ≥ 0 (METHOD.md §13 [ours]).
-
-        Pooled CNN features are non-negative (they come out of a ReLU), so an identity embedding
-        passes them through: fc1 = [I; W'] (the extra d_a − d_f hidden units get small random rows W'
-        and zero outgoing weights, so they start silent but can learn), BatchNorm frozen as the
-        identity (eval mode, zero mean, unit variance), fc2 = [I, 0]. Needs a hidden width ≥ d_f
-        (the unlearner builds the projector with width max(d_a, d_f) when warm-starting).
-        """
-        d_f, d_a = self.feature_dim, self.hidden_dim
-        if d_a < d_f:
-            raise ValueError(f"warm start needs hidden width >= feature dim, got {d_a} < {d_f}")
-        w1 = torch.zeros(d_a, d_f)
-        w1[:d_f] = torch.eye(d_f)
-        w1[d_f:] = torch.randn(d_a - d_f, d_f, generator=generator) * init_std
-        self.fc1.weight.copy_(w1)
-        self.fc1.bias.zero_()
-        self.bn.reset_running_stats()
-        self.bn.running_var.fill_(1.0 - self.bn.eps)   # (x − 0) / sqrt(1 − eps + eps) = x
-        self.bn.weight.fill_(1.0)
-        self.bn.bias.zero_()
-        self.frozen_bn = True
-        self.bn.eval()
-        w2 = torch.zeros(d_f, d_a)
-        w2[:, :d_f] = torch.eye(d_f)
-        self.fc2.weight.copy_(w2)
-        self.fc2.bias.zero_()
-
-
-def _capped_eval_set(name, pair, cfg: UnlearnConfig) -> tuple:
-    """``(x, y)`` of one trajectory evaluation set, checked, and subsampled to ``cfg.eval_max_samples``
-    (a fixed random subset per seed) so that logging stays cheap on large data sets."""
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
-        raise ValueError(f"eval_sets[{name!r}] must be a pair (images, labels) of tensors")
-    x, y = pair
-    if y.dim() != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"eval_sets[{name!r}]: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
-    cap = cfg.eval_max_samples
-    if cap is not None and len(y) > cap:
-        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed + 31337))[:cap]
-        x, y = x[keep.to(x.device)], y[keep.to(y.device)]
-    return x, y
-
-
-class DeployedModel(nn.Module):
-    """The model after unlearning: h_φ ∘ p_ω ∘ g_ψ (or h ∘ g for methods without a projector)."""
-
-    def __init__(self, features: nn.Module, head: nn.Linear, projector: Optional[Projector] = None):
-        super().__init__()
-        self.features, self.head, self.projector = features, head, projector
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The representation the head sees: p(g(x)), or g(x) without a projector."""
-        h = self.features(x)
-        return h if self.projector is None else self.projector(h)[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
-
-
-class _StepModule(nn.Module):
-    """What DistributedDataParallel wraps in a data-parallel run: the trainable modules, and a
-    forward that runs a closure over them (a step's loss terms, or an importance batch's loss)."""
-
-    def __init__(self, features: nn.Module, head: nn.Module, projector: Optional[nn.Module]):
-        super().__init__()
-        self.features, self.head, self.projector = features, head, projector
-
-    def forward(self, fn: Callable):
-        return fn()
-
-
-def random_projection(feature_dim: int, anchor_dim: int, seed: int) -> torch.Tensor:
-    """R_p ∈ R^{d_f×d_a}: Gaussian with L2-normalised columns, fixed per run; identity if d_f == d_a."""
-    if feature_dim == anchor_dim:
-        return torch.eye(feature_dim)
-    g = torch.Generator().manual_seed(seed + 104729)
-    r = torch.randn(feature_dim, anchor_dim, generator=g)
-    return r / r.norm(dim=0, keepdim=True)
-
-
-# ----------------------------------------------------------------------------- results
+__all__ = ["DeployedModel", "NonFiniteError", "Projector", "UnlearnResult", "build_proxies", "fit",
+           "random_projection", "unlearn"]
 
 
 @dataclass
@@ -169,7 +55,7 @@ class UnlearnResult:
     model: nn.Module                  # the deployed model (the user's own type for adapted models, see model_info)
     metrics: dict                     # final forget / retain / test accuracy etc. (percent)
     history: list                     # trajectory entries (step, accuracies, losses, drift)
-    config: dict
+    config: dict                      # the shared options (UnlearnConfig), with the method_options given
     proxies: Optional[dict] = None    # n, eps, success_rate
     steps: int = 0
     epochs: int = 0
@@ -179,57 +65,10 @@ class UnlearnResult:
     deployed: Optional[nn.Module] = None   # stakes' view of the deployed model: images in [0, 1] → logits
     model_info: dict = field(default_factory=dict)   # what ``model`` is: type, input normalisation
     distributed: dict = field(default_factory=lambda: dist_.SINGLE.record())   # world_size, backend
+    method_config: dict = field(default_factory=dict)   # the method's own options as the run used them
 
 
-def _deployed_info(run) -> dict:
-    """What :attr:`UnlearnResult.model` is: the user's own type (an adapted timm / torchvision /
-    Hugging Face model, inputs normalised as before), or stakes' DeployedModel."""
-    adapter = getattr(run.work, "adapter", None)
-    if adapter is None:
-        form = "h∘p∘g" if run.projector is not None else "h∘g"
-        return {"type": "stakes.methods.DeployedModel", "form": form, "input": "images in [0, 1]"}
-    info = {"source": adapter.kind, "normalization": dict(adapter.normalization)}
-    if run.projector is None:
-        info.update(type=adapter.model_type, form="h∘g",
-                    input="as the model passed in (its own normalisation, not images in [0, 1])")
-    else:
-        info.update(type="stakes.methods.DeployedModel", form="h∘p∘g",
-                    input="images in [0, 1] (the normalisation layer is inside)",
-                    note=f"a trained projector sits between the features and the head, so the deployed model "
-                         f"is stakes' own module, not a {adapter.model_type}")
-    return info
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _as_parts(model):
-    from stakes.models import as_classifier
-
-    if isinstance(model, (tuple, list)) and len(model) == 2:
-        return as_classifier(model[0], model[1])
-    return as_classifier(model)
-
-
-def _check_forget_set(forget_set, num_classes: int, device):
-    if not isinstance(forget_set, (tuple, list)) or len(forget_set) != 2:
-        raise TypeError("forget_set must be a pair (images [k, C, H, W], labels [k])")
-    x, y = forget_set
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-        raise ValueError("forget_set images must be a floating tensor [k, C, H, W] in [0, 1]")
-    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32) or y.shape != (x.shape[0],):
-        raise ValueError(f"forget_set labels must be an integer tensor of shape [{x.shape[0]}]")
-    if x.shape[0] == 0:
-        raise ValueError("forget_set is empty: nothing to unlearn")
-    if not torch.isfinite(x).all():
-        raise ValueError("forget_set images contain NaN or inf")
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"forget_set labels must lie in [0, {num_classes}) (the model's classes), got [{lo}, {hi}]")
-    return x.to(device), y.long().to(device)
-
-
-# ----------------------------------------------------------------------------- proxies
+# ----------------------------------------------------------------------------- checks and proxies
 
 
 def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tensor,
@@ -269,550 +108,350 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
     return proxies, timings
 
 
-# ----------------------------------------------------------------------------- the run
+def _as_parts(model):
+    from stakes.models import as_classifier
+
+    if isinstance(model, (tuple, list)) and len(model) == 2:
+        return as_classifier(model[0], model[1])
+    return as_classifier(model)
 
 
+def _check_forget_set(forget_set, num_classes: int, device):
+    if not isinstance(forget_set, (tuple, list)) or len(forget_set) != 2:
+        raise TypeError("forget_set must be a pair (images [k, C, H, W], labels [k])")
+    x, y = forget_set
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise ValueError("forget_set images must be a floating tensor [k, C, H, W] in [0, 1]")
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32) or y.shape != (x.shape[0],):
+        raise ValueError(f"forget_set labels must be an integer tensor of shape [{x.shape[0]}]")
+    if x.shape[0] == 0:
+        raise ValueError("forget_set is empty: nothing to unlearn")
+    if not torch.isfinite(x).all():
+        raise ValueError("forget_set images contain NaN or inf")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"forget_set labels must lie in [0, {num_classes}) (the model's classes), got [{lo}, {hi}]")
+    return x.to(device), y.long().to(device)
+
+
+def _capped_eval_set(name, pair, cfg: UnlearnConfig) -> tuple:
+    """``(x, y)`` of one trajectory evaluation set, checked, and subsampled to ``cfg.eval_max_samples``
+    (a fixed random subset per seed) so that logging stays cheap on large data sets."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
+        raise ValueError(f"eval_sets[{name!r}] must be a pair (images, labels) of tensors")
+    x, y = pair
+    if y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"eval_sets[{name!r}]: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
+    cap = cfg.eval_max_samples
+    if cap is not None and len(y) > cap:
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed + 31337))[:cap]
+        x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+    return x, y
+
+
+# ----------------------------------------------------------------------------- a run's pieces
+
+
+@dataclass
 class _Run:
-    """State of one unlearning run; the loop lives in :meth:`fit`, one step in :meth:`train_step`.
+    """A run's private state: its context (what the method sees) and the machinery around it."""
 
-    ``method`` is a registered name or an :class:`UnlearningMethod`; the method's hooks get this
-    object (see :class:`UnlearningMethod` for what they may use)."""
-
-    def __init__(self, model, forget_set, method, anchors, cfg: UnlearnConfig, eval_sets, proxies, callbacks,
-                 checkpoint_path, retain_size, dist_ctx: dist_.DistContext = dist_.SINGLE):
-        self.method_def: UnlearningMethod = method if isinstance(method, UnlearningMethod) else get_method(method)
-        self.method = self.method_def.name or type(self.method_def).__name__
-        self.cfg = cfg
-        self.dist = dist_ctx
-        self.device = torch.device(cfg.device)
-        dist_.group_device_ok(dist_ctx, self.device)
-        self._ddp = None          # the DistributedDataParallel step module, built at first use
-        self._replicated_checked = False
-        torch.manual_seed(cfg.seed)
-        clf = _as_parts(model)
-        self.num_classes = clf.head.out_features
-        self.fx, self.fy = _check_forget_set(forget_set, self.num_classes, self.device)
-        self.k = self.fx.shape[0]
-        # frozen original, and the copy that is unlearned (the user's model is never modified)
-        self.orig = copy.deepcopy(clf).to(self.device).eval()
-        for p in self.orig.parameters():
-            p.requires_grad_(False)
-        work = copy.deepcopy(clf).to(self.device)
-        self.work = work
-        self.features, self.head = work.features, work.head
-        for p in work.parameters():
-            p.requires_grad_(True)
-        self.feature_dim = self.head.in_features
-        self.eval_sets = {name: tuple(t.to(self.device) for t in _capped_eval_set(name, pair, cfg))
-                          for name, pair in (eval_sets or {}).items()}
-        self.callbacks = list(callbacks or ())
-        self.checkpoint_path = checkpoint_path
-        self.retain_size = retain_size
-        self.history: list = []
-        self.timings: dict = {}
-        self.step = 0
-        self.epoch = 0
-        self._drift_orig: Optional[torch.Tensor] = None   # g_ψ0(x_test)·R_p, fixed for the run
-        # non-finite losses, kept on the device (no host sync per step): first bad step, bad terms
-        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        self._bad_terms: dict = {}
-        self._checked_step = 0
-
-        # anchors and random projection (needed by StructGuard, and by every method for drift logging)
-        if anchors is None:
-            if self.method_def.needs_anchors:
-                raise ValueError(f"method {self.method!r} needs anchors: pass anchors=stakes.anchors.build_anchors(...)")
-        else:
-            if not isinstance(anchors, torch.Tensor) or anchors.dim() != 2 or not anchors.is_floating_point():
-                raise ValueError("anchors must be a floating tensor [num_classes, d_a]")
-            if anchors.shape[0] != self.num_classes:
-                raise ValueError(f"anchors has {anchors.shape[0]} rows but the model has {self.num_classes} classes")
-            if not torch.isfinite(anchors).all():
-                raise ValueError("anchors contain NaN or inf")
-        self.anchors = None if anchors is None else F.normalize(anchors.detach().float(), dim=1).to(self.device)
-        self.anchor_dim = self.anchors.shape[1] if self.anchors is not None else self.feature_dim
-        self.rp = random_projection(self.feature_dim, self.anchor_dim, cfg.seed).to(self.device)
-
-        self.method_def.check(self)
-        self.projector = None
-        if self.method_def.needs_projector(self):
-            hidden = max(self.anchor_dim, self.feature_dim) if cfg.warm_start else self.anchor_dim
-            self.projector = Projector(self.feature_dim, self.anchor_dim, hidden).to(self.device)
-        self.deployed = DeployedModel(self.features, self.head, self.projector)
-
-        self.proxies = None if proxies is None else self._checked_proxies(proxies)
-        self.opt: Optional[StructureSGD] = None
-        self._model_digest = dist_.digest(clf.state_dict()) if dist_ctx.enabled else None
-
-    # ------------------------------------------------------------------ set-up pieces
-    def make_proxies(self) -> ProxySet:
-        proxies, timings = build_proxies(self.orig, self.fx, self.fy, self.cfg, distributed=self.dist)
-        self.timings.update(timings)
-        return proxies
-
-    # ------------------------------------------------------------------ data parallelism
-    def check_launch(self) -> None:
-        """A data-parallel run: every rank has the same method, config, forget set, model, anchors
-        (and given proxies), and the world size fits the pairs and the smallest proxy batch."""
-        ctx = self.dist
-        if not ctx.enabled:
-            return
-        parts = {"method": self.method, "config": dist_.digest({**self._recipe(), "retain_size": self.retain_size}),
-                 "forget_set": dist_.digest([self.fx, self.fy]), "model": self._model_digest,
-                 "anchors": dist_.digest(self.anchors) if self.anchors is not None else "none"}
-        if self.proxies is not None:
-            parts["proxies"] = dist_.digest([self.proxies.x, self.proxies.y])
-        dist_.check_same_across_ranks(parts, ctx, f"{self.method} run")
-        n_s = len(self.proxies) if self.proxies is not None else self.cfg.repetitions * self.k
-        smallest = n_s % self.cfg.proxy_batch_size or self.cfg.proxy_batch_size   # an epoch's last batch
-        if self.proxies is None or self.method_def.uses_proxies:
-            dist_.world_size_check(n_s, smallest if self.method_def.uses_proxies else n_s, ctx)
-
-    def _step_module(self):
-        """The DistributedDataParallel module whose forward runs a closure over the trainable modules
-        (features, head, projector): its all-reduce averages the gradients of training and importance."""
-        if self._ddp is None:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self._sync_batchnorm()
-            step = _StepModule(self.features, self.head, self.projector)
-            ids = None
-            if self.device.type == "cuda":
-                ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
-            # find_unused_parameters: methods use different parts of the model (importance: the backbone)
-            # buffers are never broadcast at forward: the ranks' buffers are equal (or synchronised BatchNorm)
-            import inspect
-
-            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                       inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
-            self._ddp = DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True, **no_sync)
-        return self._ddp
-
-    def _sync_batchnorm(self) -> None:
-        """BatchNorm layers that run in training mode on proxy shards use the global batch's statistics
-        (torch.nn.SyncBatchNorm on CUDA; an all-reduce version on other devices)."""
-        targets = []
-        if self.cfg.bn_train_mode:
-            targets.append(self.features)
-        if self.projector is not None and not self.projector.frozen_bn:
-            targets.append(self.projector)
-        for module in targets:
-            dist_.convert_sync_batchnorm(module, self.device)
-
-    def batch_gradient(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                       params: Sequence[torch.Tensor]) -> list:
-        """∇ of ``loss_fn`` over the global batch ``x``, where ``loss_fn(part)`` is the mean loss over
-        ``part``; entries of unused parameters are None. One process: ``autograd.grad``. Data-parallel:
-        each rank takes its shard of ``x`` and the gradient goes through the training all-reduce (DDP),
-        so every rank gets the whole batch's gradient (before any absolute value is taken)."""
-        if not self.dist.enabled:
-            return list(torch.autograd.grad(loss_fn(x), params, allow_unused=True))
-        part = x[self.dist.rows(len(x))]
-        scale = self.dist.world_size * len(part) / len(x)   # DDP divides the sum by the world size
-        ddp = self._step_module()
-        for p in ddp.parameters():
-            p.grad = None
-        loss = ddp(lambda: loss_fn(part) * scale)
-        loss.backward()
-        grads = [p.grad for p in params]
-        for p in ddp.parameters():
-            p.grad = None
-        return grads
-
-    def _local_loss(self, batch: Batch):
-        """This rank's loss (proxy terms weighted by its share of the global batch, W× for DDP's mean),
-        the terms, and each term's contribution to the global value (summed over ranks at log points)."""
-        terms = self.method_def.loss_terms(self, batch)
-        if not self.dist.enabled:
-            return sum(terms.values()), terms, terms
-        w = self.dist.world_size
-        shares = self._shares(batch)
-        scaled = {n: v * (w * shares[n]) if n in shares else v for n, v in terms.items()}
-        contrib = {n: (v * shares[n] if n in shares else v / w) for n, v in terms.items()}
-        return sum(scaled.values()), terms, contrib
-
-    def _shares(self, batch: Batch) -> dict:
-        """This rank's share of the global batch, for each term that is a mean over a sharded batch
-        (the proxy batch always; the forget batch when it is split)."""
-        out = {n: batch.proxy_x.shape[0] / batch.n_proxy for n in self.method_def.proxy_terms}
-        if batch.forget_total is not None:
-            out.update({n: batch.forget_x.shape[0] / batch.n_forget for n in self.method_def.forget_terms})
-        return out
-
-    def _check_replicated(self, terms: dict, batch: Batch) -> None:
-        """At the first data-parallel step: the terms that are not means over a sharded batch must
-        agree on every rank."""
-        self._replicated_checked = True
-        sharded = self._shares(batch)
-        names = [n for n in terms if n not in sharded]
-        if not names:
-            return
-        mine = [float(torch.as_tensor(terms[n]).detach().double().sum()) for n in names]
-        every = dist_.all_gather_object(mine, self.dist)
-        bad = [n for j, n in enumerate(names)
-               if any(not math.isclose(v[j], every[0][j], rel_tol=1e-5, abs_tol=1e-7) for v in every)]
-        if bad:
-            raise ValueError(f"method {self.method!r}: loss term(s) {bad} differ between ranks at the first step "
-                             f"({', '.join(f'{n}: ' + str([round(v[names.index(n)], 6) for v in every]) for n in bad)}): "
-                             "they depend on the rank's shard of the batch; list them in the method's proxy_terms or "
-                             "forget_terms (terms that are means over the proxy or the forget batch) so that the "
-                             "data-parallel gradient is the single-process one")
-
-    def _global_terms(self, contrib: dict) -> dict:
-        """The logged value of each term over the global batch (one all-reduce, at log points only)."""
-        if not self.dist.enabled or not contrib:
-            return contrib
-        names = list(contrib)
-        vec = torch.stack([torch.as_tensor(contrib[n]).detach().float().sum() for n in names])
-        dist_.all_reduce_(vec, self.dist)
-        return dict(zip(names, vec.unbind()))
-
-    def orig_structure_input(self, x: torch.Tensor) -> torch.Tensor:
-        """v^ori before normalisation: g_ψ0(x)·R_p (the op normalises rows)."""
-        with torch.no_grad():
-            return self.orig.features(x) @ self.rp
-
-    def new_optimizer(self) -> StructureSGD:
-        return StructureSGD(self.method_def.param_groups(self), **self.method_def.optimizer_options(self))
-
-    def build_optimizer(self) -> StructureSGD:
-        """The optimizer with the method's importance (SR term) and gradient masks, timed."""
-        opt = self.new_optimizer()
-        t0 = time.perf_counter()
-        importance = self.method_def.importance(self)
-        if importance is not None:
-            opt.set_importance(importance)
-        masks = self.method_def.grad_masks(self)
-        if masks is not None:
-            opt.set_grad_masks(masks)
-        self.timings["importance_s"] = time.perf_counter() - t0
-        return opt
-
-    # ------------------------------------------------------------------ shared loss pieces
-    def loss_weights(self, batch: Batch) -> tuple:
-        """(w_f, w_a): the batch fractions n_f/(n_f+n_a), n_a/(n_f+n_a) of METHOD.md §8, or 1 and 1."""
-        if self.cfg.loss_weighting == "equal":
-            return 1.0, 1.0
-        n_f, n_a = batch.n_forget, batch.n_proxy
-        return n_f / (n_f + n_a), n_a / (n_f + n_a)
-
-    def deletion(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The configured deletion loss on forget logits: −CE (ascent), bounded −CE or the margin loss."""
-        cfg = self.cfg
-        if cfg.deletion == "bounded":
-            return -ce_bounded(logits, y, cfg.deletion_bound or (math.log(self.num_classes) + 1.0))
-        if cfg.deletion == "margin":
-            return margin_deletion(logits, y, cfg.deletion_margin)
-        return -F.cross_entropy(logits, y)
-
-    # ------------------------------------------------------------------ modes and evaluation
-    def set_train(self):
-        self.deployed.train()
-        if not self.cfg.bn_train_mode:   # backbone BatchNorm statistics stay as pretrained [ours]
-            self.features.eval()
-
-    @torch.no_grad()
-    def log_entry(self, losses: dict) -> dict:
-        """A trajectory entry (accuracies, drift, losses), appended to the history. In a data-parallel
-        run every rank calls it at the same steps, evaluates its shard of each evaluation set, and
-        every rank appends the same entry (rank 0 alone calls the callbacks)."""
-        t0 = time.perf_counter()
-        entry = {"step": self.step, "epoch": self.epoch}
-        self.deployed.eval()
-        entry["forget_accuracy"] = accuracy(self.deployed, self.fx, self.fy)
-        drift_set = "test" if self.anchors is not None and "test" in self.eval_sets else None
-        if self.dist.enabled:
-            entry.update(self._sharded_evaluation(drift_set))
-        for name, (x, y) in (self.eval_sets.items() if not self.dist.enabled else ()):
-            if name != drift_set:
-                entry[f"{name}_accuracy"] = accuracy(self.deployed, x, y)
-                continue
-            # one backbone pass serves the accuracy and the drift; the original side is computed once
-            feats = torch.cat([self.features(x[i:i + 512]) for i in range(0, len(x), 512)])
-            emb = feats if self.projector is None else self.projector(feats)[0]
-            entry[f"{name}_accuracy"] = accuracy_from_logits(self.head(emb), y)
-            if self._drift_orig is None:
-                self._drift_orig = torch.cat([self.orig_structure_input(x[i:i + 512])
-                                              for i in range(0, len(x), 512)])
-            entry["structure_drift"] = structure_drift(self._drift_orig, feats @ self.rp, self.anchors)
-        entry.update({k: float(v) for k, v in losses.items()})
-        self.set_train()
-        self.check_finite(f"trajectory log at step {self.step}")
-        self.history.append(entry)
-        self.timings["eval_s"] = self.timings.get("eval_s", 0.0) + time.perf_counter() - t0
-        for cb in (self.callbacks if self.dist.is_main else ()):
-            cb(entry)
-        return entry
-
-    @torch.no_grad()
-    def _sharded_evaluation(self, drift_set: Optional[str]) -> dict:
-        """Accuracy on each evaluation set and the drift, each rank on its contiguous shard of the
-        rows, the counts and sums all-reduced (one collective per log point)."""
-        ctx = self.dist
-        names, parts = list(self.eval_sets), []
-        for name in names:
-            x, y = (t[ctx.rows(len(t))] for t in self.eval_sets[name])
-            correct, drift_sum = 0.0, 0.0
-            if len(x):
-                feats = torch.cat([self.features(x[i:i + 512]) for i in range(0, len(x), 512)])
-                emb = feats if self.projector is None else self.projector(feats)[0]
-                correct = float(self.head(emb).argmax(1).eq(y).sum())
-                if name == drift_set:
-                    if self._drift_orig is None:   # this rank's rows of the original side, computed once
-                        self._drift_orig = torch.cat([self.orig_structure_input(x[i:i + 512])
-                                                      for i in range(0, len(x), 512)])
-                    drift_sum = structure_drift(self._drift_orig, feats @ self.rp, self.anchors) * len(x)
-            parts += [correct, float(len(x)), drift_sum]
-        totals = dist_.all_reduce_(torch.tensor(parts, dtype=torch.float64), ctx).tolist()
-        out = {}
-        for j, name in enumerate(names):
-            correct, n, drift_sum = totals[3 * j: 3 * j + 3]
-            # the single-process formula: a float32 mean of the hits, in percent
-            out[f"{name}_accuracy"] = 100.0 * float(torch.tensor(correct, dtype=torch.float32) / n) if n else float("nan")
-            if name == drift_set:
-                out["structure_drift"] = drift_sum / n if n else float("nan")
-        return out
-
-    def check_finite(self, where: str):
-        """Raise :class:`NonFiniteError` naming the first non-finite parameter (one host sync if none)."""
-        named = [(f"{name}.{pname}", p) for name, module in
-                 (("features", self.features), ("head", self.head), ("projector", self.projector))
-                 if module is not None for pname, p in module.named_parameters()]
-        if not named:
-            return
-        finite = torch.stack([torch.isfinite(p).all() for _, p in named])
-        if bool(finite.all()):
-            return
-        bad = next(n for (n, _), ok in zip(named, finite.tolist()) if not ok)
-        raise NonFiniteError(f"{self.method}: parameter {bad} became non-finite at step {self.step} ({where}); "
-                             "the run was stopped and no model was written")
-
-    # ------------------------------------------------------------------ checkpoints (resume)
-    def fingerprint(self) -> dict:
-        """What a checkpoint must match to be resumed by this run: the forget set and the recipe."""
-        return {"method": self.method, "k": self.k, "forget_shape": list(self.fx.shape),
-                "forget_labels": self.fy.tolist(), "forget_sum": float(self.fx.double().sum()), "config": self._recipe()}
-
-    def _recipe(self) -> dict:
-        """The config without what may differ between runs of the same recipe (progress, device, logging)."""
-        return {k: v for k, v in self.cfg.to_dict().items() if k not in ("progress", "device", "log_every")}
-
-    def state(self) -> dict:
-        return {
-            "fingerprint": self.fingerprint(), "step": self.step, "epoch": self.epoch,
-            "features": self.features.state_dict(), "head": self.head.state_dict(),
-            "projector": None if self.projector is None else self.projector.state_dict(),
-            "projector_frozen_bn": None if self.projector is None else self.projector.frozen_bn,
-            "optimizer": self.opt.state_dict(), "history": self.history, "timings": self.timings,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-        }
-
-    def save_checkpoint(self):
-        """The resumable state, atomically; the proxy set (large, fixed) goes to a side file once."""
-        if not self.checkpoint_path:
-            return
-        self.check_finite("before writing the checkpoint")
-        if not self.dist.is_main:   # rank 0 alone writes; the state is the same on every rank
-            return
-        side = self.checkpoint_path + ".proxies"
-        if not getattr(self, "_proxies_saved", False):
-            atomic_torch_save(self.proxies, side)
-            self._proxies_saved = True
-        atomic_torch_save(self.state(), self.checkpoint_path)
-
-    def remove_checkpoint(self):
-        if not self.dist.is_main:
-            return
-        for path in (self.checkpoint_path, (self.checkpoint_path or "") + ".proxies"):
-            if path and os.path.exists(path):
-                os.remove(path)
-
-    def load_checkpoint(self, state: dict):
-        saved, mine = state.get("fingerprint"), self.fingerprint()
-        if saved != mine:
-            diff = sorted(k for k in mine if (saved or {}).get(k) != mine[k])
-            raise ValueError(f"checkpoint {self.checkpoint_path!r} belongs to a different run (differs in {diff}); "
-                             "delete it or pass another checkpoint path")
-        self.features.load_state_dict(state["features"])
-        self.head.load_state_dict(state["head"])
-        if self.projector is not None:
-            self.projector.load_state_dict(state["projector"])
-            self.projector.frozen_bn = bool(state.get("projector_frozen_bn"))
-            self.projector.train(self.projector.training)
-        side = self.checkpoint_path + ".proxies"
-        self.proxies = self._checked_proxies(self._read_side_proxies(side))
-        self._proxies_saved = True
-        self.opt = self.new_optimizer()
-        self.opt.load_state_dict(state["optimizer"])
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.history = list(state["history"])
-        self.timings = dict(state["timings"])
-        torch.set_rng_state(state["rng"].cpu())
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
-
-    def _read_side_proxies(self, side: str) -> ProxySet:
-        """The checkpoint's proxy set: read by rank 0, broadcast to the others."""
-        ctx = self.dist
-        proxies = dist_.load_on_main(side, ctx, "the proxy set of the checkpoint", required=True,
-                                     map_location=self.device if not ctx.enabled else "cpu")
-        if not ctx.enabled:
-            return proxies
-        meta = dist_.broadcast_object(None if not ctx.is_main else
-                                      {"eps": proxies.eps, "success_rate": proxies.success_rate}, ctx)
-        x, y, src = (dist_.broadcast_tensor(getattr(proxies, name) if ctx.is_main else None, ctx, device="cpu")
-                     for name in ("x", "y", "source"))
-        return ProxySet(x=x, y=y, source=src, eps=meta["eps"], success_rate=meta["success_rate"])
-
-    def _checked_proxies(self, proxies) -> ProxySet:
-        """A given proxy set must match the forget images' shape and the model's classes; moved to the device."""
-        if not isinstance(proxies, ProxySet):
-            raise TypeError(f"proxies must be a stakes.proxy.ProxySet, got {type(proxies).__name__}")
-        if proxies.x.shape[1:] != self.fx.shape[1:] or proxies.x.shape[0] != proxies.y.shape[0] or len(proxies) == 0:
-            raise ValueError(f"proxies must be non-empty images of shape [N, {', '.join(map(str, self.fx.shape[1:]))}] "
-                             f"with N labels, got images {tuple(proxies.x.shape)} and labels {tuple(proxies.y.shape)}")
-        if int(proxies.y.min()) < 0 or int(proxies.y.max()) >= self.num_classes:
-            raise ValueError(f"proxy labels must lie in [0, {self.num_classes})")
-        return ProxySet(x=proxies.x.to(self.device), y=proxies.y.to(self.device),
-                        source=proxies.source.to(self.device), eps=proxies.eps, success_rate=proxies.success_rate)
-
-    # ------------------------------------------------------------------ one step
-    def train_step(self, batch: Batch) -> tuple:
-        """Loss terms, backward, the method's gradient hook, clipping and the fused update; returns
-        ``(terms, loss)`` as device tensors. No host synchronisation: a non-finite loss only sets
-        a device flag, raised by :meth:`check_losses` at the next log point or epoch end."""
-        cfg = self.cfg
-        self.opt.zero_grad(set_to_none=True)
-        if self.dist.enabled:   # the loss through DDP, whose backward averages the gradients over ranks
-            loss, terms, contrib = self._step_module()(lambda: self._local_loss(batch))
-            if not self._replicated_checked:
-                self._check_replicated(terms, batch)
-        else:
-            loss, terms, contrib = self._local_loss(batch)
-        self._record_non_finite(terms, loss)
-        loss.backward()
-        self.method_def.before_update(self)
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]],
-                                           cfg.grad_clip)
-        skip_sr = cfg.skip_sr_first_steps and batch.index < 2
-        if skip_sr:
-            saved = [grp["lam"] for grp in self.opt.param_groups]
-            for grp in self.opt.param_groups:
-                grp["lam"] = 0.0
-        self.opt.step()
-        if skip_sr:
-            for grp, lam in zip(self.opt.param_groups, saved):
-                grp["lam"] = lam
-        return contrib, loss
-
-    def _record_non_finite(self, terms: dict, loss: torch.Tensor) -> None:
-        """Device-side bookkeeping: the first step whose loss is non-finite, and which terms were."""
-        first = ~torch.isfinite(loss.detach()) & (self._bad_step < 0)   # this step is the first bad one
-        self._bad_step = torch.where(first, self.step, self._bad_step)
-        for name, value in terms.items():   # the terms that were non-finite at that first step
-            flag = first & ~torch.isfinite(torch.as_tensor(value).detach()).all()
-            prev = self._bad_terms.get(name)
-            self._bad_terms[name] = flag if prev is None else prev | flag
-
-    def check_losses(self, where: str) -> None:
-        """Raise :class:`NonFiniteError` if a loss since the last check was non-finite (one host sync;
-        data-parallel: one all-reduce, so that every rank stops at the same point)."""
-        if self.dist.enabled:
-            big = torch.iinfo(torch.long).max
-            first_t = torch.where(self._bad_step >= 0, self._bad_step, torch.full_like(self._bad_step, big))
-            first = int(dist_.all_reduce_(first_t.clone(), self.dist, "min"))
-            first = -1 if first == big else first
-        else:
-            first = int(self._bad_step)
-        if first >= 0:
-            names = [n for n, flag in self._bad_terms.items() if bool(flag)]
-            raise NonFiniteError(
-                f"{self.method}: non-finite loss at step {first} (detected at the {where}, after steps "
-                f"{self._checked_step}-{self.step}; non-finite at that step: {', '.join(names) or 'the sum only'}); "
-                "the run was stopped and no model was written")
-        self._checked_step = self.step
-
-    # ------------------------------------------------------------------ the loop
-    def fit(self) -> tuple[str, float]:
-        cfg = self.cfg
-        n_s = len(self.proxies)
-        steps_per_epoch = max(1, math.ceil(n_s / cfg.proxy_batch_size))
-        total = cfg.max_epochs * steps_per_epoch
-        if cfg.max_steps is not None:
-            total = min(total, cfg.max_steps)
-        ctx = self.dist
-        bar = tqdm(total=total, initial=min(self.step, total),
-                   desc=f"unlearn [{self.method}]" + (f" ({ctx.world_size} ranks)" if ctx.enabled else ""),
-                   disable=not cfg.progress or not ctx.is_main, leave=False)
-        stopped = "max_epochs"
-        t0 = time.perf_counter()
-        before = self.timings.get("loop_s", 0.0)   # a resumed run carries the loop time it had already spent
-        self._checked_step = self.step
-        self.set_train()
-        if not self.history:
-            self.log_entry({})
-        while self.epoch < cfg.max_epochs and self.step < total:
-            # one generator per epoch, so a resumed run draws exactly what an uninterrupted one would
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(n_s, generator=g).to(self.device)
-            f_order, f_pos = torch.randperm(self.k, generator=g).to(self.device), 0
-            for i in range(0, n_s, cfg.proxy_batch_size):
-                if self.step >= total:
-                    break
-                ia = order[i:i + cfg.proxy_batch_size]
-                n_a = len(ia)
-                ia = ia[ctx.rows(n_a)]   # this rank's contiguous shard of the global proxy batch
-                # cycled forget loader
-                nf = min(cfg.forget_batch_size, self.k)
-                if f_pos + nf > self.k:
-                    f_order, f_pos = torch.randperm(self.k, generator=g).to(self.device), 0
-                jf = f_order[f_pos:f_pos + nf]
-                f_pos += nf
-                f_total, f_lo = None, 0
-                if ctx.enabled and nf >= ctx.world_size:   # shard the forget batch too (else every rank has it whole)
-                    mine = ctx.rows(nf)
-                    jf, f_total, f_lo = jf[mine], nf, mine.start
-                batch = Batch(self.fx[jf], self.fy[jf], self.proxies.x[ia], self.proxies.y[ia],
-                              index=i // cfg.proxy_batch_size, proxy_total=n_a, forget_total=f_total,
-                              forget_offset=f_lo)
-                terms, loss = self.train_step(batch)
-                self.step += 1
-                bar.update(1)
-                if self.step % cfg.log_every == 0:
-                    self.check_losses(f"trajectory log at step {self.step}")
-                    if ctx.enabled:
-                        terms = self._global_terms(terms)
-                        loss = sum(terms.values())
-                    sr = self.opt.last_sr_loss
-                    entry = self.log_entry({**terms, "loss": loss, "sr": sr if sr is not None else 0.0})
-                    bar.set_postfix(forget=f"{entry['forget_accuracy']:.1f}",
-                                    test=f"{entry.get('test_accuracy', float('nan')):.1f}")
-            self.epoch += 1
-            self.check_losses(f"end of epoch {self.epoch}")
-            self.check_finite(f"end of epoch {self.epoch}")
-            # stop rule: forget accuracy through the deployed model, checked after every epoch (§9)
-            if self.step >= cfg.stop_warmup_steps:
-                self.deployed.eval()
-                acc = accuracy(self.deployed, self.fx, self.fy)
-                self.set_train()
-                if acc == 0.0:
-                    stopped = "forget_accuracy_zero"
-                    break
-            self.timings["loop_s"] = before + time.perf_counter() - t0
-            self.save_checkpoint()
-            dist_.maybe_inject_fault("epoch_end", self.epoch, ctx)
-        else:
-            stopped = "max_steps" if self.step >= total and self.epoch < cfg.max_epochs else "max_epochs"
-        bar.close()
-        self.check_losses("end of the run")
-        if not self.history or self.history[-1]["step"] != self.step:
-            self.log_entry({})
-        return stopped, before + time.perf_counter() - t0
+    ctx: UnlearnContext
+    method: UnlearningMethod
+    work: nn.Module                   # the unlearned copy of the caller's classifier
+    strategy: SingleProcess
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+    watch: NonFiniteWatch
+    callbacks: list
+    model_digest: Optional[str]
+    opt: Optional[StructureSGD] = None
+    history: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
 
 
-def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional[torch.Tensor] = None,
+def _checked_anchors(anchors, num_classes: int, method: UnlearningMethod, device) -> Optional[torch.Tensor]:
+    if anchors is None:
+        if method.needs_anchors:
+            raise ValueError(f"method {method.key!r} needs anchors: pass anchors=stakes.anchors.build_anchors(...)")
+        return None
+    if not isinstance(anchors, torch.Tensor) or anchors.dim() != 2 or not anchors.is_floating_point():
+        raise ValueError("anchors must be a floating tensor [num_classes, d_a]")
+    if anchors.shape[0] != num_classes:
+        raise ValueError(f"anchors has {anchors.shape[0]} rows but the model has {num_classes} classes")
+    if not torch.isfinite(anchors).all():
+        raise ValueError("anchors contain NaN or inf")
+    return F.normalize(anchors.detach().float(), dim=1).to(device)
+
+
+def _checked_proxies(proxies, ctx: UnlearnContext) -> ProxySet:
+    """A given proxy set must match the forget images' shape and the model's classes; moved to the device."""
+    if not isinstance(proxies, ProxySet):
+        raise TypeError(f"proxies must be a stakes.proxy.ProxySet, got {type(proxies).__name__}")
+    fx = ctx.forget_x
+    if proxies.x.shape[1:] != fx.shape[1:] or proxies.x.shape[0] != proxies.y.shape[0] or len(proxies) == 0:
+        raise ValueError(f"proxies must be non-empty images of shape [N, {', '.join(map(str, fx.shape[1:]))}] "
+                         f"with N labels, got images {tuple(proxies.x.shape)} and labels {tuple(proxies.y.shape)}")
+    if int(proxies.y.min()) < 0 or int(proxies.y.max()) >= ctx.num_classes:
+        raise ValueError(f"proxy labels must lie in [0, {ctx.num_classes})")
+    return ProxySet(x=proxies.x.to(ctx.device), y=proxies.y.to(ctx.device), source=proxies.source.to(ctx.device),
+                    eps=proxies.eps, success_rate=proxies.success_rate)
+
+
+def _prepare(model, forget_set, method: UnlearningMethod, anchors, cfg: UnlearnConfig, eval_sets, proxies,
+             callbacks, checkpoint_path, retain_size, dist_ctx) -> _Run:
+    """Everything a run needs before its first step (not the proxies, the importance or the optimiser)."""
+    device = torch.device(cfg.device)
+    strategy = strategy_for(dist_ctx, device)
+    options = method.options_for(cfg)
+    torch.manual_seed(cfg.seed)
+    clf = _as_parts(model)
+    fx, fy = _check_forget_set(forget_set, clf.head.out_features, device)
+    # the frozen original, and the copy that is unlearned (the caller's model is never modified)
+    orig = copy.deepcopy(clf).to(device).eval()
+    for p in orig.parameters():
+        p.requires_grad_(False)
+    work = copy.deepcopy(clf).to(device)
+    for p in work.parameters():
+        p.requires_grad_(True)
+    eval_sets = {name: tuple(t.to(device) for t in _capped_eval_set(name, pair, cfg))
+                 for name, pair in (eval_sets or {}).items()}
+    a_hat = _checked_anchors(anchors, clf.head.out_features, method, device)
+    feature_dim = work.head.in_features
+    anchor_dim = a_hat.shape[1] if a_hat is not None else feature_dim
+    ctx = UnlearnContext(method=method.key, config=cfg, options=options, orig=orig, features=work.features,
+                         head=work.head, projector=None, deployed=DeployedModel(work.features, work.head), anchors=a_hat,
+                         rp=random_projection(feature_dim, anchor_dim, cfg.seed).to(device), forget_x=fx,
+                         forget_y=fy, retain_size=retain_size, device=device, strategy=strategy)
+    method.check(ctx)
+    if method.needs_projector(ctx):
+        hidden = max(anchor_dim, feature_dim) if getattr(options, "warm_start", False) else anchor_dim
+        ctx.projector = Projector(feature_dim, anchor_dim, hidden).to(device)
+        ctx.deployed = DeployedModel(work.features, work.head, ctx.projector)
+    strategy.setup(ctx, method)
+    if proxies is not None:
+        ctx.proxies = _checked_proxies(proxies, ctx)
+    return _Run(ctx=ctx, method=method, work=work, strategy=strategy, evaluator=Evaluator(ctx, eval_sets, strategy),
+                checkpointer=Checkpointer(checkpoint_path, strategy, device),
+                watch=NonFiniteWatch(method.key, device, strategy), callbacks=list(callbacks or ()),
+                model_digest=dist_.digest(clf.state_dict()) if dist_ctx.enabled else None)
+
+
+def _check_launch(run: _Run) -> None:
+    """A data-parallel run: every rank has the same method, config, forget set, model, anchors (and
+    given proxies), and the world size fits the pairs and the smallest proxy batch."""
+    ctx, cfg = run.ctx, run.ctx.config
+    if not run.strategy.dist.enabled:
+        return
+    parts = {"method": ctx.method, "config": dist_.digest({**recipe(cfg, ctx.options), "retain_size": ctx.retain_size}),
+             "forget_set": dist_.digest([ctx.forget_x, ctx.forget_y]), "model": run.model_digest,
+             "anchors": dist_.digest(ctx.anchors) if ctx.anchors is not None else "none"}
+    if ctx.proxies is not None:
+        parts["proxies"] = dist_.digest([ctx.proxies.x, ctx.proxies.y])
+    n_s = len(ctx.proxies) if ctx.proxies is not None else cfg.repetitions * len(ctx.forget_y)
+    smallest = n_s % cfg.proxy_batch_size or cfg.proxy_batch_size   # an epoch's last batch
+    split = ctx.proxies is None or run.method.uses_proxies
+    run.strategy.check_launch(parts, n_s if split else None, (smallest if run.method.uses_proxies else n_s))
+
+
+def _build_optimizer(run: _Run) -> StructureSGD:
+    """The optimiser with the method's importance (SR term) and gradient masks, timed."""
+    ctx, method = run.ctx, run.method
+    opt = StructureSGD(method.param_groups(ctx), **method.optimizer_options(ctx))
+    t0 = time.perf_counter()
+    importance = method.importance(ctx)
+    if importance is not None:
+        opt.set_importance(importance)
+    masks = method.grad_masks(ctx)
+    if masks is not None:
+        opt.set_grad_masks(masks)
+    run.timings["importance_s"] = time.perf_counter() - t0
+    return opt
+
+
+def _fingerprint(run: _Run) -> dict:
+    """What a checkpoint must match to be resumed by this run: the forget set and the recipe."""
+    ctx = run.ctx
+    return {"method": ctx.method, "k": len(ctx.forget_y), "forget_shape": list(ctx.forget_x.shape),
+            "forget_labels": ctx.forget_y.tolist(), "forget_sum": float(ctx.forget_x.double().sum()),
+            "config": recipe(ctx.config, ctx.options)}
+
+
+def _state(run: _Run) -> dict:
+    ctx = run.ctx
+    return {
+        "fingerprint": _fingerprint(run), "step": ctx.step, "epoch": ctx.epoch,
+        "features": ctx.features.state_dict(), "head": ctx.head.state_dict(),
+        "projector": None if ctx.projector is None else ctx.projector.state_dict(),
+        "projector_frozen_bn": None if ctx.projector is None else ctx.projector.frozen_bn,
+        "optimizer": run.opt.state_dict(), "history": run.history, "timings": run.timings,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if ctx.device.type == "cuda" else None,
+    }
+
+
+def _restore(run: _Run, state: dict) -> None:
+    """Continue from a checkpoint's ``state`` (the proxies from its side file)."""
+    ctx = run.ctx
+    run.checkpointer.check(state, _fingerprint(run))
+    ctx.features.load_state_dict(state["features"])
+    ctx.head.load_state_dict(state["head"])
+    if ctx.projector is not None:
+        ctx.projector.load_state_dict(state["projector"])
+        ctx.projector.frozen_bn = bool(state.get("projector_frozen_bn"))
+        ctx.projector.train(ctx.projector.training)
+    ctx.proxies = _checked_proxies(run.checkpointer.load_proxies(), ctx)
+    run.opt = StructureSGD(run.method.param_groups(ctx), **run.method.optimizer_options(ctx))
+    run.opt.load_state_dict(state["optimizer"])
+    ctx.step, ctx.epoch = state["step"], state["epoch"]
+    run.history = list(state["history"])
+    run.timings = dict(state["timings"])
+    torch.set_rng_state(state["rng"].cpu())
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
+
+
+def _deployed_info(run: _Run) -> dict:
+    """What :attr:`UnlearnResult.model` is: the user's own type (an adapted timm / torchvision /
+    Hugging Face model, inputs normalised as before), or stakes' DeployedModel."""
+    adapter = getattr(run.work, "adapter", None)
+    projector = run.ctx.projector
+    if adapter is None:
+        form = "h∘p∘g" if projector is not None else "h∘g"
+        return {"type": "stakes.methods.DeployedModel", "form": form, "input": "images in [0, 1]"}
+    info = {"source": adapter.kind, "normalization": dict(adapter.normalization)}
+    if projector is None:
+        info.update(type=adapter.model_type, form="h∘g",
+                    input="as the model passed in (its own normalisation, not images in [0, 1])")
+    else:
+        info.update(type="stakes.methods.DeployedModel", form="h∘p∘g",
+                    input="images in [0, 1] (the normalisation layer is inside)",
+                    note=f"a trained projector sits between the features and the head, so the deployed model "
+                         f"is stakes' own module, not a {adapter.model_type}")
+    return info
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@torch.no_grad()
+def _log(run: _Run, losses: dict) -> dict:
+    """Evaluate, append a trajectory entry (every process the same one) and call the callbacks (main only)."""
+    t0 = time.perf_counter()
+    ctx = run.ctx
+    entry = {"step": ctx.step, "epoch": ctx.epoch, **run.evaluator()}
+    entry.update({k: float(v) for k, v in losses.items()})
+    check_finite_parameters(ctx, f"trajectory log at step {ctx.step}")
+    run.history.append(entry)
+    run.timings["eval_s"] = run.timings.get("eval_s", 0.0) + time.perf_counter() - t0
+    for cb in (run.callbacks if run.strategy.is_main else ()):
+        cb(entry)
+    return entry
+
+
+def _batches(run: _Run):
+    """One epoch's steps: shuffled proxy batches zipped with a cycled, reshuffled forget loader
+    (one generator per epoch, so a resumed run draws exactly what an uninterrupted one would);
+    each process's shard of them."""
+    ctx, cfg, strategy = run.ctx, run.ctx.config, run.strategy
+    n_s, k, size = len(ctx.proxies), len(ctx.forget_y), cfg.proxy_batch_size
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + ctx.epoch)
+    order = torch.randperm(n_s, generator=g).to(ctx.device)
+    f_order, f_pos = torch.randperm(k, generator=g).to(ctx.device), 0
+    for i in range(0, n_s, size):
+        ia = order[i:i + size]
+        n_a = len(ia)
+        ia = ia[strategy.rows(n_a)]
+        nf = min(cfg.forget_batch_size, k)
+        if f_pos + nf > k:
+            f_order, f_pos = torch.randperm(k, generator=g).to(ctx.device), 0
+        jf = f_order[f_pos:f_pos + nf]
+        f_pos += nf
+        mine = strategy.forget_shard(nf)   # None: every process computes the forget batch whole
+        if mine is not None:
+            jf = jf[mine]
+        yield Batch(ctx.forget_x[jf], ctx.forget_y[jf], ctx.proxies.x[ia], ctx.proxies.y[ia], index=i // size,
+                    proxy_total=n_a, forget_total=None if mine is None else nf,
+                    forget_offset=0 if mine is None else mine.start)
+
+
+def _train_step(run: _Run, batch: Batch) -> tuple:
+    """Loss terms, backward, the method's gradient hook, clipping and the fused update; returns the
+    terms' contributions and the loss as device tensors (no host synchronisation)."""
+    ctx, cfg, opt = run.ctx, run.ctx.config, run.opt
+    opt.zero_grad(set_to_none=True)
+    loss, terms, contributions = run.strategy.loss(batch)
+    run.watch.record(ctx.step, terms, loss)
+    loss.backward()
+    run.method.before_update(ctx)
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], cfg.grad_clip)
+    skip_sr = cfg.skip_sr_first_steps and batch.index < 2   # the reference code's quirk
+    saved = [grp["lam"] for grp in opt.param_groups]
+    if skip_sr:
+        for grp in opt.param_groups:
+            grp["lam"] = 0.0
+    opt.step()
+    for grp, lam in zip(opt.param_groups, saved):
+        grp["lam"] = lam
+    return contributions, loss
+
+
+def fit(run: _Run) -> tuple:
+    """Train until the forget set is misclassified (checked after every epoch, METHOD.md §9) or the
+    epoch / step budget ends; returns ``(why it stopped, seconds in the loop)``."""
+    ctx, cfg, strategy = run.ctx, run.ctx.config, run.strategy
+    steps_per_epoch = max(1, math.ceil(len(ctx.proxies) / cfg.proxy_batch_size))
+    total = min(cfg.max_epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    bar = tqdm(total=total, initial=min(ctx.step, total), leave=False,
+               desc=f"unlearn [{ctx.method}]" + (f" ({strategy.world_size} ranks)" if strategy.dist.enabled else ""),
+               disable=not cfg.progress or not strategy.is_main)
+    stopped = "max_epochs"
+    t0, before = time.perf_counter(), run.timings.get("loop_s", 0.0)   # a resumed run carries its loop time
+    run.watch.checked_step = ctx.step
+    ctx.train_mode()
+    if not run.history:
+        _log(run, {})
+    while ctx.epoch < cfg.max_epochs and ctx.step < total:
+        for batch in _batches(run):
+            if ctx.step >= total:
+                break
+            terms, loss = _train_step(run, batch)
+            ctx.step += 1
+            bar.update(1)
+            if ctx.step % cfg.log_every == 0:
+                run.watch.check(f"trajectory log at step {ctx.step}", ctx.step)
+                terms = strategy.logged_terms(terms)
+                loss = sum(terms.values()) if strategy.dist.enabled else loss
+                sr = run.opt.last_sr_loss
+                entry = _log(run, {**terms, "loss": loss, "sr": sr if sr is not None else 0.0})
+                bar.set_postfix(forget=f"{entry['forget_accuracy']:.1f}",
+                                test=f"{entry.get('test_accuracy', float('nan')):.1f}")
+        ctx.epoch += 1
+        run.watch.check(f"end of epoch {ctx.epoch}", ctx.step)
+        check_finite_parameters(ctx, f"end of epoch {ctx.epoch}")
+        if ctx.step >= cfg.stop_warmup_steps:   # the stop rule, through the deployed model
+            ctx.deployed.eval()
+            forget_acc = accuracy(ctx.deployed, ctx.forget_x, ctx.forget_y)
+            ctx.train_mode()
+            if forget_acc == 0.0:
+                stopped = "forget_accuracy_zero"
+                break
+        run.timings["loop_s"] = before + time.perf_counter() - t0
+        if run.checkpointer.path:
+            check_finite_parameters(ctx, "before writing the checkpoint")
+            run.checkpointer.save(lambda: _state(run), ctx.proxies)
+        strategy.maybe_inject_fault(ctx.epoch)
+    else:
+        stopped = "max_steps" if ctx.step >= total and ctx.epoch < cfg.max_epochs else "max_epochs"
+    bar.close()
+    run.watch.check("end of the run", ctx.step)
+    if not run.history or run.history[-1]["step"] != ctx.step:
+        _log(run, {})
+    return stopped, before + time.perf_counter() - t0
+
+
+def unlearn(model, forget_set, *, method="structguard", anchors: Optional[torch.Tensor] = None,
             config: Optional[UnlearnConfig] = None, eval_sets: Optional[dict] = None,
             proxies: Optional[ProxySet] = None, retain_size: Optional[int] = None,
             callbacks: Iterable[Callable[[dict], None]] = (), checkpoint_path: Optional[str] = None,
@@ -824,11 +463,12 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
             ``(features, head)`` pair, a timm, torchvision or Hugging Face image classifier (its
             input normalisation taken from its config, see ``as_classifier``). It is not modified.
         forget_set: ``(images [k, C, H, W] in [0, 1], labels [k])``.
-        method: a registered method name (:func:`stakes.available_methods`, except the retrain
-            oracle) or an :class:`UnlearningMethod` instance.
+        method: a registered method name (:func:`stakes.available_methods`) or an
+            :class:`UnlearningMethod` instance.
         anchors: ``[num_classes, d_a]`` semantic anchors (required by StructGuard; used by every
             method for structure-drift logging when given).
-        config: an :class:`UnlearnConfig`; default ``preset("stable")``.
+        config: an :class:`UnlearnConfig`; default ``stakes.preset("stable", method=method)``. The
+            method's own options: its preset for ``config.preset`` with ``config.method_options``.
         eval_sets: ``{"test": (x, y), "retain": (x, y), ...}`` evaluated along the trajectory
             (evaluation only: never used for training).
         proxies: a precomputed :class:`ProxySet` (shared between methods of one comparison).
@@ -848,51 +488,45 @@ def unlearn(model, forget_set, *, method: str = "structguard", anchors: Optional
             ``callbacks``; every rank returns the same result. See :mod:`stakes.distributed`.
     """
     method_def = method if isinstance(method, UnlearningMethod) else get_method(method)
-    if getattr(method_def, "oracle", False):
-        raise ValueError(f"method {method_def.name!r} is an oracle, not an unlearning run: use "
-                         "stakes.methods.retrain.retrain_oracle(data, forget_idx, seed) or `stakes compare --retrain`")
-    cfg = config if config is not None else preset("stable")
+    cfg = config if config is not None else preset("stable", method=method_def)
     if not isinstance(cfg, UnlearnConfig):
         raise TypeError(f"config must be a stakes.UnlearnConfig, got {type(cfg).__name__}")
     cfg.validate()
     with deterministic_algorithms(cfg.deterministic):
-        ctx = dist_.resolve(distributed)
         start = time.perf_counter()
-        run = _Run(model, forget_set, method_def, anchors, cfg, eval_sets, proxies, callbacks, checkpoint_path,
-                   retain_size, ctx)
-        run.check_launch()
-        state = None
-        if resume:
-            if not checkpoint_path:
-                raise ValueError("resume=True needs checkpoint_path")
-            # rank 0 reads, every rank gets the state
-            state = dist_.load_on_main(checkpoint_path, ctx, "checkpoint", required=False,
-                                       map_location="cpu" if ctx.enabled else run.device)
-            state = dist_.broadcast_object(state, ctx)
+        run = _prepare(model, forget_set, method_def, anchors, cfg, eval_sets, proxies, callbacks,
+                       checkpoint_path, retain_size, dist_.resolve(distributed))
+        ctx = run.ctx
+        _check_launch(run)
+        if resume and not checkpoint_path:
+            raise ValueError("resume=True needs checkpoint_path")
+        state = run.checkpointer.load() if resume else None   # the main process reads, every process gets it
         if state is not None:
-            run.load_checkpoint(state)
+            _restore(run, state)
         else:
-            if run.proxies is None:
-                run.proxies = run.make_proxies()
-            if run.projector is not None and cfg.warm_start:
-                run.projector.warm_start(generator=torch.Generator().manual_seed(cfg.seed + 17))
-            run.opt = run.build_optimizer()
-        stopped, loop_s = run.fit()
+            if ctx.proxies is None:
+                ctx.proxies, timings = build_proxies(ctx.orig, ctx.forget_x, ctx.forget_y, cfg,
+                                                     distributed=run.strategy.dist)
+                run.timings.update(timings)
+            if ctx.projector is not None and getattr(ctx.options, "warm_start", False):
+                ctx.projector.warm_start(generator=torch.Generator().manual_seed(cfg.seed + 17))
+            run.opt = _build_optimizer(run)
+        ctx._optimizer = run.opt
+        stopped, loop_s = fit(run)
         run.timings["loop_s"] = loop_s
-        run.timings["step_ms"] = 1000.0 * loop_s / max(run.step, 1)
-        run.check_finite("end of run")
-        last = run.history[-1]
-        metrics = {k: v for k, v in last.items() if k.endswith("_accuracy") or k == "structure_drift"}
-        deployed = run.deployed.eval()
-        model_out, info = deployed, _deployed_info(run)
-        if getattr(run.work, "adapter", None) is not None and run.projector is None:
-            model_out = run.work.adapter.rebuild(run.features, run.head).eval()
+        run.timings["step_ms"] = 1000.0 * loop_s / max(ctx.step, 1)
+        check_finite_parameters(ctx, "end of run")
+        metrics = {k: v for k, v in run.history[-1].items() if k.endswith("_accuracy") or k == "structure_drift"}
+        deployed = ctx.deployed.eval()
+        model_out = deployed
+        if getattr(run.work, "adapter", None) is not None and ctx.projector is None:
+            model_out = run.work.adapter.rebuild(ctx.features, ctx.head).eval()
         result = UnlearnResult(
-            method=run.method, model=model_out, metrics=metrics, history=run.history, config=cfg.to_dict(),
-            proxies=run.proxies.summary(), steps=run.step, epochs=run.epoch, stopped=stopped,
-            wall_time_s=time.perf_counter() - start, timings=run.timings, deployed=deployed, model_info=info,
-            distributed=ctx.record(),
+            method=ctx.method, model=model_out, metrics=metrics, history=run.history, config=cfg.to_dict(),
+            proxies=ctx.proxies.summary(), steps=ctx.step, epochs=ctx.epoch, stopped=stopped,
+            wall_time_s=time.perf_counter() - start, timings=run.timings, deployed=deployed,
+            model_info=_deployed_info(run), distributed=run.strategy.record(), method_config=ctx.options.to_dict(),
         )
         if not keep_checkpoint:
-            run.remove_checkpoint()  # the run finished: the resumable state is no longer needed
+            run.checkpointer.remove()   # the run finished: the resumable state is no longer needed
         return result

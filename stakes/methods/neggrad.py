@@ -8,8 +8,8 @@ from stakes.methods.base import Batch, UnlearningMethod, register_method
 class NegGrad(UnlearningMethod):
     uses_proxies = False
 
-    def loss_terms(self, run, batch: Batch) -> dict:
-        return {"deletion": run.deletion(run.deployed(batch.forget_x), batch.forget_y)}
+    def loss_terms(self, ctx, batch: Batch) -> dict:
+        return {"deletion": ctx.deletion(ctx.deployed(batch.forget_x), batch.forget_y)}
 
 
 register_method("neggrad", NegGrad())

@@ -73,9 +73,8 @@ def test_failing_and_hanging_steps_are_marked_and_the_rest_still_run(failing_run
     assert steps["stakes_cuda"]["rest"].endswith("(log: logs/stakes_cuda.log)")
     assert steps["ops_compile"]["mark"] == "FAILED"
     assert steps["ops_compile"]["rest"].startswith("timed out after 90 s;")
-    assert steps["whole_run"]["mark"] == "skipped" and "python -m benchmarks whole-run" in steps["whole_run"]["rest"]
     ok = {name for name, s in steps.items() if s["mark"] == "ok"}
-    assert ok == {name for _, name in STEPS} - {"stakes_cuda", "ops_compile", "whole_run"}  # later waves ran
+    assert ok == {name for _, name in STEPS} - {"stakes_cuda", "ops_compile"}  # later waves ran, whole_run too
     assert "verdict: FAILED: 2 step(s): stakes_cuda,ops_compile" in text
     assert "verdict: FAILED: 2 step(s)" in proc.stdout  # the summary is printed too
 
@@ -103,8 +102,8 @@ def test_limits_fit_in_nine_minutes(failing_run):
     assert waves == len(set(w for w, _ in STEPS)) == 6
     assert sum(longest.values()) + floor + grace * waves + packing == total <= budget < NINE_MINUTES
     assert floor >= 90  # the benchmarks keep at least 1.5 minutes even then
-    assert longest[4] == steps["whole_run"]["limit"] == 90  # the whole-run slot is in the budget while empty
-    # the benchmark step got the time left (the empty whole-run slot's included), and its deadline is inside it
+    assert longest[4] == steps["whole_run"]["limit"] == 90  # the whole-run step alone in its wave
+    # the benchmark step got the time left (in a dry run the earlier waves end at once), its deadline inside it
     assert floor + 90 <= steps["benchmarks"]["limit"] <= budget
 
 
@@ -113,15 +112,18 @@ def test_the_archive_holds_every_log_and_the_commands_that_would_run(failing_run
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = set(tar.getnames())
         logs = {n: tar.extractfile(n).read().decode() for n in names if n.startswith("./logs/")}
-    ran = [name for _, name in STEPS if name != "whole_run"]
+    ran = [name for _, name in STEPS]
     assert {f"./logs/{n}.log" for n in ran} == set(logs) and "./summary.txt" in names
+    # the whole run on the card at k = 128 (half the issue's 256: the slot's 90 s), into the archive
+    assert "+ python -m benchmarks whole-run --device cuda --k 128 --out " in logs["./logs/whole_run.log"]
     cuda = logs["./logs/stakes_cuda.log"]
     assert f"--device cuda --out" in cuda and f"--anchors {ANCHORS}" in cuda and "forced failure" in cuda
     assert "benchmarks.stakes_check main" not in cuda  # the check after a failed run is not reached
     assert "--device cpu" in logs["./logs/stakes_cpu.log"]
     torchrun = logs["./logs/stakes_torchrun.log"]
     assert "torch.distributed.run --standalone --nproc-per-node=1 -m benchmarks.stakes_check nccl" in torchrun
-    assert "torch.distributed.run --standalone --nproc-per-node=1 -m stakes unlearn" in torchrun
+    assert "STAKES_DISTRIBUTED=1 python -m torch.distributed.run --standalone --nproc-per-node=1 -m stakes unlearn" \
+        in torchrun
     assert "stakes_check torchrun" in torchrun
     assert "--methods structguard,neggrad --k 8 --seeds 0,1 --device cuda" in logs["./logs/stakes_compare.log"]
     assert "traced_registration.py --device cuda --real-kernels" in logs["./logs/ops_compile.log"]
@@ -142,7 +144,17 @@ def test_a_clean_dry_run_exits_zero(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     text, order, steps = _summary(out)
     assert order == STEPS and "verdict: ok: no step failed" in text
-    assert all(s["mark"] == "ok" for n, s in steps.items() if n != "whole_run")
+    assert all(s["mark"] == "ok" for s in steps.values())
+
+
+def test_a_failing_whole_run_is_marked_and_the_benchmarks_still_run(tmp_path):
+    proc, out = _dry_run(tmp_path, GPU_CHECK_FAIL="whole_run")
+    assert proc.returncode == 1
+    text, _, steps = _summary(out)
+    assert steps["whole_run"]["mark"] == "FAILED" and steps["whole_run"]["rest"].startswith(
+        "exit 1; dry run: forced failure of whole_run")
+    assert steps["benchmarks"]["mark"] == steps["plots"]["mark"] == "ok"
+    assert "verdict: FAILED: 1 step(s): whole_run" in text
 
 
 def test_only_the_selected_steps_run(tmp_path):
@@ -221,7 +233,7 @@ from stakes import cli, compare, jobs
 from stakes.data import load_dataset
 import benchmarks.stakes_check
 args = cli.build_parser().parse_args(["unlearn", "--anchors", {ANCHORS!r}, "--device", "cuda"])
-anchors, meta = jobs.load_or_build_anchors(args, load_dataset("digits", root=None, seed=0))
+anchors, meta = jobs.load_or_build_anchors(cli.anchor_spec(args), load_dataset("digits", root=None, seed=0))
 print(tuple(anchors.shape), meta["encoder"], sorted(m for m in sys.modules if m.startswith(("gt_all", "open_clip"))))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
@@ -260,9 +272,12 @@ def test_main_check_fails(cuda, problem):
 
 def test_torchrun_check():
     assert stakes_check.check_torchrun(_result("cuda:0", backend="nccl"), _result()) == []
-    assert stakes_check.check_torchrun(_result("cuda"), _result()) == []  # world size 1: stakes forms no group
+    # STAKES_DISTRIBUTED=1: stakes must have formed its NCCL group of one
+    assert stakes_check.check_torchrun(_result("cuda"), _result()) == [
+        "process-group backend None on cuda, expected 'nccl' (gpu_check runs it with STAKES_DISTRIBUTED=1)"]
     problems = stakes_check.check_torchrun(_result("cuda:0", backend="gloo", test=95.0), _result())
-    assert problems == ["process-group backend 'gloo' on cuda, expected 'nccl' (or none at world size 1)",
+    assert problems == ["process-group backend 'gloo' on cuda, expected 'nccl' (gpu_check runs it with "
+                        "STAKES_DISTRIBUTED=1)",
                         "test accuracy 95.00 % vs 60.00 % in the reference run (cpu): 35.00 points apart, band 30"]
 
 

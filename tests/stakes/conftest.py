@@ -43,12 +43,12 @@ def forget_set(digits):
 @pytest.fixture
 def fast_config():
     """A stable-preset config small enough for unit tests (few PGD steps, few optimisation steps)."""
-    from stakes.config import preset
+    from stakes.methods import preset
 
-    def make(**over):
+    def make(method="structguard", **over):
         values = dict(repetitions=2, pgd_steps=5, eps=1.0, max_steps=4, log_every=2, progress=False, stop_warmup_steps=100,
                       backend="reference")
         values.update(over)
-        return preset("stable", **values)
+        return preset("stable", method=method, **values)
 
     return make

@@ -126,10 +126,13 @@ def test_compare_tiny_grid(tmp_path, cache_env):
     variants = ("neggrad", "structguard", "structguard-cold", "structguard-trainproj")
     assert {(r["method"], r["seed"]) for r in runs} == {(m, s) for m in variants for s in (0, 1)}
     by = {(r["method"], r["seed"]): r for r in runs}
-    assert by[("structguard", 0)]["config"]["projector_lr"] == 0.0     # stable: fixed warm-started projector
-    assert by[("structguard-trainproj", 0)]["config"]["projector_lr"] > 0
-    assert by[("structguard-cold", 0)]["config"]["warm_start"] is False
-    assert by[("structguard-cold", 0)]["config"]["projector_lr"] > 0   # the paper's cold projector is trained
+    opts = {key: r["method_config"] for key, r in by.items()}   # the method's own options, as the run used them
+    assert opts[("structguard", 0)]["projector_lr"] == 0.0     # stable: fixed warm-started projector
+    assert opts[("structguard-trainproj", 0)]["projector_lr"] > 0
+    assert opts[("structguard-cold", 0)]["warm_start"] is False
+    assert opts[("structguard-cold", 0)]["projector_lr"] > 0   # the paper's cold projector is trained
+    assert opts[("structguard", 0)]["importance_samples"] == 32 and opts[("neggrad", 0)] == {}
+    assert by[("structguard-cold", 0)]["config"]["method_options"]["structguard"]["warm_start"] is False
     assert all(r["status"] == "ok" for r in runs), [r.get("error") for r in runs]
     assert all(r["steps"] == 3 for r in runs)
     # one proxy set per (k, seed), shared by all methods

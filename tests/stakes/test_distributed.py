@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 def _config(**over):
-    from stakes.config import preset
+    from stakes.methods import preset
 
     values = dict(repetitions=4, pgd_steps=5, eps=None, max_steps=4, log_every=2, progress=False,
                   stop_warmup_steps=100, backend="reference", proxy_batch_size=7, forget_batch_size=4,
@@ -42,8 +42,8 @@ def _inputs(path):
 
 def _jobs(inputs, *, distributed):
     """What both the workers and the single-process reference compute: {name: tensors}."""
-    from stakes.methods import build_proxies, get_method, unlearn
-    from stakes.methods.loop import _Run
+    from stakes.methods import build_proxies, unlearn
+    from tests.stakes.runs import prepared
 
     model, fx, fy, anchors = inputs["model"], inputs["fx"], inputs["fy"], inputs["anchors"]
     out = {}
@@ -51,11 +51,10 @@ def _jobs(inputs, *, distributed):
     out["proxy_x"], out["proxy_y"], out["eps"] = proxies.x, proxies.y, torch.tensor(proxies.eps)
     # importance on the calibrated proxies (warm start: the structure's own sensitivity)
     cfg = _config()
-    run = _Run(model, (fx, fy), get_method("structguard"), anchors, cfg, None, proxies, (), None, 1000,
-               dist_.resolve(distributed))
-    run.projector is None or run.projector.warm_start()
-    run.opt = run.new_optimizer()
-    imp = run.method_def.importance(run)
+    run = prepared(model, (fx, fy), "structguard", anchors, cfg, proxies=proxies, retain_size=1000,
+                   distributed=distributed)
+    run.ctx.projector is None or run.ctx.projector.warm_start()
+    imp = run.method.importance(run.ctx)
     out["importance"] = torch.cat([v.flatten() for v in imp.values()])
     # forget batches of 4 are split over the ranks; one of 1 is computed whole on every rank
     for name, preset_name, method, fbs in (("stable", "stable", "structguard", 4), ("paper", "paper", "structguard", 4),

@@ -73,6 +73,18 @@ def test_two_processes_equal_one_at_the_stop(single_run, stakes_cache, tmp_path)
     assert not os.path.exists(str(out) + ".ckpt")
 
 
+def test_one_process_takes_the_data_parallel_path_when_asked(single_run, stakes_cache, tmp_path):
+    """STAKES_DISTRIBUTED=1 forms the process group at world size 1 and runs DDP and the collectives
+    (what one GPU can check of an NCCL job); without it a single torchrun process runs alone."""
+    out = tmp_path / "r.json"
+    proc = _stakes(stakes_cache, [*JOB, "--out", str(out)], nproc=1, STAKES_DISTRIBUTED="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    _same_result(rec, single_run)
+    assert rec["distributed"] == {"world_size": 1, "backend": "gloo", "restarts": 0}
+    assert single_run["distributed"] == {"world_size": 1, "backend": None, "restarts": 0}
+
+
 def test_two_nodes_through_the_c10d_rendezvous(single_run, stakes_cache, tmp_path):
     """Two torchrun agents (--nnodes=2, one process each) meeting at a c10d rendezvous endpoint, as
     on two machines."""

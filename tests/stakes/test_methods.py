@@ -12,7 +12,7 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "retrain"])
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_and_leaves_the_users_model_alone(method, digits, digits_model, digits_anchors,
                                                             forget_set, fast_config):
     before = _params(digits_model)
@@ -89,13 +89,11 @@ def test_warm_started_structguard_starts_at_the_pretrained_accuracy(digits, digi
 
 
 def test_importance_is_nonnegative_and_zero_off_the_backbone(digits_model, digits_anchors, forget_set, fast_config):
-    from stakes.methods import _Run
+    from tests.stakes.runs import optimizer, prepared
 
-    cfg = fast_config()
-    run = _Run(digits_model, forget_set, "structguard", digits_anchors, cfg, None, None, (), None, 100)
-    run.proxies = run.make_proxies()
-    opt = run.build_optimizer()
-    feats = {id(p) for p in run.features.parameters()}
+    run = prepared(digits_model, forget_set, "structguard", digits_anchors, fast_config())
+    opt = optimizer(run)
+    feats = {id(p) for p in run.ctx.features.parameters()}
     n_pos = 0
     for group in opt.param_groups:
         for p in group["params"]:
@@ -202,16 +200,15 @@ def test_warm_start_importance_is_not_identically_zero(projector_lr, digits_mode
                                                        fast_config):
     """At a warm start the alignment loss is at its minimum (zero gradient); the importance must still
     rank parameters (structure sensitivity), or the SR term would silently do nothing."""
-    from stakes.methods import _Run
+    from tests.stakes.runs import optimizer, prepared
 
     cfg = fast_config(warm_start=True, projector_lr=projector_lr)
-    run = _Run(digits_model, forget_set, "structguard", digits_anchors, cfg, None, None, (), None, 100)
-    run.proxies = run.make_proxies()
-    assert (run.projector is None) == (projector_lr == 0)
-    if run.projector is not None:
-        run.projector.warm_start()
-    opt = run.build_optimizer()
-    total = sum(float(opt.state[p]["importance"].sum()) for p in run.features.parameters())
+    run = prepared(digits_model, forget_set, "structguard", digits_anchors, cfg)
+    assert (run.ctx.projector is None) == (projector_lr == 0)
+    if run.ctx.projector is not None:
+        run.ctx.projector.warm_start()
+    opt = optimizer(run)
+    total = sum(float(opt.state[p]["importance"].sum()) for p in run.ctx.features.parameters())
     assert total > 0
 
 

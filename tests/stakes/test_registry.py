@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import stakes
-from stakes.methods import METHODS, NonFiniteError, UnlearningMethod, _Run, get_method, unlearn
+from stakes.methods import METHODS, NonFiniteError, UnlearningMethod, get_method, loop, unlearn
 from stakes.methods.base import register_method, unregister_method
 
 SYNC_OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
@@ -40,21 +40,22 @@ def test_the_counter_sees_item_float_and_bool():
 
 @pytest.fixture
 def count_steps(monkeypatch):
-    """Run every ``_Run.train_step`` under one sync counter; returns the counter and the step count."""
+    """Run every training step (``loop._train_step``) under one sync counter; returns the counter and the
+    step count."""
     counter, steps = CountSyncs(), []
-    original = _Run.train_step
+    original = loop._train_step
 
-    def counted(self, batch):
+    def counted(run, batch):
         with counter:
-            out = original(self, batch)
-        steps.append(self.step)
+            out = original(run, batch)
+        steps.append(run.ctx.step)
         return out
 
-    monkeypatch.setattr(_Run, "train_step", counted)
+    monkeypatch.setattr(loop, "_train_step", counted)
     return counter, steps
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "retrain"])
+@pytest.mark.parametrize("method", METHODS)
 def test_no_host_sync_inside_the_steps(method, count_steps, digits_model, digits_anchors, forget_set, fast_config):
     counter, steps = count_steps
     cfg = fast_config(max_steps=6, log_every=1000, weight_decay=1e-3 if method == "salun" else 0.0)
@@ -89,12 +90,12 @@ class _NaNAtStep(UnlearningMethod):
     def __init__(self, bad):
         self.bad = bad
 
-    def loss_terms(self, run, batch):
-        logits = run.deployed(batch.forget_x)
-        deletion = run.deletion(logits, batch.forget_y)
-        if run.step >= self.bad:
+    def loss_terms(self, ctx, batch):
+        logits = ctx.deployed(batch.forget_x)
+        deletion = ctx.deletion(logits, batch.forget_y)
+        if ctx.step >= self.bad:
             deletion = deletion * float("nan")
-        return {"deletion": deletion, "retention": F.cross_entropy(run.deployed(batch.proxy_x), batch.proxy_y)}
+        return {"deletion": deletion, "retention": F.cross_entropy(ctx.deployed(batch.proxy_x), batch.proxy_y)}
 
 
 def test_a_non_finite_loss_is_reported_with_its_step_and_term(tmp_path, digits_model, forget_set, fast_config):
@@ -147,17 +148,25 @@ def test_registry_errors_name_the_problem():
         register_method("Bad Name", get_method("adv"))
     with pytest.raises(ValueError, match=r"unknown method 'nope'; expected one of \['structguard'"):
         get_method("nope")
-    with pytest.raises(ValueError, match="oracle"):
+    with pytest.raises(ValueError, match="unknown method 'retrain'"):   # the oracle is a comparison job
         unlearn(torch.nn.Linear(2, 2), None, method="retrain")
-    assert stakes.available_methods(oracles=False) == [m for m in METHODS if m != "retrain"]
+    assert stakes.available_methods() == list(METHODS)
+    with pytest.raises(TypeError, match="already shared options"):
+        class Clash(UnlearningMethod):
+            config_class = _options_with("lr")
+
+            def loss_terms(self, ctx, batch):
+                return {}
+
+        register_method("clash", Clash())
 
 
 def test_a_registered_class_is_instantiated_and_named():
     class Ascent(UnlearningMethod):
         uses_proxies = False
 
-        def loss_terms(self, run, batch):
-            return {"deletion": -F.cross_entropy(run.deployed(batch.forget_x), batch.forget_y)}
+        def loss_terms(self, ctx, batch):
+            return {"deletion": -F.cross_entropy(ctx.deployed(batch.forget_x), batch.forget_y)}
 
     m = register_method("ascent-only", Ascent)
     try:
@@ -167,3 +176,78 @@ def test_a_registered_class_is_instantiated_and_named():
         assert stakes.preset("paper", method="structguard").momentum == 0.0
     finally:
         unregister_method("ascent-only")
+
+
+def _options_with(name):
+    """A MethodConfig subclass with one option ``name``."""
+    import dataclasses
+
+    from stakes.config import MethodConfig
+
+    return dataclasses.make_dataclass("Options", [(name, float, 1.0)], bases=(MethodConfig,))
+
+
+class _Boom(UnlearningMethod):
+    uses_proxies = False
+
+    def loss_terms(self, ctx, batch):
+        raise RuntimeError("boom at step %d" % ctx.step)
+
+
+def test_compare_records_a_failed_run_and_exits_with_status_1(tmp_path, stakes_cache, digits_model, monkeypatch):
+    from stakes.cli import main
+
+    monkeypatch.setenv("STAKES_CACHE", str(stakes_cache))
+    register_method("boom", _Boom())
+    try:
+        rc = main(["compare", "--methods", "boom,neggrad", "--k", "4", "--seeds", "0", "--out", str(tmp_path),
+                   "--no-progress", "--encoder", "prototype", "--set", "max_steps=2", "--set", "repetitions=1",
+                   "--set", "pgd_steps=2", "--set", "eps=1.0", "--set", "backend=reference"])
+    finally:
+        unregister_method("boom")
+    assert rc == 1   # the grid went on (neggrad ran) and the report was written, but a run failed
+    runs = {r["method"]: r for r in __import__("json").loads((tmp_path / "results.json").read_text())["runs"]}
+    assert runs["boom"]["status"] == "failed" and runs["boom"]["error"] == "RuntimeError: boom at step 0"
+    assert runs["neggrad"]["status"] == "ok" and (tmp_path / "summary.md").exists()
+
+
+def test_methods_written_against_the_old_run_object(digits_model, forget_set, fast_config):
+    """Old hooks keep working through the context's deprecated names; private ones fail clearly."""
+    seen = {}
+
+    class OldStyle(UnlearningMethod):
+        def loss_terms(self, run, batch):
+            seen["lr"], seen["k"] = run.cfg.lr, len(run.fx)   # earlier names: config, forget set
+            seen["align"] = run.cfg.align_weight if hasattr(run.options, "align_weight") else None
+            return {"deletion": run.deletion(run.deployed(batch.forget_x), batch.forget_y)}
+
+    with pytest.warns(DeprecationWarning, match=r"UnlearnContext.cfg is deprecated; use ctx.config"):
+        unlearn(digits_model, forget_set, method=OldStyle(), config=fast_config(method=OldStyle(), max_steps=1))
+    assert seen == {"lr": 0.005, "k": 8, "align": None}
+
+    class Private(UnlearningMethod):
+        def before_update(self, run):
+            run.opt.zero_grad()
+
+        def loss_terms(self, ctx, batch):
+            return {"deletion": ctx.deletion(ctx.deployed(batch.forget_x), batch.forget_y)}
+
+    with pytest.raises(AttributeError, match=r"no attribute 'opt' \(the optimiser's groups: ctx.param_groups\): "
+                                             r"a method's hooks may use deployed, features"):
+        unlearn(digits_model, forget_set, method=Private(), config=fast_config(method=Private(), max_steps=1))
+
+
+def test_the_context_gives_the_documented_surface(digits_model, digits_anchors, forget_set, fast_config):
+    from stakes.methods.context import _PUBLIC, UnlearnContext
+    from tests.stakes.runs import prepared
+
+    run = prepared(digits_model, forget_set, "structguard", digits_anchors, fast_config())
+    ctx = run.ctx
+    assert isinstance(ctx, UnlearnContext)
+    for name in _PUBLIC:
+        if name != "param_groups":
+            getattr(ctx, name)
+    with pytest.raises(RuntimeError, match="does not exist yet"):
+        ctx.param_groups
+    assert ctx.options.warm_start is True and ctx.config.lr == 0.005 and ctx.method == "structguard"
+    assert torch.equal(ctx.forget_x, forget_set[0]) and len(ctx.proxies) == 16
