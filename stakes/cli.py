@@ -51,7 +51,8 @@ def cmd_pretrain(args) -> int:
     model = build_model(arch, data.num_classes, in_channels=c, image_size=h)
     kwargs = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
               if v is not None}
-    stats = pretrain(model, data, seed=args.seed, progress=not args.no_progress, device=args.device, **kwargs)
+    stats = pretrain(model, data, seed=args.seed, progress=not args.no_progress, device=args.device,
+                     precision=args.precision, **kwargs)
     meta = {"dataset": data.name, "arch": arch, "seed": args.seed, **stats}
     save_checkpoint(args.out, model, meta)
     print(f"pretrained {arch} on {data.name}: train {stats['train_accuracy']:.2f} %, "
@@ -181,8 +182,11 @@ def anchor_spec(args) -> AnchorSpec:
 
 
 def run_spec(args) -> RunSpec:
-    return RunSpec(preset=args.preset, overrides=parse_overrides(args.set), device=args.device,
-                   progress=not args.no_progress)
+    overrides = parse_overrides(args.set)
+    for name in ("precision", "compile"):   # --precision / --compile: shorthands of --set
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    return RunSpec(preset=args.preset, overrides=overrides, device=args.device, progress=not args.no_progress)
 
 
 def cmd_report(args) -> int:
@@ -222,6 +226,8 @@ def _common_args(sp, model=True):
                                                       "(default: $STAKES_CACHE or ~/.cache/stakes)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                    help="autocast of the model work (default: bf16 on CUDA sm_80+, fp32 on the CPU)")
     if model:
         sp.add_argument("--model", default=None,
                         help="the model to unlearn: a stakes checkpoint (stakes pretrain), a whole pickled model "
@@ -248,6 +254,12 @@ def _anchor_args(sp):
     sp.add_argument("--clip-arch", default="ViT-B-32")
     sp.add_argument("--clip-checkpoint", default=None, help="local open_clip checkpoint")
     sp.add_argument("--clip-random", action="store_true", help="random-weight open_clip (testing only)")
+
+
+def _compile_arg(sp):
+    sp.add_argument("--compile", default=None, choices=("off", "default", "max-autotune"),
+                    help="torch.compile the model for PGD and training (default off; falls back to eager with "
+                         "a warning if compilation fails)")
 
 
 def _dist_args(sp):
@@ -302,6 +314,7 @@ def _add_run_commands(sub) -> None:
     sp.add_argument("--resume", action="store_true", help="resume an interrupted run from its checkpoint")
     sp.add_argument("--save-model", default=None, help="also save the deployed model here")
     _dist_args(sp)
+    _compile_arg(sp)
     sp.set_defaults(func=cmd_unlearn)
 
     sp = sub.add_parser("compare", help="run a grid of methods × k × seeds and write a report")
@@ -328,6 +341,7 @@ def _add_run_commands(sub) -> None:
     sp.add_argument("--retrain", action="store_true", help="also run the retrain oracle")
     sp.add_argument("--out", default="report")
     _dist_args(sp)
+    _compile_arg(sp)
     sp.set_defaults(func=cmd_compare)
 
 

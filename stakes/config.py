@@ -141,6 +141,12 @@ class UnlearnConfig(_Options):
     progress: bool = True
     deterministic: bool = False      # deterministic cuDNN / torch algorithms on a GPU (slower), see below
 
+    # How the model work executes (stakes.execution); None = automatic for the device.
+    precision: Optional[str] = None  # "fp32" | "bf16" | "fp16" autocast; None: bf16 on CUDA sm_80+, else fp32
+    channels_last: Optional[bool] = None   # None: on for convolutional models on CUDA
+    compile: str = "off"             # torch.compile of the model: "off" | "default" | "max-autotune"
+    cuda_graphs: Optional[bool] = None     # the PGD steps captured in a CUDA graph; None: on CUDA
+
     # A method's own options, {method name: {option: value}}, over the method's preset values.
     method_options: dict = field(default_factory=dict)
 
@@ -185,6 +191,11 @@ class UnlearnConfig(_Options):
         _check_choice(own, "deletion", self.deletion, DELETION_KINDS)
         _check_choice(own, "loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         _check_choice(own, "backend", self.backend, (None, "triton", "reference"))
+        _check_choice(own, "precision", self.precision, (None, "fp32", "bf16", "fp16"))
+        _check_choice(own, "compile", self.compile, ("off", "default", "max-autotune"))
+        for name in ("channels_last", "cuda_graphs"):
+            if getattr(self, name) is not None:
+                _check_bool(own, name, getattr(self, name))
         if not isinstance(self.method_options, dict) or not all(
                 isinstance(k, str) and isinstance(v, dict) for k, v in self.method_options.items()):
             raise ValueError("config.method_options must be a dict {method name: {option: value}}, got "

@@ -22,6 +22,7 @@ import torch
 from stakes._io import atomic_torch_save
 from stakes.config import UnlearnConfig
 from stakes.data import load_dataset, sample_forget_indices
+from stakes.execution import Execution
 from stakes.methods import UnlearningMethod, get_method, preset, route_options, unlearn
 from stakes.anchors import BUNDLED_DESCRIPTIONS, build_anchors, load_anchors, prototype_anchors
 from stakes.metrics import (ResourceMeter, evaluate_model, forgotten_retrieval_rate, identification_accuracy,
@@ -344,7 +345,9 @@ def run_one(data, model, anchors, method: str, k: int, seed: int, *, cfg: Unlear
         sel = torch.randperm(len(test_y), generator=g)[:cap]
         test_x, test_y = test_x[sel], test_y[sel]
     eval_sets = {"test": (test_x, test_y), "retain": (data.train_x[retain_idx], data.train_y[retain_idx])}
-    pre = (pretrained if pretrained is not None else evaluate_model(model, data, forget_idx)) if evaluate else None
+    autocast = Execution.resolve(cfg, model).autocast   # the evaluations run in the run's precision too
+    with autocast():
+        pre = (pretrained if pretrained is not None else evaluate_model(model, data, forget_idx)) if evaluate else None
     with ResourceMeter(cfg.device) as meter:
         result = unlearn(model, (fx, fy), method=method, anchors=anchors, config=cfg, eval_sets=eval_sets,
                          proxies=proxies, retain_size=int(keep.sum()), checkpoint_path=checkpoint_path,
@@ -353,10 +356,11 @@ def run_one(data, model, anchors, method: str, k: int, seed: int, *, cfg: Unlear
         return None, result
     t0 = time.perf_counter()
     deployed = result.deployed   # stakes' view, images in [0, 1] (result.model may be the user's own class)
-    final = evaluate_model(deployed, data, forget_idx)
-    mia = membership_inference(deployed, fx, fy, data.test_x, data.test_y, seed=seed)
-    gallery_x, gallery_y = eval_sets["retain"]
-    retrieval = embedding_metrics(model, deployed, fx, fy, test_x, test_y, gallery_x, gallery_y, seed=seed)
+    with autocast():
+        final = evaluate_model(deployed, data, forget_idx)
+        mia = membership_inference(deployed, fx, fy, data.test_x, data.test_y, seed=seed)
+        gallery_x, gallery_y = eval_sets["retain"]
+        retrieval = embedding_metrics(model, deployed, fx, fy, test_x, test_y, gallery_x, gallery_y, seed=seed)
     record = {
         "method": method, "dataset": data.name, "synthetic": bool(getattr(data, "synthetic", False)), "k": k,
         "seed": seed, **final,
@@ -368,7 +372,8 @@ def run_one(data, model, anchors, method: str, k: int, seed: int, *, cfg: Unlear
         "steps": result.steps, "epochs": result.epochs, "stopped": result.stopped,
         "wall_time_s": result.wall_time_s, "timings": {**result.timings, "evaluation_s": time.perf_counter() - t0},
         "proxies": result.proxies, "distributed": result.distributed,
-        "config": result.config, "method_config": result.method_config, "history": result.history,
+        "config": result.config, "method_config": result.method_config, "execution": result.execution,
+        "history": result.history,
         "model": result.model_info,
     }
     return record, result

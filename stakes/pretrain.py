@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
+from types import SimpleNamespace
+
 from stakes._io import atomic_torch_save
+from stakes.execution import Execution
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -99,11 +102,14 @@ _AUGMENTATIONS = {"crop_flip": _crop_flip, "dihedral": _dihedral}
 def pretrain(model: Classifier, data: ImageData, *, epochs: int | None = None,
              lr: float | None = None, batch_size: int | None = None,
              weight_decay: float | None = None, label_smoothing: float = 0.1, seed: int = 0,
-             progress: bool = True, device="cpu", augment: str | None = None) -> dict:
+             progress: bool = True, device="cpu", augment: str | None = None,
+             precision: str | None = None, channels_last: bool | None = None) -> dict:
     """Train ``model`` on ``data.train_*`` in place with the data set's recipe (:data:`RECIPES`).
 
     Arguments left ``None`` come from the recipe; ``augment`` is "dihedral", "crop_flip" or
     False. ``seed`` fixes the batch order and the augmentation; on CPU the run is deterministic.
+    ``precision`` / ``channels_last``: as in :class:`stakes.UnlearnConfig` (None: bf16 autocast and
+    channels_last on CUDA sm_80+, fp32 on the CPU; fp32 master weights, an fp16 gradient scaler).
     The model is left in eval mode. Returns ``dict(train_accuracy, test_accuracy, epochs,
     wall_time_s)`` with accuracies in percent (eval mode, after training). Raises RuntimeError
     if the loss becomes non-finite.
@@ -136,7 +142,10 @@ def pretrain(model: Classifier, data: ImageData, *, epochs: int | None = None,
 
     start = time.perf_counter()
     device = torch.device(device)
-    model.to(device).train()
+    exe = Execution.resolve(SimpleNamespace(device=str(device), precision=precision, channels_last=channels_last,
+                                            compile="off", cuda_graphs=False), model)
+    exe.prepare(model.to(device)).train()
+    scaler = exe.grad_scaler()
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     n = len(train_y)
     # drop the ragged last batch: a batch of one breaks BatchNorm and adds gradient noise
@@ -166,10 +175,16 @@ def pretrain(model: Classifier, data: ImageData, *, epochs: int | None = None,
             xb, yb = train_x[idx], train_y[idx]
             if augment:
                 xb = _AUGMENTATIONS[augment](xb, gen)
-            loss = F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
+            with exe.autocast():
+                loss = F.cross_entropy(model(exe.inputs(xb)), yb, label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
             loss_sum += loss.detach()
         mean_loss = loss_sum.item() / steps_per_epoch  # one host sync per epoch
@@ -179,9 +194,10 @@ def pretrain(model: Classifier, data: ImageData, *, epochs: int | None = None,
         bar.set_postfix(loss=f"{mean_loss:.3f}")
 
     model.eval()
-    result = dict(train_accuracy=accuracy(model, data.train_x, data.train_y, device=device),
-                  test_accuracy=accuracy(model, data.test_x, data.test_y, device=device),
-                  epochs=epochs, wall_time_s=time.perf_counter() - start)
+    with exe.autocast():
+        result = dict(train_accuracy=accuracy(model, data.train_x, data.train_y, device=device),
+                      test_accuracy=accuracy(model, data.test_x, data.test_y, device=device),
+                      epochs=epochs, wall_time_s=time.perf_counter() - start, precision=exe.precision)
     return result
 
 

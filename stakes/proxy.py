@@ -11,6 +11,7 @@ whose success rate reaches the target wins.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fused
+from stakes.execution import Execution
 
 
 @dataclass
@@ -75,17 +77,95 @@ def _random_start(x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor, seed
     return (x0 + noise * scale).clamp(0.0, 1.0)
 
 
-def _attack(model: nn.Module, x0: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, *, steps: int,
-            step_size: float, index: torch.Tensor, seed: int, backend: Optional[str]) -> torch.Tensor:
-    """Targeted L2 PGD on one batch; ``eps`` is per sample, ``index`` the samples' places (random starts)."""
-    x = _random_start(x0, eps, index, seed)
-    for _ in range(steps):
-        x.requires_grad_(True)
-        loss = F.cross_entropy(model(x), target, reduction="sum")
+class _PGD:
+    """Targeted L2 PGD on batches (METHOD.md §3) under a run's execution policy: the model's
+    forward/backward under autocast, inputs in the model's memory format, and on CUDA with
+    ``execution.cuda_graphs`` the step captured once per batch shape in a CUDA graph and replayed
+    ``steps`` times (batches padded to that shape, the padding dropped). No host synchronisation
+    inside the steps either way."""
+
+    def __init__(self, model: nn.Module, *, steps: int, step_size: float, backend: Optional[str],
+                 execution: Optional[Execution] = None):
+        self.model, self.steps, self.step_size, self.backend = model, steps, step_size, backend
+        self.execution = execution or Execution()
+        self._graphs: dict = {}
+
+    def __call__(self, x0: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, *, index: torch.Tensor,
+                 seed: int, pad_to: Optional[int] = None) -> torch.Tensor:
+        """The attacked images of ``x0`` towards ``target`` within radii ``eps`` (``index``: the
+        samples' places, which key their random starts)."""
+        exe = self.execution
+        x0 = exe.inputs(x0)
+        x = exe.inputs(_random_start(x0, eps, index, seed))
+        if exe.cuda_graphs and x0.is_cuda:
+            return self._replayed(x, x0, target, eps, pad_to or len(x0))
+        return self.run_steps(x, x0, target, eps)
+
+    def step(self, x: torch.Tensor, x0: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """One step: ∇_x CE(f(x), ỹ) (summed over the batch, so each sample gets its own gradient),
+        then the fused per-sample step, projection and clamp."""
+        x = x.detach().requires_grad_(True)
+        with self.execution.autocast():
+            loss = F.cross_entropy(self.model(x), target, reduction="sum")
         (grad,) = torch.autograd.grad(loss, x)
-        x = fused.l2_pgd_step(x.detach(), x0, grad, step_size=step_size, eps=eps, targeted=True,
-                              backend=backend)
-    return x.detach()
+        return fused.l2_pgd_step(x.detach(), x0, grad, step_size=self.step_size, eps=eps, targeted=True,
+                                 backend=self.backend)
+
+    def run_steps(self, x, x0, target, eps) -> torch.Tensor:
+        for _ in range(self.steps):
+            x = self.step(x, x0, target, eps)
+        return x.detach()
+
+    def _replayed(self, x, x0, target, eps, size: int) -> torch.Tensor:
+        n = len(x0)
+        pad = size - n
+        if pad > 0:   # a fixed shape for every batch: one graph, rows of the last one padded and dropped
+            x, x0, target, eps = (torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) for t in (x, x0, target, eps))
+        graph = self._graphs.get((tuple(x.shape), x.dtype))
+        if graph is None:
+            graph = self._graphs[(tuple(x.shape), x.dtype)] = _CapturedSteps(self, x, x0, target, eps)
+        for buf, value in ((graph.x, x), (graph.x0, x0), (graph.target, target), (graph.eps, eps)):
+            buf.copy_(value)
+        for _ in range(self.steps):
+            graph.replay()
+        return graph.x[:n].clone()
+
+
+class _CapturedSteps:
+    """One PGD step captured in a CUDA graph over static buffers (warmed up on a side stream, as
+    torch.cuda.graphs requires); each replay advances ``x`` by one step."""
+
+    def __init__(self, pgd: _PGD, x, x0, target, eps):
+        self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):   # warm-up: cuDNN/cuBLAS choices and Triton compilation happen outside the capture
+                self.x.copy_(pgd.step(self.x, self.x0, self.target, self.eps))
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.x.copy_(pgd.step(self.x, self.x0, self.target, self.eps))
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+def _with_backoff(run_batches, batch_size: int, device: torch.device) -> int:
+    """``run_batches(size)`` with ``size`` halved after every CUDA out-of-memory error (from
+    ``batch_size`` down to 1); returns the size that fitted. The proxy batch then fits the card."""
+    size = batch_size
+    while True:
+        try:
+            run_batches(size)
+            return size
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            size = max(1, size // 2)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            warnings.warn(f"out of memory in the PGD attacks: retrying with batches of {size}", stacklevel=2)
 
 
 def _check_inputs(model, x, y, num_classes):
@@ -104,8 +184,12 @@ def _check_inputs(model, x, y, num_classes):
 
 
 @torch.no_grad()
-def _success(model: nn.Module, x: torch.Tensor, target: torch.Tensor, batch_size: int) -> torch.Tensor:
-    hits = [model(x[i:i + batch_size]).argmax(1) == target[i:i + batch_size] for i in range(0, len(x), batch_size)]
+def _success(model: nn.Module, x: torch.Tensor, target: torch.Tensor, batch_size: int,
+             execution: Optional[Execution] = None) -> torch.Tensor:
+    exe = execution or Execution()
+    with exe.autocast():
+        hits = [model(exe.inputs(x[i:i + batch_size])).argmax(1) == target[i:i + batch_size]
+                for i in range(0, len(x), batch_size)]
     return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=x.device)
 
 
@@ -138,7 +222,8 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
                      target_success: float = 0.9, steps: int = 100, step_size: float = 0.1,
                      grid: Optional[list[float]] = None, max_images: int = 64, repetitions: int = 2,
                      batch_size: int = 1024, seed: int = 0, backend: Optional[str] = None,
-                     progress: bool = False, distributed=None) -> tuple[float, float]:
+                     progress: bool = False, distributed=None,
+                     execution: Optional[Execution] = None) -> tuple[float, float]:
     """Smallest radius of ``grid`` whose targeted PGD success rate on the forget set reaches
     ``target_success``; returns ``(eps, achieved_success)``. If no radius reaches it, the largest
     radius is returned with its success rate (the caller reports it).
@@ -150,7 +235,8 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     ``distributed`` (None: the default process group if initialised; False: this process alone):
     in a group every probe's attacks are split over the ranks (:func:`stakes.distributed.shard_range`,
     batches of ⌈batch_size / W⌉) and the hits are all-reduced, so every rank takes the same
-    decisions and returns the single-process result.
+    decisions and returns the single-process result. ``execution``: the run's precision, memory
+    format and CUDA graphs (:class:`stakes.execution.Execution`; default fp32 eager).
     """
     from stakes.distributed import all_reduce_, resolve
 
@@ -172,15 +258,16 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     index = torch.arange(len(x0))
 
     mine = ctx.batches(len(x0), batch_size)   # this rank's attacks (all of them on one process)
+    pgd = _PGD(model, steps=steps, step_size=step_size, backend=backend, execution=execution)
+    size = max((sl.stop - sl.start for sl in mine), default=1)
 
     def success_at(i: int) -> float:
         if i not in rates:   # every radius sees the same random starts and targets
             eps = torch.full((len(x0),), float(grid[i]), dtype=torch.float32, device=x.device)
             hits = torch.zeros((), dtype=torch.float32, device=x.device)
             for sl in mine:
-                adv = _attack(model, x0[sl], target[sl], eps[sl], steps=steps, step_size=step_size,
-                              index=index[sl], seed=seed + 7919, backend=backend)
-                hits += _success(model, adv, target[sl], batch_size).sum()
+                adv = pgd(x0[sl], target[sl], eps[sl], index=index[sl], seed=seed + 7919, pad_to=size)
+                hits += _success(model, adv, target[sl], batch_size, execution).sum()
             all_reduce_(hits, ctx)
             # a float32 mean of the hits, as one process computes it (the target test sees the same value)
             rates[i] = float(hits / len(x0))
@@ -207,7 +294,8 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
 def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
                      repetitions: int = 20, steps: int = 100, step_size: float = 0.1, eps: float = 3.0,
                      batch_size: int = 1024, seed: int = 0, backend: Optional[str] = None,
-                     progress: bool = True, distributed=None) -> ProxySet:
+                     progress: bool = True, distributed=None, execution: Optional[Execution] = None,
+                     report: Optional[dict] = None) -> ProxySet:
     """The proxy set of METHOD.md §3: R targeted PGD examples per forget image, batched.
 
     Deterministic for a given ``seed`` (on one device) and independent of ``batch_size`` up to
@@ -219,6 +307,10 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     :func:`stakes.distributed.shard_range` of the R·k (forget image, repetition) pairs, in batches
     of ⌈batch_size / W⌉ (``batch_size`` is global), and the slices are all-gathered: every rank
     returns the same set, equal to the single-process one up to rounding.
+
+    ``execution``: the run's precision, memory format and CUDA graphs (default fp32 eager). On a
+    CUDA out-of-memory error the attacks restart with half the batch size (down to 1); the size
+    that fitted goes into ``report["batch_size"]`` when a ``report`` dict is given.
     """
     from stakes.distributed import all_gather_rows, resolve
 
@@ -243,14 +335,22 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     out = torch.empty((mine.stop - lo, *x.shape[1:]), dtype=x.dtype, device=x.device)
     hits = torch.empty(out.shape[0], dtype=torch.bool, device=x.device)
     places = torch.arange(n)
-    with _eval_mode(model):
-        desc = f"proxies (R={repetitions}, k={k}, eps={eps:.3g})" + (f", {ctx.world_size} ranks" if ctx.enabled else "")
-        for sl in tqdm(ctx.batches(n, batch_size), desc=desc, disable=not progress or not ctx.is_main, leave=False):
+    pgd = _PGD(model, steps=steps, step_size=step_size, backend=backend, execution=execution)
+    desc = f"proxies (R={repetitions}, k={k}, eps={eps:.3g})" + (f", {ctx.world_size} ranks" if ctx.enabled else "")
+
+    def attack_all(size: int) -> None:
+        batches = ctx.batches(n, size)
+        longest = max((sl.stop - sl.start for sl in batches), default=1)
+        for sl in tqdm(batches, desc=desc, disable=not progress or not ctx.is_main, leave=False):
             dst = slice(sl.start - lo, sl.stop - lo)
             x0 = x[source[sl]]
             e = torch.full((x0.shape[0],), float(eps), dtype=torch.float32, device=x.device)
-            out[dst] = _attack(model, x0, target[sl], e, steps=steps, step_size=step_size,
-                               index=places[sl], seed=seed, backend=backend)
-            hits[dst] = _success(model, out[dst], target[sl], batch_size)
+            out[dst] = pgd(x0, target[sl], e, index=places[sl], seed=seed, pad_to=longest)
+            hits[dst] = _success(model, out[dst], target[sl], size, execution)
+
+    with _eval_mode(model):
+        fitted = _with_backoff(attack_all, batch_size, x.device)
+    if report is not None:
+        report["batch_size"] = fitted
     out, hits = all_gather_rows(out, n, ctx), all_gather_rows(hits, n, ctx)
     return ProxySet(x=out, y=target, source=source, eps=float(eps), success_rate=float(hits.float().mean()))

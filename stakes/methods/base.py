@@ -204,6 +204,7 @@ def margin_deletion(logits: torch.Tensor, y: torch.Tensor, margin: float) -> tor
     unlike −CE its gradient does not vanish on a saturated model, and unlike ascent it never
     pushes a sample further than needed.
     """
+    logits = logits.float()   # in fp32 under a 16-bit autocast too (a no-op for fp32 logits)
     true = logits.gather(1, y[:, None]).squeeze(1)
     is_true = torch.arange(logits.shape[1], device=logits.device) == y[:, None]   # one_hot would sync (range check)
     others = logits.masked_fill(is_true, float("-inf")).amax(1)

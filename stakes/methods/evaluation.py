@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from stakes.execution import Execution
 from stakes.metrics import accuracy, structure_drift
 
 CHUNK = 512   # rows per forward pass
@@ -22,8 +23,8 @@ class Evaluator:
     """``evaluator()`` → ``{"forget_accuracy", "<set>_accuracy", ..., "structure_drift"}`` (percent;
     the drift on the "test" set, when the run has anchors and a test set)."""
 
-    def __init__(self, ctx, eval_sets: dict, strategy):
-        self.ctx, self.strategy = ctx, strategy
+    def __init__(self, ctx, eval_sets: dict, strategy, execution: Optional[Execution] = None):
+        self.ctx, self.strategy, self.execution = ctx, strategy, execution or Execution()
         # this process's rows of each set (all of them on one process)
         self.sets = {name: tuple(t[strategy.rows(len(t))] for t in pair) for name, pair in eval_sets.items()}
         self.sizes = {name: len(pair[1]) for name, pair in eval_sets.items()}
@@ -32,7 +33,11 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self) -> dict:
-        ctx = self.ctx
+        with self.execution.autocast():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
+        ctx, exe = self.ctx, self.execution
         ctx.deployed.eval()
         out = {"forget_accuracy": accuracy(ctx.deployed, ctx.forget_x, ctx.forget_y)}
         names, hits = list(self.sets), []
@@ -42,7 +47,7 @@ class Evaluator:
             if len(x):
                 feats, hit = [], []
                 for i in range(0, len(x), CHUNK):   # the deployed model, chunk by chunk (as metrics.predict)
-                    f = ctx.features(x[i:i + CHUNK])
+                    f = ctx.features(exe.inputs(x[i:i + CHUNK]))
                     emb = f if ctx.projector is None else ctx.projector(f)[0]
                     hit.append(ctx.head(emb).argmax(1).eq(y[i:i + CHUNK]))
                     feats.append(f)

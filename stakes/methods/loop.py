@@ -20,6 +20,7 @@ evaluation at log points (:mod:`.evaluation`), checkpoints (:mod:`.checkpoint`),
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from fused.optim import StructureSGD
 from stakes import distributed as dist_
 from stakes.config import UnlearnConfig, deterministic_algorithms
+from stakes.execution import Execution
 from stakes.methods.base import Batch, UnlearningMethod, get_method, preset
 from stakes.methods.checkpoint import Checkpointer, recipe
 from stakes.methods.context import UnlearnContext
@@ -66,13 +68,14 @@ class UnlearnResult:
     model_info: dict = field(default_factory=dict)   # what ``model`` is: type, input normalisation
     distributed: dict = field(default_factory=lambda: dist_.SINGLE.record())   # world_size, backend
     method_config: dict = field(default_factory=dict)   # the method's own options as the run used them
+    execution: dict = field(default_factory=dict)   # precision, channels_last, compile, CUDA graphs as resolved
 
 
 # ----------------------------------------------------------------------------- checks and proxies
 
 
 def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tensor,
-                  cfg: UnlearnConfig, *, distributed=None) -> tuple[ProxySet, dict]:
+                  cfg: UnlearnConfig, *, distributed=None, execution: Optional[Execution] = None) -> tuple[ProxySet, dict]:
     """The proxy set of a run with config ``cfg`` (radius calibrated when ``cfg.eps`` is None).
 
     Exposed so that a comparison can build it once per (k, seed) and share it between methods.
@@ -81,11 +84,17 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
     ``distributed`` (None: the default process group if initialised; False: this process alone):
     in a group the ranks share the calibration's attacks (rank 0's radius is broadcast) and the
     pairs' (:func:`stakes.proxy.calibrate_radius`, :func:`stakes.proxy.generate_proxies`); every
-    rank returns the same set.
+    rank returns the same set. ``execution``: the run's execution policy (default: resolved from
+    ``cfg`` for this model, which is then copied, laid out and, with ``cfg.compile``, compiled).
     """
     ctx = dist_.resolve(distributed)
     device = torch.device(cfg.device)
     clf = _as_parts(model)
+    if execution is None:
+        execution = Execution.resolve(cfg, clf)
+        if execution.channels_last or execution.compile != "off":   # never on the caller's copy
+            clf = execution.prepare(copy.deepcopy(clf).to(device))
+            execution.compile_modules([clf], lambda: _trial(clf, forget_x[:1].to(device), execution))
     if any(p.device != device for p in clf.parameters()):
         clf = copy.deepcopy(clf).to(device)   # PGD runs where the config says, never on the caller's copy
     forget_x, forget_y = forget_x.to(device), forget_y.to(device)
@@ -97,15 +106,35 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
                                            target_success=cfg.target_success, steps=cfg.pgd_steps,
                                            step_size=cfg.pgd_step_size, batch_size=cfg.pgd_batch_size,
                                            seed=cfg.seed, backend=cfg.backend, progress=cfg.progress,
-                                           distributed=ctx)
+                                           distributed=ctx, execution=execution)
         eps, calibrated = dist_.broadcast_object((eps, calibrated), ctx)
     t1 = time.perf_counter()
+    report: dict = {}
     proxies = generate_proxies(clf, forget_x, forget_y, num_classes=n_classes, repetitions=cfg.repetitions,
                                steps=cfg.pgd_steps, step_size=cfg.pgd_step_size, eps=eps,
                                batch_size=cfg.pgd_batch_size, seed=cfg.seed, backend=cfg.backend,
-                               progress=cfg.progress, distributed=ctx)
-    timings = {"calibration_s": t1 - t0 if calibrated is not None else 0.0, "proxies_s": time.perf_counter() - t1}
+                               progress=cfg.progress, distributed=ctx, execution=execution, report=report)
+    timings = {"calibration_s": t1 - t0 if calibrated is not None else 0.0, "proxies_s": time.perf_counter() - t1,
+               "pgd_batch_size": report.get("batch_size", cfg.pgd_batch_size)}
     return proxies, timings
+
+
+def _trial(model: nn.Module, x: torch.Tensor, execution: Execution) -> None:
+    """One forward and backward of ``model`` on ``x`` in eval mode (compiles graphs now, changes no
+    BatchNorm statistics); leaves no gradient behind."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.enable_grad():
+            x = execution.inputs(x).detach().requires_grad_(True)
+            with execution.autocast():
+                out = model(x)
+            out.float().sum().backward()
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p in model.parameters():
+            p.grad = None
 
 
 def _as_parts(model):
@@ -165,6 +194,8 @@ class _Run:
     watch: NonFiniteWatch
     callbacks: list
     model_digest: Optional[str]
+    execution: Execution
+    scaler: Optional[object] = None   # fp16: the gradient scaler of the training steps
     opt: Optional[StructureSGD] = None
     history: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
@@ -206,12 +237,13 @@ def _prepare(model, forget_set, method: UnlearningMethod, anchors, cfg: UnlearnC
     options = method.options_for(cfg)
     torch.manual_seed(cfg.seed)
     clf = _as_parts(model)
+    execution = Execution.resolve(cfg, clf)
     fx, fy = _check_forget_set(forget_set, clf.head.out_features, device)
     # the frozen original, and the copy that is unlearned (the caller's model is never modified)
-    orig = copy.deepcopy(clf).to(device).eval()
+    orig = execution.prepare(copy.deepcopy(clf).to(device)).eval()
     for p in orig.parameters():
         p.requires_grad_(False)
-    work = copy.deepcopy(clf).to(device)
+    work = execution.prepare(copy.deepcopy(clf).to(device))
     for p in work.parameters():
         p.requires_grad_(True)
     eval_sets = {name: tuple(t.to(device) for t in _capped_eval_set(name, pair, cfg))
@@ -228,13 +260,28 @@ def _prepare(model, forget_set, method: UnlearningMethod, anchors, cfg: UnlearnC
         hidden = max(anchor_dim, feature_dim) if getattr(options, "warm_start", False) else anchor_dim
         ctx.projector = Projector(feature_dim, anchor_dim, hidden).to(device)
         ctx.deployed = DeployedModel(work.features, work.head, ctx.projector)
-    strategy.setup(ctx, method)
+    strategy.setup(ctx, method, execution)
     if proxies is not None:
         ctx.proxies = _checked_proxies(proxies, ctx)
-    return _Run(ctx=ctx, method=method, work=work, strategy=strategy, evaluator=Evaluator(ctx, eval_sets, strategy),
+    return _Run(ctx=ctx, method=method, work=work, strategy=strategy,
+                evaluator=Evaluator(ctx, eval_sets, strategy, execution),
                 checkpointer=Checkpointer(checkpoint_path, strategy, device),
                 watch=NonFiniteWatch(method.key, device, strategy), callbacks=list(callbacks or ()),
-                model_digest=dist_.digest(clf.state_dict()) if dist_ctx.enabled else None)
+                model_digest=dist_.digest(clf.state_dict()) if dist_ctx.enabled else None, execution=execution,
+                scaler=execution.grad_scaler())
+
+
+def _compile(run: _Run) -> Optional[str]:
+    """``config.compile``: the original (PGD) and the trained modules compiled, checked on one
+    forward and backward; None, or why it fell back to eager."""
+    ctx, exe = run.ctx, run.execution
+    modules = [ctx.orig, ctx.features, ctx.head, ctx.projector]
+
+    def trial():
+        _trial(ctx.orig, ctx.forget_x[:1], exe)
+        _trial(ctx.deployed, ctx.forget_x[:1], exe)
+
+    return exe.compile_modules(modules, trial)
 
 
 def _check_launch(run: _Run) -> None:
@@ -259,10 +306,11 @@ def _build_optimizer(run: _Run) -> StructureSGD:
     ctx, method = run.ctx, run.method
     opt = StructureSGD(method.param_groups(ctx), **method.optimizer_options(ctx))
     t0 = time.perf_counter()
-    importance = method.importance(ctx)
+    with run.execution.autocast():   # the hooks' model work; their gradients stay fp32 (the parameters')
+        importance = method.importance(ctx)
+        masks = method.grad_masks(ctx)
     if importance is not None:
         opt.set_importance(importance)
-    masks = method.grad_masks(ctx)
     if masks is not None:
         opt.set_grad_masks(masks)
     run.timings["importance_s"] = time.perf_counter() - t0
@@ -285,6 +333,7 @@ def _state(run: _Run) -> dict:
         "projector": None if ctx.projector is None else ctx.projector.state_dict(),
         "projector_frozen_bn": None if ctx.projector is None else ctx.projector.frozen_bn,
         "optimizer": run.opt.state_dict(), "history": run.history, "timings": run.timings,
+        "scaler": None if run.scaler is None else run.scaler.state_dict(),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if ctx.device.type == "cuda" else None,
     }
@@ -303,6 +352,8 @@ def _restore(run: _Run, state: dict) -> None:
     ctx.proxies = _checked_proxies(run.checkpointer.load_proxies(), ctx)
     run.opt = StructureSGD(run.method.param_groups(ctx), **run.method.optimizer_options(ctx))
     run.opt.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
     ctx.step, ctx.epoch = state["step"], state["epoch"]
     run.history = list(state["history"])
     run.timings = dict(state["timings"])
@@ -382,8 +433,11 @@ def _train_step(run: _Run, batch: Batch) -> tuple:
     opt.zero_grad(set_to_none=True)
     loss, terms, contributions = run.strategy.loss(batch)
     run.watch.record(ctx.step, terms, loss)
-    loss.backward()
+    scaler = run.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     run.method.before_update(ctx)
+    if scaler is not None:   # fp16: the gradients at their true scale before clipping and the update
+        scaler.unscale_(opt)
     if cfg.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], cfg.grad_clip)
     skip_sr = cfg.skip_sr_first_steps and batch.index < 2   # the reference code's quirk
@@ -391,7 +445,11 @@ def _train_step(run: _Run, batch: Batch) -> tuple:
     if skip_sr:
         for grp in opt.param_groups:
             grp["lam"] = 0.0
-    opt.step()
+    if scaler is not None:   # skips the update of a step whose gradients overflowed
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     for grp, lam in zip(opt.param_groups, saved):
         grp["lam"] = lam
     return contributions, loss
@@ -432,7 +490,8 @@ def fit(run: _Run) -> tuple:
         check_finite_parameters(ctx, f"end of epoch {ctx.epoch}")
         if ctx.step >= cfg.stop_warmup_steps:   # the stop rule, through the deployed model
             ctx.deployed.eval()
-            forget_acc = accuracy(ctx.deployed, ctx.forget_x, ctx.forget_y)
+            with run.execution.autocast():
+                forget_acc = accuracy(ctx.deployed, ctx.forget_x, ctx.forget_y)
             ctx.train_mode()
             if forget_acc == 0.0:
                 stopped = "forget_accuracy_zero"
@@ -498,6 +557,7 @@ def unlearn(model, forget_set, *, method="structguard", anchors: Optional[torch.
                        checkpoint_path, retain_size, dist_.resolve(distributed))
         ctx = run.ctx
         _check_launch(run)
+        compile_fallback = _compile(run)
         if resume and not checkpoint_path:
             raise ValueError("resume=True needs checkpoint_path")
         state = run.checkpointer.load() if resume else None   # the main process reads, every process gets it
@@ -506,12 +566,15 @@ def unlearn(model, forget_set, *, method="structguard", anchors: Optional[torch.
         else:
             if ctx.proxies is None:
                 ctx.proxies, timings = build_proxies(ctx.orig, ctx.forget_x, ctx.forget_y, cfg,
-                                                     distributed=run.strategy.dist)
+                                                     distributed=run.strategy.dist, execution=run.execution)
                 run.timings.update(timings)
             if ctx.projector is not None and getattr(ctx.options, "warm_start", False):
                 ctx.projector.warm_start(generator=torch.Generator().manual_seed(cfg.seed + 17))
             run.opt = _build_optimizer(run)
         ctx._optimizer = run.opt
+        if run.execution.channels_last:   # the training batches in the models' memory format, once
+            ctx.forget_x = run.execution.inputs(ctx.forget_x)
+            ctx.proxies = dataclasses.replace(ctx.proxies, x=run.execution.inputs(ctx.proxies.x))
         stopped, loop_s = fit(run)
         run.timings["loop_s"] = loop_s
         run.timings["step_ms"] = 1000.0 * loop_s / max(ctx.step, 1)
@@ -526,6 +589,7 @@ def unlearn(model, forget_set, *, method="structguard", anchors: Optional[torch.
             proxies=ctx.proxies.summary(), steps=ctx.step, epochs=ctx.epoch, stopped=stopped,
             wall_time_s=time.perf_counter() - start, timings=run.timings, deployed=deployed,
             model_info=_deployed_info(run), distributed=run.strategy.record(), method_config=ctx.options.to_dict(),
+            execution=run.execution.record(compile_fallback=compile_fallback),
         )
         if not keep_checkpoint:
             run.checkpointer.remove()   # the run finished: the resumable state is no longer needed

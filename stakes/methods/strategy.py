@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from stakes import distributed as dist_
+from stakes.execution import Execution
 from stakes.methods.base import Batch
 
 
@@ -37,9 +38,10 @@ class SingleProcess:
     def is_main(self) -> bool:
         return self.dist.is_main
 
-    def setup(self, ctx, method) -> None:
-        """Called once the run's modules exist."""
-        self.ctx, self.method = ctx, method
+    def setup(self, ctx, method, execution: Optional[Execution] = None) -> None:
+        """Called once the run's modules exist; ``execution``: the run's precision policy (the
+        method's loss terms and the importance losses run under its autocast)."""
+        self.ctx, self.method, self.execution = ctx, method, execution or Execution()
 
     # ------------------------------------------------------------------ data
     def rows(self, n: int) -> slice:
@@ -54,12 +56,15 @@ class SingleProcess:
     def loss(self, batch: Batch) -> tuple:
         """``(loss, terms, contributions)`` of one step: the loss to backpropagate, the method's
         terms, and each term's share of its value over the global batch (for logging)."""
-        terms = self.method.loss_terms(self.ctx, batch)
+        with self.execution.autocast():
+            terms = self.method.loss_terms(self.ctx, batch)
         return sum(terms.values()), terms, terms
 
     def batch_gradient(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                        params: Sequence[torch.Tensor]) -> list:
-        return list(torch.autograd.grad(loss_fn(x), params, allow_unused=True))
+        with self.execution.autocast():
+            loss = loss_fn(x)
+        return list(torch.autograd.grad(loss, params, allow_unused=True))
 
     # ------------------------------------------------------------------ reductions
     def logged_terms(self, contributions: dict) -> dict:
@@ -148,7 +153,8 @@ class DataParallel(SingleProcess):
         ddp = self._module()
         for p in ddp.parameters():
             p.grad = None
-        loss = ddp(lambda: loss_fn(part) * scale)
+        with self.execution.autocast():
+            loss = ddp(lambda: loss_fn(part) * scale)
         loss.backward()
         grads = [p.grad for p in params]
         for p in ddp.parameters():
@@ -164,7 +170,8 @@ class DataParallel(SingleProcess):
     def _local_loss(self, batch: Batch):
         """This rank's loss (proxy terms weighted by its share of the global batch, W× for DDP's mean),
         the terms, and each term's contribution to the global value (summed over ranks at log points)."""
-        terms = self.method.loss_terms(self.ctx, batch)
+        with self.execution.autocast():
+            terms = self.method.loss_terms(self.ctx, batch)
         w = self.dist.world_size
         shares = self._shares(batch)
         scaled = {n: v * (w * shares[n]) if n in shares else v for n, v in terms.items()}

@@ -1,0 +1,121 @@
+"""How a run executes the model work on its device: the precision policy (autocast), channels_last,
+``torch.compile`` and CUDA graphs for the PGD loop. None of these change what is computed, only
+in which dtype and how fast; ``config.precision`` / ``channels_last`` / ``compile`` / ``cuda_graphs``
+choose them and :class:`Execution` is what a run resolves them to (recorded in its result).
+
+Defaults (``None``: automatic): bf16 autocast on CUDA cards that have bf16 (sm_80+), fp32 on the
+CPU and older cards; channels_last for models with 4-D convolutions on CUDA; CUDA graphs for the PGD
+steps on CUDA; compile off. Master weights stay fp32 whatever the precision; the loss reductions run
+in fp32 (autocast's policy for cross-entropy and reductions; the fused alignment accumulates in fp32
+from 16-bit features); the fused update and importance work on the fp32 parameters and gradients;
+fp16 adds a gradient scaler to training steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_MODES = ("off", "default", "max-autotune")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_precision(device) -> str:
+    """bf16 on CUDA cards with bf16 tensor cores (sm_80+), else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16" if major >= 8 else "fp32"
+    return "fp32"
+
+
+def has_conv2d(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+@dataclass(frozen=True)
+class Execution:
+    """A run's resolved execution policy (what its result records)."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: str = "off"
+    cuda_graphs: bool = False
+    device_type: str = "cpu"
+
+    @classmethod
+    def resolve(cls, config, model: Optional[nn.Module] = None) -> "Execution":
+        """The policy of ``config`` (its ``None`` fields resolved for its device and ``model``)."""
+        device = torch.device(config.device)
+        precision = config.precision or default_precision(device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"config.precision must be one of {PRECISIONS} or None, got {precision!r}")
+        channels_last = config.channels_last
+        if channels_last is None:
+            channels_last = device.type == "cuda" and model is not None and has_conv2d(model)
+        graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
+        if graphs and device.type != "cuda":
+            raise ValueError(f"config.cuda_graphs=True needs a CUDA device, the run's is {device}")
+        return cls(precision=precision, channels_last=bool(channels_last), compile=config.compile,
+                   cuda_graphs=bool(graphs), device_type=device.type)
+
+    # ------------------------------------------------------------------ precision
+    def autocast(self):
+        """The autocast context of the model work (a no-op for fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=_DTYPES[self.precision])
+
+    def grad_scaler(self):
+        """A gradient scaler for fp16 training steps (None otherwise)."""
+        if self.precision != "fp16":
+            return None
+        return torch.amp.GradScaler(self.device_type)
+
+    # ------------------------------------------------------------------ layout
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """``model`` in the run's memory format (in place; channels_last for 4-D weights)."""
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of images in the run's memory format."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # ------------------------------------------------------------------ compile
+    def compile_modules(self, modules, trial) -> Optional[str]:
+        """Compile ``modules`` in place (``nn.Module.compile``, ``dynamic=False``: one graph per batch
+        shape, no symbolic shapes) and run ``trial()`` (a forward and backward at the run's batch
+        shape) to compile them now; returns None, or the one-line reason why compilation failed, in
+        which case the modules run eagerly (a warning says so)."""
+        if self.compile == "off":
+            return None
+        modules = [m for m in modules if m is not None]
+        try:
+            for m in modules:
+                _compile(m, None if self.compile == "default" else self.compile)
+            trial()
+            return None
+        except Exception as err:
+            for m in modules:
+                m._compiled_call_impl = None   # back to the eager forward
+            reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"[:300]
+            warnings.warn(f"torch.compile failed, running eagerly ({reason})", stacklevel=2)
+            return reason
+
+    def record(self, **extra) -> dict:
+        return {**asdict(self), **extra}
+
+
+def _compile(module: nn.Module, mode: Optional[str]) -> None:
+    """``module.compile(...)`` (its forward compiled in place); tests replace this to force a failure."""
+    module.compile(mode=mode, dynamic=False)

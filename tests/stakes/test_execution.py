@@ -1,0 +1,235 @@
+"""How a run executes its model work (stakes.execution): the precision of every phase, channels_last,
+torch.compile (or its fallback), the PGD loop without host syncs, captured in CUDA graphs (the
+plumbing, with a stand-in for the capture), and its out-of-memory back-off."""
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import stakes
+import stakes.proxy as proxy_mod
+from stakes.execution import Execution
+from stakes.methods import loop
+from tests.fake_cuda import fake_cuda
+from tests.stakes.test_registry import CountSyncs
+
+
+@contextlib.contextmanager
+def phase_dtypes(model_types=(nn.Conv2d, nn.Linear)):
+    """Records (phase, output dtype) of every conv / linear layer call, the phase being the stakes
+    function on the stack: PGD steps, importance, training steps, evaluation."""
+    seen, phase = [], ["setup"]
+
+    def hook(module, args, out):
+        if isinstance(module, model_types):
+            seen.append((phase[0], out.dtype))
+
+    def tagged(name, fn):
+        def wrapper(*a, **k):
+            before, phase[0] = phase[0], name
+            try:
+                return fn(*a, **k)
+            finally:
+                phase[0] = before
+        return wrapper
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    originals = [(proxy_mod._PGD, "step"), (loop, "_build_optimizer"), (loop, "_train_step"), (loop, "_log")]
+    saved = [getattr(obj, name) for obj, name in originals]
+    for (obj, name), fn, tag in zip(originals, saved, ("pgd", "importance", "step", "evaluation")):
+        setattr(obj, name, tagged(tag, fn))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+        for (obj, name), fn in zip(originals, saved):
+            setattr(obj, name, fn)
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_every_phase_runs_in_the_configured_precision(precision, dtype, digits_model, digits_anchors, forget_set,
+                                                      fast_config, digits):
+    cfg = fast_config(precision=precision, max_steps=3, log_every=1)
+    with phase_dtypes() as seen:
+        res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg,
+                             eval_sets={"test": (digits.test_x[:64], digits.test_y[:64])})
+    by_phase = {}
+    for phase, dt in seen:
+        by_phase.setdefault(phase, set()).add(dt)
+    for phase in ("pgd", "importance", "step", "evaluation"):
+        assert by_phase.get(phase) == {dtype}, (phase, by_phase.get(phase))
+    assert res.execution["precision"] == precision and res.execution["compile"] == "off"
+    # fp32 master weights: the deployed model's parameters stay fp32 whatever the autocast
+    assert all(p.dtype == torch.float32 for p in res.deployed.parameters())
+    assert res.metrics["forget_accuracy"] >= 0.0 and res.steps == 3
+
+
+def test_fp16_trains_through_a_gradient_scaler(digits_model, digits_anchors, forget_set, fast_config, monkeypatch):
+    scalers = []
+    original = loop._prepare
+
+    def prepare(*a, **k):
+        run = original(*a, **k)
+        scalers.append(run.scaler)
+        return run
+
+    monkeypatch.setattr(loop, "_prepare", prepare)
+    res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, method="adv",
+                         config=fast_config(method="adv", precision="fp16", max_steps=3))
+    assert isinstance(scalers[0], torch.amp.GradScaler) and res.execution["precision"] == "fp16"
+    assert all(torch.isfinite(p).all() for p in res.deployed.parameters())
+
+
+def test_pretraining_runs_in_the_given_precision(digits):
+    from stakes.data import ImageData
+    from stakes.models import build_model
+    from stakes.pretrain import pretrain
+
+    small = ImageData(name="digits", class_names=digits.class_names, train_x=digits.train_x[:96],
+                      train_y=digits.train_y[:96], test_x=digits.test_x[:32], test_y=digits.test_y[:32])
+    model = build_model("digits_cnn", 10, in_channels=1, image_size=8)
+    with phase_dtypes() as seen:
+        stats = pretrain(model, small, epochs=1, progress=False, precision="bf16")
+    assert stats["precision"] == "bf16" and {dt for _, dt in seen} == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_channels_last_lays_out_the_models_and_the_inputs(digits_model, digits_anchors, forget_set, fast_config):
+    formats = []
+
+    def hook(module, args, out):
+        if isinstance(module, nn.Conv2d):
+            formats.append((module.weight.is_contiguous(memory_format=torch.channels_last),
+                            args[0].is_contiguous(memory_format=torch.channels_last)))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        cl = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors,
+                            config=fast_config(channels_last=True, max_steps=2))
+    finally:
+        handle.remove()
+    assert formats and all(w and x for w, x in formats)   # weights and input batches, every conv call
+    plain = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(max_steps=2))
+    assert cl.execution["channels_last"] and not plain.execution["channels_last"]
+    for a, b in zip(cl.deployed.parameters(), plain.deployed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)   # a layout, not a different computation
+    # the default: channels_last on CUDA for convolutional models only
+    assert Execution.resolve(stakes.preset("stable", device="cpu"), digits_model).channels_last is False
+
+
+def test_compile_falls_back_to_eager_with_one_message(digits_model, digits_anchors, forget_set, fast_config,
+                                                      monkeypatch):
+    import stakes.execution as execution_mod
+
+    def failing(module, mode):
+        raise RuntimeError("no C++ compiler for inductor here\nsecond line")
+
+    monkeypatch.setattr(execution_mod, "_compile", failing)
+    with pytest.warns(UserWarning, match=r"torch.compile failed, running eagerly \(RuntimeError: no C\+\+ compiler"):
+        res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors,
+                             config=fast_config(compile="default", max_steps=2))
+    assert res.execution["compile"] == "default"
+    assert res.execution["compile_fallback"] == "RuntimeError: no C++ compiler for inductor here"
+    plain = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(max_steps=2))
+    for a, b in zip(res.deployed.parameters(), plain.deployed.parameters()):
+        assert torch.equal(a, b)   # eager, as without compile
+
+
+@pytest.mark.slow
+def test_compile_is_used(digits_model, digits_anchors, forget_set, fast_config, monkeypatch):
+    compiled = []
+    original = loop._compile
+
+    def spy(run):
+        out = original(run)
+        compiled.extend(m for m in (run.ctx.orig, run.ctx.features, run.ctx.head)
+                        if getattr(m, "_compiled_call_impl", None) is not None)
+        return out
+
+    monkeypatch.setattr(loop, "_compile", spy)
+    torch._dynamo.reset()
+    res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors,
+                         config=fast_config(compile="default", max_steps=2, backend="reference"))
+    if res.execution["compile_fallback"] is not None:   # inductor could not build here: said as such
+        pytest.fail(f"compile fell back: {res.execution['compile_fallback']}")
+    assert len(compiled) == 3
+    plain = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(max_steps=2))
+    for a, b in zip(res.deployed.parameters(), plain.deployed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    torch._dynamo.reset()
+
+
+def _pgd_case(device="cpu", n=6):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 10)).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand(n, 1, 8, 8, generator=gen).to(device)
+    target = torch.randint(0, 10, (n,), generator=gen).to(device)
+    eps = torch.full((n,), 1.0, device=device)
+    return model, x0, target, eps
+
+
+def test_the_pgd_steps_make_no_host_sync():
+    """The 100-step loop on a card: no .item(), no bool(tensor), nothing that waits for the device."""
+    with fake_cuda():
+        model, x0, target, eps = _pgd_case("cuda")
+        pgd = proxy_mod._PGD(model, steps=5, step_size=0.1, backend=None, execution=Execution())
+        x = proxy_mod._random_start(x0, eps, torch.arange(len(x0)), 0)
+        with CountSyncs() as counter:
+            out = pgd.run_steps(x, x0, target, eps)
+        assert counter.calls == [] and out.shape == x0.shape
+
+
+def test_graph_replay_plumbing_equals_the_eager_loop(monkeypatch):
+    """The CUDA-graph path (fixed batch shape, padding, static buffers, one replay per step) with a
+    stand-in for the capture: it must give the eager loop's result."""
+    replays = []
+
+    class StandIn:
+        def __init__(self, pgd, x, x0, target, eps):
+            self.pgd = pgd
+            self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
+
+        def replay(self):
+            replays.append(1)
+            self.x.copy_(self.pgd.step(self.x, self.x0, self.target, self.eps))
+
+    monkeypatch.setattr(proxy_mod, "_CapturedSteps", StandIn)
+    model, x0, target, eps = _pgd_case(n=5)
+    pgd = proxy_mod._PGD(model, steps=4, step_size=0.1, backend="reference", execution=Execution())
+    start = proxy_mod._random_start(x0, eps, torch.arange(5), 0)
+    eager = pgd.run_steps(start, x0, target, eps)
+    graphed = pgd._replayed(start, x0, target, eps, size=8)   # padded from 5 to 8 rows
+    assert graphed.shape == (5, 1, 8, 8) and len(replays) == 4 and len(pgd._graphs) == 1
+    torch.testing.assert_close(graphed, eager)
+    pgd._replayed(start[:3], x0[:3], target[:3], eps[:3], size=8)   # the same shape: the same graph
+    assert len(pgd._graphs) == 1
+
+
+def test_out_of_memory_halves_the_pgd_batch(monkeypatch, digits_model, forget_set):
+    from stakes.proxy import generate_proxies
+
+    x, y = forget_set
+    kwargs = dict(num_classes=10, repetitions=2, steps=3, step_size=0.1, eps=1.0, seed=0, backend="reference",
+                  progress=False)
+    direct = generate_proxies(digits_model, x, y, batch_size=4, **kwargs)
+    original = proxy_mod._PGD.__call__
+
+    def small_memory(self, x0, *a, **k):
+        if len(x0) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, x0, *a, **k)
+
+    monkeypatch.setattr(proxy_mod._PGD, "__call__", small_memory)
+    report = {}
+    with pytest.warns(UserWarning, match="retrying with batches of 4"):
+        backed_off = generate_proxies(digits_model, x, y, batch_size=16, report=report, **kwargs)
+    assert report["batch_size"] == 4
+    torch.testing.assert_close(backed_off.x, direct.x)
+    assert backed_off.success_rate == direct.success_rate
