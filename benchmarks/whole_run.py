@@ -231,6 +231,18 @@ def authors_projection(d_f: int, d_a: int, seed: int) -> torch.Tensor:
     return r / r.norm(dim=0, keepdim=True)
 
 
+def authors_pgd_step(model: nn.Module, xa: torch.Tensor, x0: torch.Tensor, target: torch.Tensor, eps: float,
+                     alpha: float) -> torch.Tensor:
+    """One PGD step of §3, eager: g = ∇ₓCE(f(x), ỹ); x ← x − α·g/‖g‖; δ = Π_ε(x − x₀); x ← clamp(x₀ + δ)."""
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    xa.requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xa), target), xa)
+    xa = xa.detach() - alpha * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
+    delta = xa - x0
+    delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-30)).clamp(max=1.0).view(view)
+    return (x0 + delta).clamp(0, 1)
+
+
 def authors_pgd(model: nn.Module, fx: torch.Tensor, fy: torch.Tensor, work: Work, counts: dict,
                 seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Proxies (METHOD.md §3): one repetition and one batch of 128 at a time, eager step/projection."""
@@ -247,12 +259,7 @@ def authors_pgd(model: nn.Module, fx: torch.Tensor, fy: torch.Tensor, work: Work
             radius = eps * torch.rand(x0.shape[0], generator=gen).to(x0.device)
             xa = (x0 + noise * (radius / noise.flatten(1).norm(dim=1)).view(view)).clamp(0, 1)
             for _ in range(work.pgd_steps):
-                xa.requires_grad_(True)
-                (g,) = torch.autograd.grad(F.cross_entropy(model(xa), target), xa)
-                xa = xa.detach() - alpha * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
-                delta = xa - x0
-                delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-30)).clamp(max=1.0).view(view)
-                xa = (x0 + delta).clamp(0, 1)
+                xa = authors_pgd_step(model, xa, x0, target, eps, alpha)
                 counts["pgd_image_steps"] += x0.shape[0]
                 counts["pgd_batches"] += 1
             xs.append(xa.detach())
@@ -293,6 +300,16 @@ class _Authors:
         return self.head(self.proj(self.features(x))[0])
 
 
+def authors_importance_batch(st: _Authors, xb: torch.Tensor, imp: List[torch.Tensor], weight: float) -> None:
+    """I += weight·|∂L_align(xb)/∂ψ|, tensor by tensor (§6), eager."""
+    _, z = st.proj(st.features(xb))
+    loss = st.structure_loss(xb, z)
+    grads = torch.autograd.grad(loss, st.psi, allow_unused=True)
+    for acc, gr in zip(imp, grads):
+        if gr is not None:
+            acc.add_(gr.abs(), alpha=weight)
+
+
 def authors_importance(st: _Authors, px: torch.Tensor, work: Work, counts: dict, seed: int = 0) -> List[torch.Tensor]:
     """I_p = (1/N_tot) Σ_B |B|·|∂L_align(B)/∂ψ_p| over proxy batches cycled to N_tot (§6), eager."""
     imp = [torch.zeros_like(p) for p in st.psi]
@@ -306,16 +323,16 @@ def authors_importance(st: _Authors, px: torch.Tensor, work: Work, counts: dict,
             if seen >= n_tot:
                 break
             xb = px[order[i:i + work.batch]]
-            _, z = st.proj(st.features(xb))
-            loss = st.structure_loss(xb, z)
-            grads = torch.autograd.grad(loss, st.psi, allow_unused=True)
-            for acc, gr in zip(imp, grads):
-                if gr is not None:
-                    acc.add_(gr.abs(), alpha=len(xb) / n_tot)
+            authors_importance_batch(st, xb, imp, len(xb) / n_tot)
             seen += len(xb)
             counts["importance_batches"] += 1
     counts["importance_samples"] = seen
     return imp
+
+
+def authors_eval_batch(st: _Authors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Correct predictions of the deployed h∘p∘g on one batch (a 0-d tensor; the caller's ``.item()``)."""
+    return (st.deployed(x).argmax(1) == y).sum()
 
 
 def authors_evaluate(st: _Authors, sets, batch: int, counts: dict) -> Dict[str, float]:
@@ -327,12 +344,43 @@ def authors_evaluate(st: _Authors, sets, batch: int, counts: dict) -> Dict[str, 
         for name, (x, y) in sets.items():
             correct = 0
             for i in range(0, len(x), batch):
-                correct += (st.deployed(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
+                correct += authors_eval_batch(st, x[i:i + batch], y[i:i + batch]).item()
             out[name] = 100.0 * correct / len(x)
             counts["evaluated_images"] += len(x)
     counts["evaluations"] += 1
     st.train()
     return out
+
+
+def authors_optimizer(st: _Authors, foreach: Optional[bool] = None) -> torch.optim.SGD:
+    """Plain SGD (§9): lr 0.005 backbone + head, 0.009 projector, no momentum, torch's defaults
+    otherwise (``foreach`` on CUDA)."""
+    return torch.optim.SGD([{"params": list(st.features.parameters()) + list(st.head.parameters()), "lr": 0.005},
+                            {"params": list(st.proj.parameters()), "lr": 0.009}], lr=0.005, momentum=0.0,
+                           foreach=foreach)
+
+
+def authors_train_step(st: _Authors, opt: torch.optim.Optimizer, xf: torch.Tensor, yf: torch.Tensor,
+                       xa: torch.Tensor, ya: torch.Tensor, imp: List[torch.Tensor], *, with_reg: bool) -> torch.Tensor:
+    """One optimisation step of §8-9, eager: the losses, L_reg tensor by tensor through autograd,
+    ``loss.backward()``, ``opt.step()``; returns the loss (the caller's ``.item()``)."""
+    n_f, n_a = len(yf), len(ya)
+    opt.zero_grad()
+    l_del = -F.cross_entropy(st.head(st.features(xf)), yf) * n_f / (n_f + n_a)
+    out, z = st.proj(st.features(xa))
+    l_ret = F.cross_entropy(st.head(out), ya) * n_a / (n_f + n_a)
+    l_align = st.structure_loss(xa, z)
+    w = st.head.weight
+    l_cr = 0.99 * w.abs().sum() + 0.5 * 0.01 * w.pow(2).sum()
+    loss = l_del + l_ret + l_align + 0.001 * l_cr
+    if with_reg:
+        l_reg = 0.0
+        for p, p0, i_p in zip(st.psi, st.psi0, imp):
+            l_reg = l_reg + (i_p * (p - p0).pow(2)).sum()
+        loss = loss + 1.0 * 0.5 * l_reg
+    loss.backward()
+    opt.step()
+    return loss
 
 
 def authors_recipe(inp: Inputs, work: Work, device: torch.device, seed: int = 0) -> dict:
@@ -354,8 +402,7 @@ def authors_recipe(inp: Inputs, work: Work, device: torch.device, seed: int = 0)
     _sync(device)
     phases["importance"] = time.perf_counter() - t0
 
-    opt = torch.optim.SGD([{"params": list(st.features.parameters()) + list(st.head.parameters()), "lr": 0.005},
-                           {"params": list(st.proj.parameters()), "lr": 0.009}], lr=0.005, momentum=0.0)
+    opt = authors_optimizer(st)
     sets = {"forget": (inp.fx, inp.fy), "test": (inp.tx, inp.ty)}
     history, losses = [], []
     spe, k, nf = work.steps_per_epoch, work.k, work.forget_batch
@@ -383,23 +430,8 @@ def authors_recipe(inp: Inputs, work: Work, device: torch.device, seed: int = 0)
                 f_order, f_pos = torch.randperm(k, generator=g).to(device), 0
             jf = f_order[f_pos:f_pos + nf]
             f_pos += nf
-            xf, yf, xa, ya = inp.fx[jf], inp.fy[jf], px[ia], py[ia]
-            n_f, n_a = len(jf), len(ia)
-            opt.zero_grad()
-            l_del = -F.cross_entropy(st.head(st.features(xf)), yf) * n_f / (n_f + n_a)
-            out, z = st.proj(st.features(xa))
-            l_ret = F.cross_entropy(st.head(out), ya) * n_a / (n_f + n_a)
-            l_align = st.structure_loss(xa, z)
-            w = st.head.weight
-            l_cr = 0.99 * w.abs().sum() + 0.5 * 0.01 * w.pow(2).sum()
-            loss = l_del + l_ret + l_align + 0.001 * l_cr
-            if b >= 2:   # the reference code skips L_reg on the first two steps of every epoch
-                l_reg = 0.0
-                for p, p0, i_p in zip(st.psi, st.psi0, imp):
-                    l_reg = l_reg + (i_p * (p - p0).pow(2)).sum()
-                loss = loss + 1.0 * 0.5 * l_reg
-            loss.backward()
-            opt.step()
+            # the reference code skips L_reg on the first two steps of every epoch
+            loss = authors_train_step(st, opt, inp.fx[jf], inp.fy[jf], px[ia], py[ia], imp, with_reg=b >= 2)
             losses.append(loss.item())   # their per-step logging: a host synchronisation every step
             step += 1
             counts["optimisation_steps"] += 1
@@ -424,8 +456,9 @@ def stakes_has_execution_policy() -> bool:
     return all(f in stakes.UnlearnConfig.field_names() for f in EXECUTION_FIELDS)
 
 
-def stakes_config(work: Work, device: torch.device, seed: int = 0):
-    """stakes' defaults for this work: the stable preset, a fixed radius, no stop, log every epoch."""
+def stakes_config(work: Work, device: torch.device, seed: int = 0, **overrides):
+    """stakes' defaults for this work: the stable preset, a fixed radius, no stop, log every epoch
+    (``overrides``: for the model's composition check only, never for the benchmark)."""
     import stakes
 
     # batches of 128 are stakes' default too; a test's smaller work sets both sides' batches
@@ -433,14 +466,14 @@ def stakes_config(work: Work, device: torch.device, seed: int = 0):
     return stakes.preset("stable", method="structguard", eps=work.eps, repetitions=work.repetitions,
                          pgd_steps=work.pgd_steps, max_steps=work.steps, stop_warmup_steps=10**9,
                          importance_samples=work.importance_samples, log_every=work.steps_per_epoch,
-                         progress=False, device=str(device), seed=seed, **batches)
+                         progress=False, device=str(device), seed=seed, **batches, **overrides)
 
 
-def stakes_recipe(inp: Inputs, work: Work, device: torch.device, seed: int = 0) -> dict:
+def stakes_recipe(inp: Inputs, work: Work, device: torch.device, seed: int = 0, **overrides) -> dict:
     """stakes.unlearn with its defaults; returns ``{"phases_s", "whole_s", "counts", "execution", ...}``."""
     import stakes
 
-    cfg = stakes_config(work, device, seed)
+    cfg = stakes_config(work, device, seed, **overrides)
     if cfg.eval_max_samples is not None and work.test_size > cfg.eval_max_samples:
         raise ValueError(f"test_size {work.test_size} > stakes' eval_max_samples {cfg.eval_max_samples}: stakes would "
                          f"evaluate a subset, not the same work")
@@ -681,13 +714,21 @@ def summary_lines(report: dict) -> List[str]:
 def main(args) -> int:
     """The ``whole-run`` subcommand (arguments parsed in benchmarks/__main__.py)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from fused._dispatch import interpreter_enabled
+
+    if interpreter_enabled():
+        print("python -m benchmarks whole-run: TRITON_INTERPRET is set, so stakes' fused ops would run in the Triton "
+              "CPU interpreter and be timed; unset it and rerun", file=sys.stderr)
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     base = QUICK if args.quick else full_work()
     changes = {name: getattr(args, name) for name in ("k", "repetitions", "pgd_steps", "steps", "importance_samples",
                                                       "test_size") if getattr(args, name) is not None}
     work = base
-    if changes:
+    if not args.quick and set(changes) == {"k"}:
+        work = full_work(changes["k"])
+    elif changes:
         if "k" in changes and "importance_samples" not in changes and not args.quick:
             changes["importance_samples"] = CIFAR_TRAIN - changes["k"]   # |D_r| of CIFAR-10
         work = replace(base, **changes)

@@ -164,6 +164,7 @@ def _fake(counts_change=None, fail=None):
     (_fake(counts_change={"pgd_image_steps": 1}), 1, "work: pgd_image_steps differs: authors 96, stakes 1"),
 ])
 def test_cli_exit_status(monkeypatch, tmp_path, capsys, stakes_side, rc, message):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # the suite's interpreter would be refused (next test)
     monkeypatch.setitem(wr.RECIPES, "authors", _fake())
     monkeypatch.setitem(wr.RECIPES, "stakes", stakes_side)
     monkeypatch.setattr(wr, "default_model", lambda: tiny_model())
@@ -174,6 +175,12 @@ def test_cli_exit_status(monkeypatch, tmp_path, capsys, stakes_side, rc, message
         assert data["status"] == "ok" and data["ratios"]["whole"] == 1.0 and "VERDICT: ok whole run x1.00" in out
     else:
         assert message in data["status"] and message in err and "VERDICT: FAILED" in out
+
+
+def test_cli_refuses_to_time_the_triton_interpreter(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cli.main(["whole-run", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "TRITON_INTERPRET is set" in capsys.readouterr().err and not (tmp_path / "whole_run.json").exists()
 
 
 def test_cli_refuses_bad_sizes(capsys):
