@@ -652,7 +652,7 @@ def markdown(report: dict) -> str:
                   + ", ".join(f"{p} {size['ratios'][p]:.2f}" for p in wr.PHASES) + ")."]
     check = report.get("composition_check")
     if check:
-        lines += ["", "Composition check (" + check["work"]["label"] + "): FLOPs counted on the real code vs "
+        lines += ["", "The " + check["work"]["label"] + ": FLOPs counted on the real code vs "
                   "modelled: " + "; ".join(f"{r} {check[r]['counted_flops'] / 1e9:.1f} vs {check[r]['modelled_flops'] / 1e9:.1f} "
                                            f"GFLOP" for r in ("authors", "stakes")) + "."]
     lines += ["", "Every time above is modelled, not measured."]

@@ -642,10 +642,39 @@ def run_whole(work: Work, device: torch.device, *, seed: int = 0, warmup: bool =
         problems += [f"work: {d}" for d in diff]
         report["ratios"] = ratios(report["recipes"]["authors"], report["recipes"]["stakes"])
     report["status"] = "ok" if not problems else "error: " + "; ".join(problems)
+    if device.type == "cuda":
+        report["model_prediction"] = model_prediction(work)
+        report["notes"] = ["stakes' phases come from result.timings, read by stakes without synchronising the device "
+                           "at phase boundaries: work still queued when a phase's clock stops is charged to the next "
+                           "phase that synchronises (importance -> the first evaluation, steps -> the evaluations); "
+                           "the whole is synchronised here and exact"]
     meta["load_avg_1_5_15_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if on_update:
         on_update(report)
     return report
+
+
+MODEL_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_ratio_model.json")
+MATCH_KEYS = ("k", "repetitions", "pgd_steps", "steps", "importance_samples", "test_size", "batch")
+
+
+def model_prediction(work: Work, path: str = MODEL_JSON) -> Optional[dict]:
+    """The labelled model's prediction (benchmarks/gpu_ratio_model.py, an H100) for this work, if
+    its results file has one for exactly this size; None otherwise."""
+    import json
+
+    try:
+        with open(path) as fh:
+            model = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    for size in model.get("predictions_by_size", []):
+        if all(size["work"].get(k) == getattr(work, k) for k in MATCH_KEYS):
+            return {"kind": "MODEL, not a measurement (benchmarks/gpu_ratio_model.py)",
+                    "gpu": model.get("assumptions", {}).get("gpu"), "ratios": size["ratios"],
+                    "seconds": size["seconds"],
+                    "source": os.path.relpath(path, os.path.dirname(os.path.dirname(MODEL_JSON)) + "/..")}
+    return None
 
 
 # ----------------------------------------------------------------------------- output
@@ -702,10 +731,14 @@ def summary_lines(report: dict) -> List[str]:
     if ex:
         lines.append("stakes execution: " + ", ".join(f"{k}={v}" for k, v in ex.items() if k != "note")
                      + (f" ({ex['note']})" if ex.get("note") else ""))
+    model = report.get("model_prediction")
+    if model:
+        lines.append(f"{'MODEL ' + str(model['gpu'])[:20]:<26} ratios (modelled, not measured): "
+                     + ", ".join(f"{p} x{model['ratios'][p]:.2f}" for p in (*PHASES, "whole")))
     if report["status"] == "ok":
         per = ", ".join(f"{p} x{rat[p]:.2f}" for p in PHASES if rat.get(p))
         lines.append(f"VERDICT: ok whole run x{rat['whole']:.2f} (authors / stakes; {per}), size {size['label']}, "
-                     f"k={size['k']}")
+                     f"k={size['k']}" + (f"; the MODEL predicted x{model['ratios']['whole']:.2f}" if model else ""))
     else:
         lines.append(f"VERDICT: FAILED {report['status']}"[:300])
     return lines

@@ -205,3 +205,21 @@ def test_repeats_keep_each_phases_fastest_run():
     assert rep["status"] == "ok" and rep["repeats"] == 3 and len(a["runs"]) == 3 and len(calls) == 3
     assert a["phases_s"] == {"proxies": 1.0, "importance": 1.0, "steps": 1.0, "evaluation": 1.0}
     assert a["whole_s"] == 7.5 and rep["ratios"]["whole"] == pytest.approx(7.5 / 4.5)
+
+
+def test_the_models_prediction_for_the_same_size(tmp_path):
+    """On a card the report carries the labelled model's prediction for exactly this work, if any."""
+    full = wr.full_work(128)
+    ratios = {p: 2.0 for p in (*wr.PHASES, "whole")}
+    model = {"assumptions": {"gpu": "NVIDIA H100 (SXM, 80 GB)"},
+             "predictions_by_size": [{"work": {**wr.asdict(wr.full_work()), "expected": {}}, "ratios": {}, "seconds": {}},
+                                     {"work": {**wr.asdict(full), "expected": {}}, "ratios": ratios, "seconds": {}}]}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    got = wr.model_prediction(full, str(path))
+    assert got["ratios"] == ratios and got["kind"].startswith("MODEL, not a measurement")
+    assert wr.model_prediction(wr.replace(full, steps=full.steps + 1), str(path)) is None
+    assert wr.model_prediction(full, str(tmp_path / "missing.json")) is None
+    report = {"recipes": {}, "size": {**wr.asdict(full)}, "status": "ok", "metadata": {"device": "H100", "torch": "x"},
+              "ratios": {**ratios, "whole": 1.5}, "model_prediction": got}
+    assert wr.summary_lines(report)[-1].endswith("k=128; the MODEL predicted x2.00")
