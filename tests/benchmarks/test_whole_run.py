@@ -44,6 +44,10 @@ def tiny_model():
     return Classifier(CountingFeatures(), nn.Linear(16, 10))
 
 
+def plain_tiny_model():
+    return Classifier(CountingFeatures().body, nn.Linear(16, 10))
+
+
 # 60 proxies in batches of 8: 8 steps an epoch (the last batch 4 proxies), 10 steps cross an epoch
 WORK = wr.Work(k=20, repetitions=3, pgd_steps=2, steps=10, importance_samples=70, test_size=12, batch=8,
                anchor_dim=16, label="test")
@@ -223,3 +227,31 @@ def test_the_models_prediction_for_the_same_size(tmp_path):
     report = {"recipes": {}, "size": {**wr.asdict(full)}, "status": "ok", "metadata": {"device": "H100", "torch": "x"},
               "ratios": {**ratios, "whole": 1.5}, "model_prediction": got}
     assert wr.summary_lines(report)[-1].endswith("k=128; the MODEL predicted x2.00")
+
+
+def test_a_whole_run_on_a_fake_card():
+    """Both recipes with device "cuda" on tests/fake_cuda.py's card (CPU values, a CPU tensor meeting a
+    CUDA one raises): the benchmark keeps every tensor on the device, and on a card it records the
+    model's prediction and the note on stakes' phase clocks. The fake models neither CUDA graphs nor
+    channels_last (its .to(memory_format=...) returns CPU tensors), so stakes runs without both here."""
+    import functools
+
+    from tests.fake_cuda import fake_cuda
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    recipes = {"authors": wr.authors_recipe,
+               "stakes": functools.partial(wr.stakes_recipe, cuda_graphs=False, channels_last=False)}
+    try:
+        with fake_cuda():
+            rep = wr.run_whole(WORK, torch.device("cuda"), warmup=False, model_builder=plain_tiny_model,
+                               image_shape=(3, 8, 8), recipes=recipes)
+    finally:
+        torch.set_num_threads(threads)
+    assert rep["status"] == "ok", rep["status"]
+    assert rep["work"]["same"] and rep["metadata"]["device"] == "fake CUDA (CPU)"
+    ex = rep["recipes"]["stakes"]["execution"]
+    assert ex["device_type"] == "cuda" and ex["precision"] == "bf16"   # stakes' automatic policy on sm_90
+    assert rep["recipes"]["authors"]["cuda_flags_at_start"]["cudnn_allow_tf32"] is True   # torch's default
+    assert "model_prediction" in rep and rep["model_prediction"] is None   # no model for this tiny size
+    assert "without synchronising the device" in rep["notes"][0]
