@@ -14,8 +14,9 @@ So a whole stakes run with ``device="cuda"`` executes here, end to end, and any 
 meets the model or the data on the card stops it exactly where a card would. Unlike
 ``FakeTensorMode``, data-dependent code (``.item()``, accuracies, stop rules) runs.
 
-What it does not model: speed, streams, memory, CUDA RNG streams (CUDA draws come from the CPU
-generator), cuDNN, NCCL, and the Triton kernels (``fused`` takes its reference path on these
+What it does not model: speed, streams, memory, CUDA graphs, CUDA RNG streams (CUDA draws come from
+the CPU generator), cuDNN, NCCL, ``torch.autocast("cuda")`` (C++ sees CPU tensors, so a bf16 run on
+the fake card computes in fp32), and the Triton kernels (``fused`` takes its reference path on these
 tensors: :func:`fused._dispatch.triton_available_for` is patched to refuse them).
 """
 
@@ -138,7 +139,9 @@ def _run(func, args, kwargs):
     to_cuda = bool(on_cuda)
     if device is not None:
         device = torch.device(device)
-        to_cuda = device.type == "cuda"
+        # a CudaTensor's own "cpu" (what C++ fills in, e.g. for .to(memory_format=...)) keeps it on the
+        # card: the explicit moves to the CPU (.cpu(), .to("cpu")) never get here (__torch_function__)
+        to_cuda = device.type == "cuda" or bool(on_cuda)
         if to_cuda:
             ukwargs["device"] = CPU
             gen = ukwargs.get("generator")
@@ -152,8 +155,6 @@ def _run(func, args, kwargs):
         raise DeviceMismatch(
             f"Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu! "
             f"(in {func}; a CPU tensor of shape {tuple(on_cpu[0].shape)} met a CUDA tensor)")
-    if func is torch.ops.aten._to_copy.default and device is not None and device.type == "cpu":
-        to_cuda = False
     if func is torch.ops.aten.copy_.default and not isinstance(args[0], CudaTensor):
         to_cuda = False   # copy into a CPU tensor
     out = func(*uargs, **ukwargs)

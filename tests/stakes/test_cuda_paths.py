@@ -20,8 +20,11 @@ from stakes.cli import main
 from stakes.pretrain import load_checkpoint
 from tests.fake_cuda import CudaTensor, DeviceMismatch, fake_cuda
 
+# the card's execution policy set to the CPU's (fp32, contiguous, eager PGD: a fake card cannot capture CUDA
+# graphs), so that both runs do the same arithmetic; test_the_card_defaults covers the card's own policy
 SMALL = ["--set", "pgd_steps=8", "--set", "repetitions=4", "--set", "max_epochs=3", "--set", "eval_max_samples=120",
-         "--set", "importance_samples=64", "--set", "backend=reference", "--no-progress"]
+         "--set", "backend=reference", "--no-progress", "--precision", "fp32", "--set", "channels_last=false",
+         "--set", "cuda_graphs=false"]
 FIGURES = ("forget_accuracy", "retain_accuracy", "test_accuracy", "steps", "stopped", "structure_drift")
 
 
@@ -34,7 +37,7 @@ def cache_env(stakes_cache, digits_model, monkeypatch):
 def _unlearn(tmp_path, device, *extra):
     out = tmp_path / f"{device}.json"
     argv = ["unlearn", "--dataset", "digits", "--method", "structguard", "--k", "6", "--seed", "1", "--out", str(out),
-            "--device", device, *SMALL, *extra]
+            "--device", device, *SMALL, "--set", "importance_samples=64", *extra]
     if device == "cuda":
         with fake_cuda():
             rc = main(argv)
@@ -135,3 +138,53 @@ def test_retrain_oracle_on_cuda(digits):
         cuda = cuda.cpu()
     for (name, a), b in zip(cpu.state_dict().items(), cuda.state_dict().values()):
         torch.testing.assert_close(b, a, msg=name)
+
+
+def test_the_card_defaults(tmp_path, cache_env):
+    """On a card the defaults are bf16 autocast, channels_last and CUDA-graph PGD. A run with the
+    first two on the fake card (which cannot capture graphs, and whose autocast cannot lower the
+    precision of what C++ sees as CPU tensors) lays out every model and batch channels_last on the
+    card without a device mismatch, and computes what the CPU computes with channels_last."""
+    import stakes
+    from stakes.execution import Execution
+    from stakes.models import build_model
+
+    with fake_cuda():
+        exe = Execution.resolve(stakes.preset("stable", device="cuda"),
+                                build_model("digits_cnn", 10, in_channels=1, image_size=8))
+    assert (exe.precision, exe.channels_last, exe.cuda_graphs) == ("bf16", True, True)
+    common = ["unlearn", "--dataset", "digits", "--k", "6", "--seed", "1", "--no-progress", "--set", "pgd_steps=8",
+              "--set", "repetitions=4", "--set", "max_epochs=3", "--set", "eval_max_samples=120",
+              "--set", "importance_samples=64", "--set", "backend=reference"]
+    with fake_cuda():
+        assert main([*common, "--device", "cuda", "--set", "cuda_graphs=false", "--out", str(tmp_path / "card.json")]) == 0
+    assert main([*common, "--device", "cpu", "--set", "channels_last=true", "--out", str(tmp_path / "cpu.json")]) == 0
+    card, cpu = (json.loads((tmp_path / f"{d}.json").read_text()) for d in ("card", "cpu"))
+    assert card["execution"]["precision"] == "bf16" and card["execution"]["channels_last"] is True
+    assert cpu["execution"]["precision"] == "fp32" and cpu["execution"]["channels_last"] is True
+    for key in FIGURES:
+        assert card[key] == pytest.approx(cpu[key], abs=1e-6), key
+
+
+def test_phase_timings_wait_for_the_card(digits_model, digits_anchors, forget_set, fast_config, monkeypatch):
+    """On a card the phase clocks synchronise at the phase boundaries (proxies, importance, each
+    evaluation, the loop) and never inside a training step."""
+    import stakes
+    from stakes.methods import loop
+
+    calls, in_step = [], [False]
+    original = loop._train_step
+
+    def step(run, batch):
+        in_step[0] = True
+        try:
+            return original(run, batch)
+        finally:
+            in_step[0] = False
+
+    monkeypatch.setattr(loop, "_train_step", step)
+    with fake_cuda():
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(in_step[0]))
+        cfg = fast_config(device="cuda", cuda_graphs=False, max_steps=4, log_every=2)
+        res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=cfg)
+    assert res.steps == 4 and len(calls) >= 8 and not any(calls)
