@@ -644,10 +644,9 @@ def run_whole(work: Work, device: torch.device, *, seed: int = 0, warmup: bool =
     report["status"] = "ok" if not problems else "error: " + "; ".join(problems)
     if device.type == "cuda":
         report["model_prediction"] = model_prediction(work)
-        report["notes"] = ["stakes' phases come from result.timings, read by stakes without synchronising the device "
-                           "at phase boundaries: work still queued when a phase's clock stops is charged to the next "
-                           "phase that synchronises (importance -> the first evaluation, steps -> the evaluations); "
-                           "the whole is synchronised here and exact"]
+        report["notes"] = ["stakes' phases come from result.timings, whose clocks synchronise the device at every "
+                           "phase boundary (proxies, importance, each evaluation, the loop), so each phase is charged "
+                           "its own queued work; the whole is synchronised here too"]
     meta["load_avg_1_5_15_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if on_update:
         on_update(report)

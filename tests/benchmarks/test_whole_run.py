@@ -232,8 +232,8 @@ def test_the_models_prediction_for_the_same_size(tmp_path):
 def test_a_whole_run_on_a_fake_card():
     """Both recipes with device "cuda" on tests/fake_cuda.py's card (CPU values, a CPU tensor meeting a
     CUDA one raises): the benchmark keeps every tensor on the device, and on a card it records the
-    model's prediction and the note on stakes' phase clocks. The fake models neither CUDA graphs nor
-    channels_last (its .to(memory_format=...) returns CPU tensors), so stakes runs without both here."""
+    model's prediction and the note on stakes' phase clocks. The fake models no CUDA graphs, so stakes
+    runs without them here (and without channels_last, kept as the test was written)."""
     import functools
 
     from tests.fake_cuda import fake_cuda
@@ -254,4 +254,4 @@ def test_a_whole_run_on_a_fake_card():
     assert ex["device_type"] == "cuda" and ex["precision"] == "bf16"   # stakes' automatic policy on sm_90
     assert rep["recipes"]["authors"]["cuda_flags_at_start"]["cudnn_allow_tf32"] is True   # torch's default
     assert "model_prediction" in rep and rep["model_prediction"] is None   # no model for this tiny size
-    assert "without synchronising the device" in rep["notes"][0]
+    assert "synchronise the device at every phase boundary" in rep["notes"][0]
