@@ -233,3 +233,31 @@ def test_out_of_memory_halves_the_pgd_batch(monkeypatch, digits_model, forget_se
     assert report["batch_size"] == 4
     torch.testing.assert_close(backed_off.x, direct.x)
     assert backed_off.success_rate == direct.success_rate
+
+
+@pytest.mark.slow
+def test_shapes_with_the_cifar_resnet18_runs_under_every_option(tmp_path):
+    """The issue's CPU end-to-end case: the CIFAR-form ResNet-18 on the CIFAR-shaped shapes data, bf16
+    autocast, channels_last and torch.compile together; the policy is recorded and applied."""
+    from stakes.data import make_shapes, sample_forget_indices
+    from stakes.models import build_model
+
+    data = make_shapes(n_train=120, n_test=40)
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, in_channels=3, image_size=32).eval()
+    idx = sample_forget_indices(data.train_y, 2, seed=0)
+    cfg = stakes.preset("stable", method="adv", precision="bf16", channels_last=True, compile="default",
+                        repetitions=2, pgd_steps=2, eps=0.5, max_steps=2, stop_warmup_steps=100, log_every=1,
+                        progress=False, backend="reference", pgd_batch_size=4, proxy_batch_size=4, forget_batch_size=2)
+    torch._dynamo.reset()
+    with phase_dtypes() as seen:
+        res = stakes.unlearn(model, (data.train_x[idx], data.train_y[idx]), method="adv", config=cfg,
+                             eval_sets={"test": (data.test_x, data.test_y)})
+    torch._dynamo.reset()
+    ex = res.execution
+    assert (ex["precision"], ex["channels_last"], ex["compile"]) == ("bf16", True, "default")
+    assert ex["compile_fallback"] is None, ex["compile_fallback"]
+    assert res.steps == 2 and all(torch.isfinite(p).all() for p in res.deployed.parameters())
+    assert {dt for phase, dt in seen if phase in ("pgd", "step", "evaluation")} == {torch.bfloat16}
+    convs = [m for m in res.deployed.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
