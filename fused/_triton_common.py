@@ -60,23 +60,27 @@ def _kernel_rows(t: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
-# The preflight's default grid of the structure ops (their DECLARATIONs): the full product of
-# N × D × K. What the launches depend on: D through the padded width kernel_width(D) (a multiple of
-# 16) and through K > D (the Gram path's choice of operand); K through next_pow2(K), the path
-# (K ≤ 128) and Triton's specialisation of K (1, a multiple of 16, other: the output row length
-# of S); N through nothing (the kernels do not specialise it; it only sizes the grid). So D spans
-# 1-4096 with widths below and above every K, K takes both specialisations in every power-of-two
-# bucket up to 4096 and ImageNet's 1,000 and 21,843 classes, and N the extremes and the paper's.
-STRUCTURE_N = (1, 128, 65536)
+# The preflight's default grid of the structure ops (their DECLARATIONs): the full D × K product.
+# What the launches depend on: D through the padded width kernel_width(D) (a multiple of 16) and
+# through K > D (the Gram path's choice of operand); K through next_pow2(K), the path (K ≤ 128) and
+# Triton's specialisation of K (1, a multiple of 16, other: the output row length of S); N through
+# nothing (the kernels do not specialise it; it only sizes the grid). So D spans 1-4096 with widths
+# below and above every K, K takes both specialisations in every power-of-two bucket up to 4096 and
+# ImageNet's 1,000 and 21,843 classes; the product runs at N = 65,536, and N = 1 and the paper's 128
+# cross a subset of it.
+STRUCTURE_N = (65536, 1, 128)
 STRUCTURE_D = (1, 3, 16, 33, 64, 100, 128, 200, 256, 384, 500, 512, 768, 1000, 1024, 1280, 1536, 2048, 3072,
                4095, 4096)
 STRUCTURE_K = (1, 2, 10, 16, 17, 32, 33, 64, 65, 100, 128, 129, 256, 257, 512, 513, 1000, 1024, 1025, 2048,
                2049, 4095, 4096, 21843)
+_SMALL_N_D = (1, 33, 512, 768, 4096)
+_SMALL_N_K = (1, 10, 17, 100, 129, 1000, 4096, 21843)
 
 
 def structure_shapes():
     """(N, D, K) of the structure ops' default preflight grid."""
-    return [(N, D, K) for N in STRUCTURE_N for D in STRUCTURE_D for K in STRUCTURE_K]
+    shapes = [(STRUCTURE_N[0], D, K) for D in STRUCTURE_D for K in STRUCTURE_K]
+    return shapes + [(N, D, K) for N in STRUCTURE_N[1:] for D in _SMALL_N_D for K in _SMALL_N_K]
 
 
 def normalize_backward(

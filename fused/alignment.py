@@ -465,22 +465,32 @@ def _alignment_blocks(kind: int, K: int, arch) -> dict:
     # sm_90 / sm_100 multiply 64-row tiles from shared memory (wgmma, tcgen05); sm_8x and sm_120
     # (mma.sync) and AMD (MFMA) hold the A operand and the accumulators in registers.
     warpgroup = not target.is_amd and 90 <= target.capability < 120
+    sm100 = warpgroup and target.capability >= 100
     if kind in (1, 2):
-        # mma.sync: the largest anchor tile takes 32 rows (no 64-row constraint);
+        # mma.sync: the largest anchor tile takes 32 rows (no 64-row constraint); AMD takes 16 rows
+        # above 32 anchors (32 rows held 244-290 VGPRs and spilled 4-25 under triton 3.6; 16 hold
+        # ~110);
         # sm_90+: 3 stages for the Gram GEMM, sm_100 also 8 warps and 3 stages for the anchor kernel
-        # (otherwise ptxas keeps a few stack slots there).
-        anchor_rows = 32 if (not warpgroup and k_pad > 64) else 64
-        sm100 = warpgroup and target.capability >= 100
+        # (otherwise ptxas keeps a few stack slots there); the scalars kernel takes 32 rows on
+        # mma.sync (64 spilled 8 bytes on sm_80 under triton 3.6).
+        if target.is_amd:
+            anchor_rows = 64 if k_pad <= 32 else 16
+        else:
+            anchor_rows = 32 if (not warpgroup and k_pad > 64) else 64
         cfg = {
             "anchors": dict(BLOCK_N=anchor_rows, K_PAD=k_pad, BLOCK_D=64,
                             num_warps=8 if (k_pad > 64 or sm100) else 4, num_stages=3 if sm100 else 2),
-            "scalars": dict(BLOCK_N=64, BLOCK_J=64, BLOCK_D=64, num_warps=4, num_stages=2),
+            "scalars": dict(BLOCK_N=64 if (warpgroup or target.is_amd) else 32, BLOCK_J=64, BLOCK_D=64, num_warps=4,
+                            num_stages=2),
             "gram_grad": dict(BLOCK_N=64, BLOCK_E=64, BLOCK_D=64, num_warps=4, num_stages=3 if warpgroup else 2),
         }
     else:
+        # sm_100 at K_PAD = 128: 32 rows on mma.sync (triton 3.6 compiles the 64-row tcgen05 tile
+        # of two fp32 accumulators into a trap)
         rows = 64 if warpgroup else 32
         cfg = {
-            "anchors": dict(BLOCK_N=rows, K_PAD=k_pad, BLOCK_D=16, num_warps=8, num_stages=2),
+            "anchors": dict(BLOCK_N=32 if (sm100 and k_pad > 64) else rows, K_PAD=k_pad, BLOCK_D=16, num_warps=8,
+                            num_stages=2),
             "scalars": dict(BLOCK_N=rows, BLOCK_J=64, BLOCK_D=32, num_warps=8, num_stages=2),
             "gram_grad": dict(BLOCK_N=rows, BLOCK_E=64, BLOCK_D=32, num_warps=4, num_stages=2),
         }
@@ -505,6 +515,9 @@ def plan_structure_alignment(x, x_ref, a_hat, gram, loss, coef, dx, dxr, need_dx
     N, D = x.shape
     K = a_hat.shape[0]
     path = path or alignment_path(K)
+    if path == "anchors" and K > ANCHOR_PATH_MAX_K:
+        raise ValueError(f"path='anchors' holds at most {ANCHOR_PATH_MAX_K} anchors in registers, got K={K}; "
+                         "more take the 'gram' path")
     target = target_of(arch)
     a_dtype, kind = _dot_config(x.dtype, x_ref.dtype, target)
     if a_hat.dtype != a_dtype:
@@ -763,8 +776,13 @@ GRAD_CHOICES = ("x", "x,x_ref", "x_ref", "none")
 
 
 def _preflight_cases() -> list:
-    return [dict(N=N, D=D, K=K, dtype=dt, grad=grad)
-            for dt in KERNEL_DTYPES for grad in GRAD_CHOICES for N, D, K in structure_shapes()]
+    """The structure product with every gradient; the Gram path also for few anchors (tests force
+    it there: the same kernels, other arguments)."""
+    cases = [dict(N=N, D=D, K=K, dtype=dt, grad=grad)
+             for dt in KERNEL_DTYPES for grad in GRAD_CHOICES for N, D, K in structure_shapes()]
+    cases += [dict(N=N, D=D, K=K, dtype=dt, grad=grad, path="gram") for dt in KERNEL_DTYPES
+              for grad in GRAD_CHOICES for N in (1, 65536) for D in (33, 512) for K in (2, 10, 100, 128)]
+    return cases
 
 
 def _validation_cases(quick: bool) -> list:

@@ -393,9 +393,11 @@ def preflight_launches(spec: dict, arch) -> list:
 
 
 # Sample sizes (values per sample) of the default preflight grid: digits 8×8, MNIST 28×28, CIFAR
-# 3×32×32, 3×64×64, STL 3×96×96, ImageNet 3×224×224 (looped), Inception 3×299×299 (odd: narrow
-# accesses, not gated), and the single-block limit and one past it.
-PGD_SAMPLE_SIZES = (64, 784, 3072, 12288, 27648, 150528, 268203, _MAX_SINGLE_BLOCK, _MAX_SINGLE_BLOCK + 1)
+# 3×32×32, 3×64×64, STL 3×96×96, ImageNet 3×224×224 (looped), Inception 3×299×299, the single-block
+# limit and one past it, and sizes that are no multiple of 16 in each single-block tile (1, 3×11×13,
+# 3×45×45: a sample then starts anywhere, so accesses stay narrow and are not gated).
+PGD_SAMPLE_SIZES = (64, 784, 3072, 12288, 27648, 150528, 268203, _MAX_SINGLE_BLOCK, _MAX_SINGLE_BLOCK + 1,
+                    1, 429, 2700, 6075)
 
 
 def _preflight_cases() -> list:

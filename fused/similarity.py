@@ -140,9 +140,9 @@ def _similarity_blocks(K: int, kind: int, arch) -> dict:
     target = target_of(arch)
     k_pad = max(16, next_pow2(K))
     if kind in (1, 2):
-        # sm_8x (mma.sync, accumulators and A operands in registers): 8 warps, else triton 3.6
-        # spills 8 bytes a thread on sm_80 at K ≥ 128. AMD: 4 waves of 64 lanes.
-        big = target.is_amd or target.capability >= 90
+        # mma.sync (sm_8x, sm_120: accumulators and A operands in registers): 8 warps, else triton 3.6
+        # spills 8 bytes a thread on sm_80 and sm_120 at K ≥ 128. AMD: 4 waves of 64 lanes.
+        big = target.is_amd or 90 <= target.capability < 120
         block_k, block_d, warps = min(128, k_pad), 64, 4 if big else 8
     else:
         # AMD: as many threads as NVIDIA's warps (4 waves of 64 lanes for 8 warps of 32)

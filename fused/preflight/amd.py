@@ -80,6 +80,9 @@ def summary(metadata: Dict[str, int], ops: Counter, target) -> Dict[str, Any]:
         "spill_instructions": (metadata.get("vgpr_spill_count", 0) + metadata.get("sgpr_spill_count", 0)
                                + sum(n for op, n in ops.items() if op.startswith("scratch_"))),
         "tensor_core": "MFMA" if any(op.startswith("v_mfma") for op in ops) else "none",
+        "traps": ops.get("s_trap", 0),
+        "stores": sum(n for op, n in ops.items()
+                      if re.match(r"(?:global|buffer|flat)_(?:store|atomic)_", op)),
         "widest_load": max((access_bits(op) for op in loads), default=0),
         "widest_store": max((access_bits(op) for op in stores), default=0),
         "ld_vectors": vectors(loads),

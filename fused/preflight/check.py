@@ -175,7 +175,7 @@ class TargetChecker:
                     rows.append(row)
                     continue
                 row.update({k: a.get(k) for k in (
-                    "registers", "sgprs", "waves", "spill_bytes", "local_bytes", "spill_instructions", "shared",
+                    "registers", "sgprs", "waves", "spill_bytes", "local_bytes", "spill_instructions", "traps", "stores", "shared",
                     "static_shared", "tensor_core", "widest_load", "widest_store", "ld_vectors", "st_vectors",
                     "compile_s")})
                 row.update(shared_limit=self.target.shared_limit, error=a["load_error"])

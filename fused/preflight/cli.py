@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import platform
 import sys
 import time
 from dataclasses import asdict
@@ -107,6 +108,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_json(args.json, {
             "triton": triton.__version__, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            # the compiling host: a static check needs no GPU (``live`` says which card, if any, also ran)
+            "host": {"machine": platform.machine(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                     "jobs": args.jobs},
             "archs": [t.name for t in targets], "targets": described, "live": live,
             "summary": summary, "rows": rows,
         })

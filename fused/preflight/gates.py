@@ -4,6 +4,9 @@
 gate       fails when
 ========== ==============================================================================
 compile    Triton cannot compile the launch (CompilationError, OutOfResources, ...)
+stores     a kernel that writes outputs (``Launch.writes``) issues no global store, reduction or
+           atomic: its body was compiled away (triton 3.6 compiled a 64-row fp32 tcgen05 tile on
+           sm_100 into a lone trap, 4 registers, no tensor-core instruction)
 shared     its shared memory (NVIDIA) / LDS (AMD) exceeds the target's limit a block
            (:attr:`fused._targets.Target.shared_limit`; on the live card, the card's own)
 registers  more registers than the target allows: 255 a thread (NVIDIA), 512 VGPRs a lane (AMD;
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-GATES = ("compile", "shared", "registers", "spills", "mma", "wgmma", "vector128", "load")
+GATES = ("compile", "stores", "shared", "registers", "spills", "mma", "wgmma", "vector128", "load")
 
 
 def required_vectors(launch, operands: Sequence[Any], warp_size: int) -> Optional[int]:
@@ -41,6 +44,8 @@ def failed_gates(launch, target, row: Dict[str, Any]) -> List[str]:
     """The gates a compiled launch fails on ``target``; ``row`` holds its analysis (and gets the
     vectors a streaming kernel needs)."""
     failed = []
+    if launch.writes and not row.get("stores"):
+        failed.append("stores")
     if row["shared"] > row["shared_limit"]:
         failed.append("shared")
     if row["registers"] > target.max_registers:

@@ -73,6 +73,10 @@ def access_bits(opcode: str) -> int:
     return bits
 
 
+# Instructions that write global memory: stores, reductions and atomics, TMA / bulk-copy stores.
+GLOBAL_WRITES = ("STG", "ST", "RED", "REDG", "ATOM", "ATOMG", "UTMASTG", "UTMAREDG", "UBLKCP")
+
+
 def sass_summary(ops: Counter) -> Dict[str, Any]:
     """What the gates read off the SASS: spill instructions, tensor-core kind, global access widths."""
     def family(prefix):
@@ -93,6 +97,8 @@ def sass_summary(ops: Counter) -> Dict[str, Any]:
 
     return {
         "spill_instructions": sum(n for op, n in ops.items() if op.split(".")[0] in ("LDL", "STL")),
+        "traps": sum(n for op, n in ops.items() if op.startswith("BPT.TRAP")),
+        "stores": sum(n for op, n in ops.items() if op.split(".")[0] in GLOBAL_WRITES),
         "tensor_core": tensor_core,
         "widest_load": max((access_bits(op) for op in loads), default=0),
         "widest_store": max((access_bits(op) for op in stores), default=0),

@@ -92,6 +92,7 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".preflight-", suffix=".json", dir=directory)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for everyone
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1)

@@ -26,11 +26,10 @@ from fused.preflight import SpecError, format_case, parse_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_NAMES = tuple(t.name for t in DEFAULT_TARGETS)
-# The cold default grid over the nine targets: ~1,000 distinct kernels and ~300,000 case launches;
-# measured times are in the README (2 cores; the CI budget is 6 minutes on idle ones). The timeout
-# leaves room for a loaded machine.
+# The cold default grid over the nine targets: ~1,100 distinct kernels and ~118,000 case launches,
+# ~445 CPU-seconds (README: about 4 minutes on 2 idle cores). The timeout leaves room for a machine
+# whose cores other jobs share.
 GRID_TIMEOUT_S = 1800
-GRID_BUDGET_S = 360
 
 
 def compiler_env(**extra):
@@ -148,9 +147,12 @@ def test_default_grid_is_the_full_structure_product():
         bucket = [k for k in STRUCTURE_K if 2 ** (j - 1) < k <= 2 ** j]
         assert any(k % 16 == 0 for k in bucket) and any(k % 16 for k in bucket), j
     sim = {(s["N"], s["D"], s["K"], s["dtype"]) for op, s in cases if op == "similarity"}
-    assert len(sim) == len(STRUCTURE_N) * len(STRUCTURE_D) * len(STRUCTURE_K) * len(KERNEL_DTYPES)
-    align = {(s["N"], s["D"], s["K"], s["dtype"], s["grad"]) for op, s in cases if op == "alignment"}
+    assert {(D, K) for N, D, K, _ in sim if N == 65536} == {(D, K) for D in STRUCTURE_D for K in STRUCTURE_K}
+    assert {N for N, *_ in sim} == set(STRUCTURE_N) == {1, 128, 65536}
+    align = {(s["N"], s["D"], s["K"], s["dtype"], s["grad"]) for op, s in cases if op == "alignment" and "path" not in s}
     assert len(align) == 4 * len(sim) and {g for *_, g in align} == {"x", "x_ref", "x,x_ref", "none"}
+    forced = [s for op, s in cases if op == "alignment" and "path" in s]
+    assert {s["path"] for s in forced} == {"gram"} and max(s["K"] for s in forced) <= 128  # tests force it there
     upd = [spec for op, spec in cases if op == "update"]
     assert {s["importance"] for s in upd} == {"none", "float", "bool", "uint8"}
     assert {s["mask"] for s in upd} == {"none", "float", "bool", "uint8"}
@@ -297,7 +299,7 @@ def test_default_grid_passes_on_every_arch(tmp_path):
     assert not failing, f"{len(failing)} failing kernels, e.g.\n" + "\n".join(failing[:20]) + "\n" + summary
     assert all(r["spill_bytes"] == 0 and r["spill_instructions"] == 0 for r in rows if r.get("hash"))
     assert all(r["tensor_core"] != "none" for r in rows if r["kind"] == "mma")
-    assert payload["summary"]["rows"] == sum(r["count"] for r in rows) > 250_000
+    assert payload["summary"]["rows"] == sum(r["count"] for r in rows) > 100_000
     assert out.returncode == 0, out.stderr[-3000:]
     print(f"default grid: {payload['summary']['rows']} rows, {payload['summary']['distinct_kernels']} kernels "
           f"in {seconds:.0f} s\n{summary}")

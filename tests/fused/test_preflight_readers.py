@@ -62,6 +62,10 @@ def test_parse_sass_and_summary():
     assert nvidia.sass_summary(Counter({"UTCHMMA.2CTA": 4, "HMMA.16816.F32": 1}))["tensor_core"] == "tcgen05"
     assert nvidia.sass_summary(Counter({"HMMA.1684.F32.TF32": 8}))["tensor_core"] == "HMMA"
     assert nvidia.sass_summary(Counter({"FFMA": 8}))["tensor_core"] == "none"
+    # a body the compiler replaced with a trap (triton 3.6, a 64-row fp32 tcgen05 tile on sm_100)
+    trapped = nvidia.sass_summary(Counter({"LDC": 1, "BPT.TRAP": 1, "BRA": 1}))
+    assert trapped["traps"] == 1 and trapped["stores"] == 0
+    assert s["traps"] == 0 and s["stores"] == 2  # STG.E.ENL2.256 and STG.E
     assert [nvidia.raw_arch(c) for c in (80, 90, 120)] == ["SM80", "SM90a", "SM120a"]
 
 
@@ -117,7 +121,9 @@ def test_amd_metadata_and_instructions():
     s = amd.summary(meta, ops, BY_NAME["gfx942"])
     assert s["registers"] == 160 and s["sgprs"] == 41 and s["waves"] == 3  # ⌊512 / 160⌋ waves a SIMD
     assert s["spill_bytes"] == 12 and s["spill_instructions"] == 3 + 1  # 3 VGPRs spilled, 1 scratch store
-    assert s["tensor_core"] == "MFMA" and s["static_shared"] == 8192
+    assert s["tensor_core"] == "MFMA" and s["static_shared"] == 8192 and s["traps"] == 0 and s["stores"] == 2
+    trapped = amd.summary(meta, Counter({"s_trap": 1, "s_endpgm": 1}), BY_NAME["gfx942"])
+    assert trapped["traps"] == 1 and trapped["stores"] == 0
     assert s["widest_load"] == 128 and s["widest_store"] == 128
     assert s["ld_vectors"] == 2 and s["st_vectors"] == 1  # dwordx4 loads (global + buffer), one store
     assert [amd.access_bits(o) for o in ("global_load_dwordx4", "buffer_store_dwordx2", "buffer_load_ubyte",
@@ -137,7 +143,7 @@ def test_waves_a_simd_from_vgprs():
 
 def _row(**kw):
     row = dict(shared=1024, shared_limit=65_536, registers=128, spill_bytes=0, local_bytes=0, spill_instructions=0,
-               tensor_core="MFMA", ld_vectors=0, st_vectors=0)
+               tensor_core="MFMA", ld_vectors=0, st_vectors=0, stores=4)
     row.update(kw)
     return row
 
@@ -162,7 +168,7 @@ def test_vectors_a_thread_from_typed_operands():
 
 def test_gates_on_amd_rows():
     gfx = BY_NAME["gfx942"]
-    mma = Launch("similarity.forward", None, (1,), (), {}, 4, kind="mma", dot=torch.float32)
+    mma = Launch("similarity.forward", None, (1,), (), {}, 4, kind="mma", dot=torch.float32, writes=(2,))
     assert failed_gates(mma, gfx, _row()) == []
     assert failed_gates(mma, gfx, _row(registers=512)) == []
     assert failed_gates(mma, gfx, _row(registers=513)) == ["registers"]
@@ -170,6 +176,8 @@ def test_gates_on_amd_rows():
     assert failed_gates(mma, gfx, _row(spill_instructions=2)) == ["spills"]
     assert failed_gates(mma, gfx, _row(spill_bytes=4)) == ["spills"]
     assert failed_gates(mma, gfx, _row(tensor_core="none")) == ["mma"]
+    # compiled away (a lone trap): writes nothing, multiplies nothing
+    assert failed_gates(mma, gfx, _row(tensor_core="none", registers=4, traps=1, stores=0)) == ["stores", "mma"]
     stream = _stream(num_warps=2, tile=2048)
     row = _row(tensor_core="none", ld_vectors=7, st_vectors=8)
     assert failed_gates(stream, gfx, row) == [] and row["ld_vectors_needed"] == 7 and row["st_vectors_needed"] == 8

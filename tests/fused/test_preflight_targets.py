@@ -135,6 +135,13 @@ def test_pgd_lanes_move_whole_16_byte_vectors(arch, D):
         assert launch.aligned and {o.name for o in launch.operands if o.written} == {"out"}
 
 
+def test_anchor_path_refuses_more_anchors_than_it_holds():
+    assert {launch.name for launch in _launches("alignment", dict(K=10, path="gram"), "gfx942")} == {
+        "alignment.scalars", "alignment.gram_grad"}
+    with pytest.raises(ValueError, match="path='anchors' holds at most 128 anchors"):
+        _launches("alignment", dict(K=129, path="anchors"), "sm_90")
+
+
 def test_launch_operands_are_typed():
     (launch,) = _launches("update", dict(params="resnet18", importance="uint8", mask="bool", momentum=0.9,
                                          dtype="bfloat16", grad_dtype="float32"), "sm_90")
@@ -172,7 +179,7 @@ def test_other_targets_plans_compute_the_ops(monkeypatch, arch):
     for entry in REGISTRY:
         module = __import__(entry.module, fromlist=["device_target"])
         monkeypatch.setattr(module, "device_target", planning_for(entry.name))
-    rows = validate.run_validation(quick=True, backends=["triton"], device=torch.device("cpu"))
+    rows = validate.run_validation(quick=False, backends=["triton"], device=torch.device("cpu"))
     failed = [r for r in rows if not r.passed]
     assert not failed, validate.format_table(failed)
     assert planned == set(OP_NAMES)  # every op's launcher planned for the target
