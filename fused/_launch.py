@@ -13,8 +13,8 @@ through the op registry, :mod:`fused._ops`):
 * ``plan_<op>(..., arch) -> list[Launch]``: the launches for these (real or meta) tensors on
   ``arch`` (a Target, or anything :func:`fused._targets.target_of` takes); the op's launcher calls
   it with its real tensors and :func:`device_target`.
-* ``OP``: its :class:`fused._ops.OpDeclaration` (spec keys, default preflight cases, the launches
-  for a spec on meta tensors, validation cases).
+* ``DECLARATION``: its :class:`fused._ops.OpDeclaration` (spec keys, default preflight cases, the
+  launches for a spec on meta tensors, validation cases).
 """
 
 from __future__ import annotations

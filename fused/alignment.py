@@ -39,7 +39,8 @@ not one (``kernel_width``), so every tile load vectorises. Two paths, by the num
 
 Neither path stores an N×K matrix or a normalised copy of X. Block sizes come from a per-arch table
 (``_alignment_blocks``) checked by ``python -m fused preflight``: no spills, shared memory within
-every card's limit (sm_80 … sm_100), wgmma on sm_90 for 16-bit operands. The launches are built by
+every card's limit (sm_80 … sm_120, AMD gfx90a/942/950), wgmma on sm_90 for 16-bit operands, MFMA
+on AMD. The launches are built by
 ``plan_structure_alignment``, which the launcher and the preflight share. The autograd backward is
 a single elementwise scale dx·grad_row (grad_row = grad/N for "mean").
 Forming g (anchor path) and Z (Gram path) from the exact per-row scalars instead of accumulating
