@@ -12,7 +12,8 @@
 # its own time limit, none stops the others, and each gets a verdict line in summary.txt:
 #
 #   wave 1  environment      versions, the card, nvidia-smi, which optional packages are missing
-#   wave 2  preflight        python -m fused preflight on the live card and its arch (a small grid)
+#   wave 2  preflight        python -m fused preflight --only-live: the live card with its own driver
+#                            (NVIDIA or ROCm), a small grid (every target's static check is CI's)
 #           tests_bf16       pytest tests/fused/test_bf16_cuda.py (the GPU-only bf16 numerics)
 #           tests_fused      pytest on the other kernel test files, no -x, in two processes (more
 #           tests_fused_2    cores compiling kernels): tests_fused_2 the update, importance, optim
@@ -188,8 +189,8 @@ for m, dist in (('numpy', 'numpy'), ('torchvision', 'torchvision'), ('timm', 'ti
     return $rc
 }
 
-step_preflight() {   # the live card and its arch, on a few cases that cover every kernel
-    x python -m fused preflight --arch "$ARCH" --jobs "$JOBS" --no-progress --json "$PACK/preflight.json" \
+step_preflight() {   # the live card with its own driver (NVIDIA or ROCm), on a few cases that cover every kernel
+    x python -m fused preflight --only-live --jobs "$JOBS" --no-progress --json "$PACK/preflight.json" \
         --shape similarity:N=128,D=512,K=1000,dtype=bf16 \
         --shape alignment:N=128,D=512,K=100,dtype=fp32 \
         --shape alignment:N=65536,D=768,K=256,dtype=bf16 \

@@ -36,6 +36,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 os.environ["TRITON_INTERPRET"] = "1"
                 note = ("note: no CUDA device: TRITON_INTERPRET=1 was set so the Triton kernels run in the "
                         "CPU interpreter (a correctness check, not a speed one)")
+        from fused._dispatch import installed_interpreter_problem
+
+        problem = installed_interpreter_problem()
+        if problem is not None and os.environ.get("STAKES_IGNORE_VERSION_CHECK", "0") in ("", "0"):
+            print(f"python -m fused validate: error: {problem.split(' The framework tests')[0]}", file=sys.stderr)
+            return 2
         from fused.validate import main as validate_main
 
         return validate_main(argv[1:], note=note)

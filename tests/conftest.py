@@ -22,42 +22,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-def _release(version: str) -> tuple:
-    """(major, minor, patch) of a version string such as '3.6.0', '2.5.0rc1' or '3.6.0+git1a2b'."""
-    parts = [int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3]]
-    return tuple(parts + [0] * (3 - len(parts)))
-
-
-def interpreter_version_problem(triton_version, numpy_version, interpreting: bool):
-    """Why the installed triton's CPU interpreter cannot run our kernels with this numpy, or None.
-
-    triton's interpreter up to 3.6 turns a scalar kernel argument into a Python int with
-    ``int(handle.data)`` on a 1-element array (``__index__``, reached by ``range(0, D, BLOCK_D)``);
-    numpy 2.4 refuses that conversion ("only 0-dimensional arrays can be converted to Python
-    scalars"; a DeprecationWarning since numpy 1.25). triton 3.7 squeezes the array first.
-    Measured by .ci/versions (benchmarks/results/versions/).
-    """
-    if not interpreting or triton_version is None or numpy_version is None:
-        return None
-    if _release(triton_version) < (3, 7, 0) and _release(numpy_version) >= (2, 4, 0):
-        return (f"the CPU interpreter of triton {triton_version} cannot run with numpy {numpy_version} "
-                f"(triton <= 3.6 converts 1-element arrays to Python ints, which numpy >= 2.4 refuses). "
-                f"Fix: pip install 'numpy<2.4' (or triton >= 3.7 with its torch). "
-                f"The framework tests on the reference path, without the interpreter: "
-                f"TRITON_INTERPRET=0 python -m pytest tests/stakes; "
-                f"the kernel tests anyway: STAKES_IGNORE_VERSION_CHECK=1")
-    return None
-
-
-def _installed_problem():
-    try:
-        import numpy
-        import triton
-    except ImportError:  # no triton (not Linux): the kernel tests run the reference path only
-        return None
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
-    return interpreter_version_problem(getattr(triton, "__version__", None), getattr(numpy, "__version__", None),
-                                       interpreting)
+from fused._dispatch import installed_interpreter_problem as _installed_problem  # noqa: E402
+from fused._dispatch import interpreter_version_problem  # noqa: E402,F401  (tests/test_versions.py)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _release, interpreter_version_problem
+from fused._dispatch import _release, interpreter_version_problem
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,3 +83,18 @@ def test_without_the_interpreter_or_with_the_override_the_run_goes_on(tmp_path):
     run = _pytest(tmp_path, "tests/fused/test_nn.py", STAKES_IGNORE_VERSION_CHECK="1")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "tests/fused/test_nn.py::" in run.stdout
+
+
+def test_fused_validate_refuses_the_pair_with_one_line(tmp_path):
+    """python -m fused validate on the CPU meets the same interpreter defect: one clear line, exit 2."""
+    (tmp_path / "sitecustomize.py").write_text("import numpy, triton\nnumpy.__version__ = '2.5.2'\n"
+                                               "triton.__version__ = '3.6.0'\n")
+    env = {k: v for k, v in os.environ.items() if k != "STAKES_IGNORE_VERSION_CHECK"}
+    env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]), TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "fused", "validate"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m fused validate: error: the CPU interpreter of triton "
+                                                  "3.6.0 cannot run with numpy 2.5.2"), run.stderr
+    assert "pip install 'numpy<2.4'" in lines[0]
