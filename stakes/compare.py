@@ -403,7 +403,8 @@ class MethodRun:
         record["timings"].update({f"shared_{n}": v for n, v in ptimes.items()})
         # the proxy set is shared, but each method that trains on it would have had to build it alone
         uses_proxies = get_method(self.method).uses_proxies
-        record["wall_time_with_proxies_s"] = record["wall_time_s"] + uses_proxies * sum(ptimes.values())
+        seconds = sum(v for n, v in ptimes.items() if n.endswith("_s"))   # not the PGD batch size it records
+        record["wall_time_with_proxies_s"] = record["wall_time_s"] + uses_proxies * seconds
         record["status"] = "ok"
         radius = grid.radius.setdefault(str(self.k), {"calibrated": cfg.eps is None, "eps": {}, "neighbour_distance": {}})
         if str(self.seed) not in radius["eps"]:

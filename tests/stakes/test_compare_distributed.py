@@ -74,6 +74,16 @@ def test_serial_records_name_rank_0(serial):
     assert not (serial / "parts").exists()
 
 
+def test_time_with_proxies_adds_seconds_only(serial):
+    """A method that trains on the shared proxies is charged their calibration and generation
+    seconds, and nothing else the proxy phase records (its PGD batch size once counted as 1024 s)."""
+    for (method, _, _), r in _runs(serial).items():
+        t = r["timings"]
+        assert t["shared_pgd_batch_size"] >= 1
+        extra = t["shared_calibration_s"] + t["shared_proxies_s"] if method == "adv" else 0.0
+        assert r["wall_time_with_proxies_s"] == pytest.approx(r["wall_time_s"] + extra, abs=1e-9), method
+
+
 def test_torchrun_grid_matches_the_serial_one(serial, distributed):
     out, proc = distributed
     runs, ref = _runs(out), _runs(serial)
