@@ -14,6 +14,7 @@ fp16 adds a gradient scaler to training steps.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -94,15 +95,17 @@ class Execution:
     # ------------------------------------------------------------------ compile
     def compile_modules(self, modules, trial) -> Optional[str]:
         """Compile ``modules`` in place (``nn.Module.compile``, ``dynamic=False``: one graph per batch
-        shape, no symbolic shapes) and run ``trial()`` (a forward and backward at the run's batch
-        shape) to compile them now; returns None, or the one-line reason why compilation failed, in
-        which case the modules run eagerly (a warning says so)."""
+        shape, no symbolic shapes) and run ``trial()`` (a forward and backward) to compile them now;
+        returns None, or the one-line reason why compilation failed, in which case the modules run
+        eagerly (a warning says so). Inside :meth:`fixed_batches` their batches are padded to the
+        phase's fixed shapes."""
         if self.compile == "off":
             return None
         modules = [m for m in modules if m is not None]
         try:
             for m in modules:
                 _compile(m, None if self.compile == "default" else self.compile)
+                m._compiled_call_impl = _padded(m, m._compiled_call_impl)
             trial()
             return None
         except Exception as err:
@@ -112,8 +115,58 @@ class Execution:
             warnings.warn(f"torch.compile failed, running eagerly ({reason})", stacklevel=2)
             return reason
 
+    @contextlib.contextmanager
+    def fixed_batches(self, sizes):
+        """Inside: a compiled module's batch of fewer rows than one of ``sizes`` (an epoch's last
+        proxy batch, a small forget set, the last evaluation chunk) is padded to the smallest of them
+        that holds it (copies of its last row) and the padding rows' outputs are dropped, so the
+        compiled graphs see only these shapes (compile's dynamic shapes avoided without a
+        recompilation per odd batch). Rows are independent in such a forward unless a BatchNorm runs
+        in training mode (its batch statistics would see the padding): that module runs unpadded.
+        Without compile, nothing changes."""
+        token = _SHAPES.set(tuple(sorted({int(b) for b in sizes if int(b) > 0})) if self.compile != "off" else ())
+        try:
+            yield
+        finally:
+            _SHAPES.reset(token)
+
     def record(self, **extra) -> dict:
         return {**asdict(self), **extra}
+
+
+_SHAPES: contextvars.ContextVar = contextvars.ContextVar("stakes_fixed_batches", default=())
+
+
+def _padded(module: nn.Module, call):
+    """``call`` (a compiled module's forward) with its one batch argument padded up to the smallest
+    fixed shape of the phase that holds it (:meth:`Execution.fixed_batches`) and every output cut
+    back to the real rows."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def forward(*args, **kwargs):
+        x = args[0] if len(args) == 1 and not kwargs else None
+        n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 1 else 0
+        target = next((b for b in _SHAPES.get() if b >= n), n) if n else 0
+        if target == n or any(m.training for m in norms):
+            return call(*args, **kwargs)
+        padded = torch.cat([x, x[-1:].expand(target - n, *x.shape[1:])])
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            padded = padded.contiguous(memory_format=torch.channels_last)
+        return _cut(call(padded), n, target)
+
+    return forward
+
+
+def _cut(out, n: int, rows: int):
+    """``out`` (a tensor, or tuples / lists / dicts of them) with its padded rows dropped."""
+    if isinstance(out, torch.Tensor):
+        return out[:n] if out.dim() >= 1 and out.shape[0] == rows else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_cut(o, n, rows) for o in out) if not hasattr(out, "_fields") else \
+            type(out)(*(_cut(o, n, rows) for o in out))
+    if isinstance(out, dict):
+        return type(out)((k, _cut(v, n, rows)) for k, v in out.items())
+    return out
 
 
 def _compile(module: nn.Module, mode: Optional[str]) -> None:

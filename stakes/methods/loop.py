@@ -38,7 +38,7 @@ from stakes.execution import Execution
 from stakes.methods.base import Batch, UnlearningMethod, get_method, preset
 from stakes.methods.checkpoint import Checkpointer, recipe
 from stakes.methods.context import UnlearnContext
-from stakes.methods.evaluation import Evaluator
+from stakes.methods.evaluation import CHUNK as EVAL_CHUNK, Evaluator
 from stakes.methods.finite import NonFiniteError, NonFiniteWatch, check_finite_parameters
 from stakes.methods.parts import DeployedModel, Projector, random_projection
 from stakes.methods.strategy import SingleProcess, strategy_for
@@ -286,10 +286,20 @@ def _compile(run: _Run) -> Optional[str]:
     modules = [ctx.orig, ctx.features, ctx.head, ctx.projector]
 
     def trial():
-        _trial(ctx.orig, ctx.forget_x[:1], exe)
-        _trial(ctx.deployed, ctx.forget_x[:1], exe)
+        with exe.fixed_batches(_batch_shapes(run)):   # compiled at the training batch shape
+            _trial(ctx.orig, ctx.forget_x[:1], exe)
+            _trial(ctx.deployed, ctx.forget_x[:1], exe)
 
     return exe.compile_modules(modules, trial)
+
+
+def _batch_shapes(run: _Run) -> tuple:
+    """The rows a compiled module sees in the training phases (importance, steps, evaluation): the
+    forget and proxy batches (whole, and each process's share) and the evaluation chunk; smaller
+    batches are padded to these under compile."""
+    cfg, world = run.ctx.config, run.strategy.world_size
+    nf = min(cfg.forget_batch_size, len(run.ctx.forget_y))
+    return (nf, cfg.proxy_batch_size, -(-nf // world), -(-cfg.proxy_batch_size // world), EVAL_CHUNK)
 
 
 def _check_launch(run: _Run) -> None:
@@ -578,12 +588,14 @@ def unlearn(model, forget_set, *, method="structguard", anchors: Optional[torch.
                 run.timings.update(timings)
             if ctx.projector is not None and getattr(ctx.options, "warm_start", False):
                 ctx.projector.warm_start(generator=torch.Generator().manual_seed(cfg.seed + 17))
-            run.opt = _build_optimizer(run)
+            with run.execution.fixed_batches(_batch_shapes(run)):
+                run.opt = _build_optimizer(run)
         ctx._optimizer = run.opt
         if run.execution.channels_last:   # the training batches in the models' memory format, once
             ctx.forget_x = run.execution.inputs(ctx.forget_x)
             ctx.proxies = dataclasses.replace(ctx.proxies, x=run.execution.inputs(ctx.proxies.x))
-        stopped, loop_s = fit(run)
+        with run.execution.fixed_batches(_batch_shapes(run)):
+            stopped, loop_s = fit(run)
         run.timings["loop_s"] = loop_s
         run.timings["step_ms"] = 1000.0 * loop_s / max(ctx.step, 1)
         check_finite_parameters(ctx, "end of run")

@@ -138,6 +138,69 @@ def test_compile_falls_back_to_eager_with_one_message(digits_model, digits_ancho
         assert torch.equal(a, b)   # eager, as without compile
 
 
+def test_compiled_modules_see_only_the_fixed_batch_shapes(digits_model, digits_anchors, forget_set, fast_config,
+                                                            digits, monkeypatch):
+    """Under compile, the training phases' odd batches (the epoch's last proxy batch, the last
+    evaluation chunk) are padded to the run's fixed shapes and the padding dropped: the compiled
+    graphs see no other batch size, and the run computes what the eager run computes."""
+    import stakes.execution as execution_mod
+    from stakes.methods.evaluation import CHUNK
+
+    seen, phase = {}, {"training": False}
+
+    def recording(module, mode):   # an eager stand-in for torch.compile that records the rows it meets
+        impl = module._call_impl
+
+        def call(x, *a, **k):
+            if phase["training"]:
+                seen.setdefault(type(module).__name__, set()).add(x.shape[0])
+            return impl(x, *a, **k)
+        module._compiled_call_impl = call
+
+    original = loop._build_optimizer
+
+    def in_training(run):
+        phase["training"] = True   # from the importance pass on: PGD is over
+        return original(run)
+
+    monkeypatch.setattr(execution_mod, "_compile", recording)
+    monkeypatch.setattr(loop, "_build_optimizer", in_training)
+    test = (digits.test_x, digits.test_y)   # 360 rows: one evaluation chunk short of CHUNK
+    over = dict(repetitions=3, proxy_batch_size=10, max_steps=6, log_every=3)   # 24 proxies: 10 + 10 + 4
+    res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(compile="default", **over),
+                         eval_sets={"test": test})
+    k = len(forget_set[1])
+    assert res.execution["compile_fallback"] is None
+    assert len(test[1]) < CHUNK and seen and all(rows <= {k, 10, CHUNK} for rows in seen.values()), seen
+    assert any(10 in rows for rows in seen.values()) and any(CHUNK in rows for rows in seen.values())
+    phase["training"] = False
+    plain = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(**over),
+                           eval_sets={"test": test})
+    for a, b in zip(res.deployed.parameters(), plain.deployed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert [h["test_accuracy"] for h in res.history] == [h["test_accuracy"] for h in plain.history]
+
+
+def test_padding_leaves_training_batchnorm_alone():
+    """A BatchNorm in training mode would see the padding rows in its batch statistics: unpadded."""
+    import stakes.execution as execution_mod
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    rows = []
+    call = execution_mod._padded(net, lambda x: rows.append(len(x)) or net._call_impl(x))
+    x = torch.randn(5, 3)
+    with Execution(compile="default").fixed_batches([8]):
+        net.train()
+        assert call(x).shape == (5, 4)
+        net.eval()
+        out = call(x)
+    assert rows == [5, 8] and out.shape == (5, 4)
+    torch.testing.assert_close(out, net(x))
+    with Execution(compile="off").fixed_batches([8]):   # without compile nothing is padded
+        call(x)
+    assert rows[-1] == 5
+
+
 @pytest.mark.slow
 def test_compile_is_used(digits_model, digits_anchors, forget_set, fast_config, monkeypatch):
     compiled = []
