@@ -25,6 +25,7 @@ import torch.nn as nn
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("off", "default", "max-autotune")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_FP16_LOSS_SCALE = 2.0 ** 16   # GradScaler's initial scale
 
 
 def default_precision(device) -> str:
@@ -78,6 +79,23 @@ class Execution:
         if self.precision != "fp16":
             return None
         return torch.amp.GradScaler(self.device_type)
+
+    def unscaled_gradients(self, gradients_of):
+        """The gradients ``gradients_of(scale)`` returns (those of ``scale`` × the loss), divided
+        back by ``scale``. Under fp16 the loss is scaled, from 2**16 down by halves while any
+        gradient overflows (down to 2**-16, then taken as they are), so that gradients below fp16's
+        range survive the 16-bit backward (the importance pass's |∂L/∂ψ|, which a training step's
+        GradScaler does not cover); one host synchronisation a call. Otherwise ``gradients_of(1.0)``."""
+        if self.precision != "fp16":
+            return gradients_of(1.0)
+        scale = _FP16_LOSS_SCALE
+        while True:
+            grads = gradients_of(scale)
+            present = [g for g in grads if g is not None]
+            finite = not present or bool(torch.stack([torch.isfinite(g).all() for g in present]).all())
+            if finite or scale <= 1.0 / _FP16_LOSS_SCALE:
+                return [None if g is None else g / scale for g in grads]
+            scale /= 2.0
 
     # ------------------------------------------------------------------ layout
     def prepare(self, model: nn.Module) -> nn.Module:

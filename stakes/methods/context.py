@@ -26,7 +26,7 @@ from stakes.methods.base import Batch, ce_bounded, margin_deletion
 
 _PUBLIC = ("deployed", "features", "head", "projector", "orig", "num_classes", "device", "anchors", "rp",
            "config", "options", "method", "forget_x", "forget_y", "proxies", "retain_size", "step", "epoch",
-           "deletion", "loss_weights", "batch_gradient", "orig_structure_input", "train_mode", "param_groups")
+           "deletion", "loss_weights", "batch_gradient", "gradients", "orig_structure_input", "train_mode", "param_groups")
 
 
 class UnlearnContext:
@@ -42,7 +42,7 @@ class UnlearnContext:
     Data: ``forget_x`` / ``forget_y`` (the whole forget set, on ``device``), ``proxies`` (the
     :class:`~stakes.proxy.ProxySet`), ``retain_size`` (|D_r| when known, else None).
     Progress: ``step`` (optimisation steps done), ``epoch``.
-    Helpers: :meth:`deletion`, :meth:`loss_weights`, :meth:`batch_gradient`, :meth:`train_mode`,
+    Helpers: :meth:`deletion`, :meth:`loss_weights`, :meth:`batch_gradient`, :meth:`gradients`, :meth:`train_mode`,
     and :attr:`param_groups` (the optimiser's groups, once it exists: in ``before_update``).
     """
 
@@ -95,6 +95,16 @@ class UnlearnContext:
         processes: each rank takes its shard of ``x`` and the gradient goes through the training
         all-reduce, so every rank gets the whole batch's gradient (before any absolute value)."""
         return self._strategy.batch_gradient(loss_fn, x, params)
+
+    def gradients(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list:
+        """∇ of ``loss`` (computed on this process) w.r.t. ``params``, entries of unused parameters
+        None: ``autograd.grad``, except that under fp16 the loss is scaled for the 16-bit backward
+        and the gradients divided back, so that small gradients (an importance, a saliency) are
+        not flushed to zero."""
+        exe = self._strategy.execution
+        keep = exe.precision == "fp16"   # a retry at a smaller scale runs the backward again
+        return exe.unscaled_gradients(lambda scale: list(torch.autograd.grad(
+            loss * scale if scale != 1.0 else loss, params, allow_unused=True, retain_graph=keep)))
 
     def train_mode(self) -> None:
         """The modes of a training step: the deployed model in training mode, the backbone's

@@ -15,7 +15,7 @@ class L2UL(Adv):
         params = [p for p in ctx.deployed.parameters() if p.requires_grad]
         ctx.train_mode()
         out = ctx.deployed(ctx.forget_x).norm(dim=1).mean()
-        grads = torch.autograd.grad(out, params, allow_unused=True)
+        grads = ctx.gradients(out, params)
         return {p: minmax_invert(g.abs() if g is not None else torch.zeros_like(p)) for p, g in zip(params, grads)}
 
 

@@ -42,7 +42,7 @@ class SalUn(UnlearningMethod):
         params = [p for p in ctx.deployed.parameters() if p.requires_grad]
         ctx.train_mode()
         loss = F.cross_entropy(ctx.deployed(ctx.forget_x), ctx.forget_y)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = ctx.gradients(loss, params)
         mags = [g.abs() if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
         return dict(zip(params, topq_mask(mags, ctx.options.saliency_q)))
 

@@ -62,9 +62,12 @@ class SingleProcess:
 
     def batch_gradient(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                        params: Sequence[torch.Tensor]) -> list:
-        with self.execution.autocast():
-            loss = loss_fn(x)
-        return list(torch.autograd.grad(loss, params, allow_unused=True))
+        def gradients_of(scale: float) -> list:
+            with self.execution.autocast():
+                loss = loss_fn(x)
+            return list(torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, allow_unused=True))
+
+        return self.execution.unscaled_gradients(gradients_of)
 
     # ------------------------------------------------------------------ reductions
     def logged_terms(self, contributions: dict) -> dict:
@@ -149,17 +152,21 @@ class DataParallel(SingleProcess):
 
     def batch_gradient(self, loss_fn, x, params) -> list:
         part = x[self.dist.rows(len(x))]
-        scale = self.dist.world_size * len(part) / len(x)   # DDP divides the sum by the world size
+        share = self.dist.world_size * len(part) / len(x)   # DDP divides the sum by the world size
         ddp = self._module()
-        for p in ddp.parameters():
-            p.grad = None
-        with self.execution.autocast():
-            loss = ddp(lambda: loss_fn(part) * scale)
-        loss.backward()
-        grads = [p.grad for p in params]
-        for p in ddp.parameters():
-            p.grad = None
-        return grads
+
+        def gradients_of(scale: float) -> list:   # all-reduced: every rank takes the same decisions
+            for p in ddp.parameters():
+                p.grad = None
+            with self.execution.autocast():
+                loss = ddp(lambda: loss_fn(part) * (share * scale))
+            loss.backward()
+            grads = [p.grad for p in params]
+            for p in ddp.parameters():
+                p.grad = None
+            return grads
+
+        return self.execution.unscaled_gradients(gradients_of)
 
     def loss(self, batch: Batch) -> tuple:
         loss, terms, contrib = self._module()(lambda: self._local_loss(batch))

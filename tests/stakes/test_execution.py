@@ -324,3 +324,69 @@ def test_shapes_with_the_cifar_resnet18_runs_under_every_option(tmp_path):
     assert {dt for phase, dt in seen if phase in ("pgd", "step", "evaluation")} == {torch.bfloat16}
     convs = [m for m in res.deployed.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+
+
+def test_fp16_importance_gradients_survive_below_fp16_range():
+    """The importance pass takes |∂L/∂ψ| through a 16-bit backward: under fp16 the loss is scaled
+    (and the gradients divided back), so gradients below fp16's smallest number are not flushed to
+    zero; an overflowing scale is halved until the gradients are finite."""
+    from stakes.methods.strategy import SingleProcess
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    params = list(net.parameters())
+
+    def loss_fn(xb):   # gradients of about 1e-9 reach the fp16 activations
+        return net(xb).float().sum() * 1e-9
+
+    grads = {}
+    for precision in ("fp32", "fp16"):
+        strategy = SingleProcess()
+        strategy.setup(None, None, Execution(precision=precision))
+        grads[precision] = strategy.batch_gradient(loss_fn, x, params)
+    unscaled = torch.autograd.grad(_in_fp16(loss_fn, x), params)
+    assert all(g.abs().max() == 0 for g in unscaled[:2])   # what the fp16 backward gives unscaled: nothing
+    for g16, g32 in zip(grads["fp16"], grads["fp32"]):
+        assert g16.abs().max() > 0
+        torch.testing.assert_close(g16, g32, rtol=2e-2, atol=1e-2 * float(g32.abs().max()))
+
+    def huge(xb):   # gradients near fp16's largest: the scale backs off to a finite one
+        return net(xb).float().sum() * 1e2
+
+    strategy = SingleProcess()
+    strategy.setup(None, None, Execution(precision="fp16"))
+    got = strategy.batch_gradient(huge, x, params)
+    assert all(torch.isfinite(g).all() for g in got)
+    ref = torch.autograd.grad(huge(x), params)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=1e-2 * float(r.abs().max()))
+
+
+def _in_fp16(loss_fn, x):
+    with torch.autocast("cpu", dtype=torch.float16):
+        return loss_fn(x)
+
+
+@pytest.mark.parametrize("method", ["l2ul", "salun"])
+def test_fp16_importance_and_saliency_are_not_flushed(method, digits_model, forget_set, fast_config, monkeypatch):
+    """L2UL's importance and SalUn's saliency take their gradients through ctx.gradients: under fp16
+    the loss is scaled, so a tiny loss still gives the fp32 gradients (unscaled: all zero)."""
+    from stakes.methods.context import UnlearnContext
+
+    seen = {}
+    original = UnlearnContext.gradients
+
+    def tiny(self, loss, params):   # the hook's loss made tiny: its gradients fall below fp16's range
+        grads = original(self, loss * 1e-5, params)
+        seen[self.config.precision] = [g / 1e-5 for g in grads if g is not None]
+        return grads
+
+    monkeypatch.setattr(UnlearnContext, "gradients", tiny)
+    for precision in ("fp32", "fp16"):
+        stakes.unlearn(digits_model, forget_set, method=method, config=fast_config(method, precision=precision,
+                                                                                   max_steps=1))
+    assert len(seen["fp16"]) == len(seen["fp32"]) > 0
+    for g16, g32 in zip(seen["fp16"], seen["fp32"]):
+        assert g16.abs().max() > 0 or g32.abs().max() == 0
+        assert (g16 - g32).norm() <= 0.03 * g32.norm() + 1e-12   # fp16's rounding, not a flush
