@@ -23,14 +23,9 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import measure, ops, report, roofline
+from fused._ops import REGISTRY
 
-OP_MODULES = {
-    "similarity": "fused.similarity",
-    "alignment": "fused.alignment",
-    "importance": "fused.importance",
-    "update": "fused.update",
-    "pgd": "fused.pgd",
-}
+OP_MODULES = {op.name: op.module for op in REGISTRY}   # from the op registry: no op listed here
 FUSED_ON_CPU = ("fused provider not run: fused (Triton) timings need a CUDA GPU; the Triton CPU interpreter "
                 "is a correctness tool and is never timed")
 
