@@ -97,6 +97,13 @@ class Execution:
                 return [None if g is None else g / scale for g in grads]
             scale /= 2.0
 
+    def gradients(self, loss: torch.Tensor, params) -> list:
+        """``autograd.grad`` of ``loss`` w.r.t. ``params`` (None for unused ones), loss-scaled under
+        fp16 as :meth:`unscaled_gradients` says (a retry reuses the graph: no second forward)."""
+        keep = self.precision == "fp16"
+        return self.unscaled_gradients(lambda scale: list(torch.autograd.grad(
+            loss * scale if scale != 1.0 else loss, params, allow_unused=True, retain_graph=keep)))
+
     # ------------------------------------------------------------------ layout
     def prepare(self, model: nn.Module) -> nn.Module:
         """``model`` in the run's memory format (in place; channels_last for 4-D weights)."""
@@ -167,23 +174,31 @@ def _padded(module: nn.Module, call):
         target = next((b for b in _SHAPES.get() if b >= n), n) if n else 0
         if target == n or any(m.training for m in norms):
             return call(*args, **kwargs)
-        padded = torch.cat([x, x[-1:].expand(target - n, *x.shape[1:])])
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            padded = padded.contiguous(memory_format=torch.channels_last)
-        return _cut(call(padded), n, target)
+        return _cut(call(pad_rows(x, target)), n, target)
 
     return forward
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with copies of its first row appended up to ``rows`` rows, in ``t``'s memory format: a
+    batch padded to a fixed shape, whose padding rows' results the caller drops."""
+    if rows <= len(t):
+        return t
+    out = torch.cat([t, t[:1].expand(rows - len(t), *t.shape[1:])])   # (cat drops channels_last)
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def _cut(out, n: int, rows: int):
     """``out`` (a tensor, or tuples / lists / dicts of them) with its padded rows dropped."""
     if isinstance(out, torch.Tensor):
         return out[:n] if out.dim() >= 1 and out.shape[0] == rows else out
-    if isinstance(out, (tuple, list)):
-        return type(out)(_cut(o, n, rows) for o in out) if not hasattr(out, "_fields") else \
-            type(out)(*(_cut(o, n, rows) for o in out))
     if isinstance(out, dict):
         return type(out)((k, _cut(v, n, rows)) for k, v in out.items())
+    if isinstance(out, (tuple, list)):
+        parts = [_cut(o, n, rows) for o in out]
+        return type(out)(*parts) if hasattr(out, "_fields") else type(out)(parts)   # a namedtuple takes fields
     return out
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fused
-from stakes.execution import Execution
+from stakes.execution import Execution, pad_rows
 
 
 @dataclass
@@ -118,9 +118,8 @@ class _PGD:
 
     def _replayed(self, x, x0, target, eps, size: int) -> torch.Tensor:
         n = len(x0)
-        pad = size - n
-        if pad > 0:   # a fixed shape for every batch: one graph, rows of the last one padded and dropped
-            x, x0, target, eps = (torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) for t in (x, x0, target, eps))
+        # a fixed shape for every batch: one graph, rows of the last one padded and dropped
+        x, x0, target, eps = (pad_rows(t, size) for t in (x, x0, target, eps))
         graph = self._graphs.get((tuple(x.shape), x.dtype))
         if graph is None:
             graph = self._graphs[(tuple(x.shape), x.dtype)] = _CapturedSteps(self, x, x0, target, eps)

@@ -101,10 +101,7 @@ class UnlearnContext:
         None: ``autograd.grad``, except that under fp16 the loss is scaled for the 16-bit backward
         and the gradients divided back, so that small gradients (an importance, a saliency) are
         not flushed to zero."""
-        exe = self._strategy.execution
-        keep = exe.precision == "fp16"   # a retry at a smaller scale runs the backward again
-        return exe.unscaled_gradients(lambda scale: list(torch.autograd.grad(
-            loss * scale if scale != 1.0 else loss, params, allow_unused=True, retain_graph=keep)))
+        return self._strategy.execution.gradients(loss, params)
 
     def train_mode(self) -> None:
         """The modes of a training step: the deployed model in training mode, the backbone's

@@ -286,20 +286,21 @@ def _compile(run: _Run) -> Optional[str]:
     modules = [ctx.orig, ctx.features, ctx.head, ctx.projector]
 
     def trial():
-        with exe.fixed_batches(_batch_shapes(run)):   # compiled at the training batch shape
+        with _fixed_batches(run):   # compiled at the training batch shape
             _trial(ctx.orig, ctx.forget_x[:1], exe)
             _trial(ctx.deployed, ctx.forget_x[:1], exe)
 
     return exe.compile_modules(modules, trial)
 
 
-def _batch_shapes(run: _Run) -> tuple:
-    """The rows a compiled module sees in the training phases (importance, steps, evaluation): the
-    forget and proxy batches (whole, and each process's share) and the evaluation chunk; smaller
-    batches are padded to these under compile."""
+def _fixed_batches(run: _Run):
+    """The context of the training phases (importance, steps, evaluation): under compile, batches
+    smaller than the rows the compiled modules see there — the forget and proxy batches (whole, and
+    each process's share) and the evaluation chunk — are padded to them."""
     cfg, world = run.ctx.config, run.strategy.world_size
     nf = min(cfg.forget_batch_size, len(run.ctx.forget_y))
-    return (nf, cfg.proxy_batch_size, -(-nf // world), -(-cfg.proxy_batch_size // world), EVAL_CHUNK)
+    return run.execution.fixed_batches(
+        (nf, cfg.proxy_batch_size, -(-nf // world), -(-cfg.proxy_batch_size // world), EVAL_CHUNK))
 
 
 def _check_launch(run: _Run) -> None:
@@ -588,13 +589,13 @@ def unlearn(model, forget_set, *, method="structguard", anchors: Optional[torch.
                 run.timings.update(timings)
             if ctx.projector is not None and getattr(ctx.options, "warm_start", False):
                 ctx.projector.warm_start(generator=torch.Generator().manual_seed(cfg.seed + 17))
-            with run.execution.fixed_batches(_batch_shapes(run)):
+            with _fixed_batches(run):
                 run.opt = _build_optimizer(run)
         ctx._optimizer = run.opt
         if run.execution.channels_last:   # the training batches in the models' memory format, once
             ctx.forget_x = run.execution.inputs(ctx.forget_x)
             ctx.proxies = dataclasses.replace(ctx.proxies, x=run.execution.inputs(ctx.proxies.x))
-        with run.execution.fixed_batches(_batch_shapes(run)):
+        with _fixed_batches(run):
             stopped, loop_s = fit(run)
         run.timings["loop_s"] = loop_s
         run.timings["step_ms"] = 1000.0 * loop_s / max(ctx.step, 1)

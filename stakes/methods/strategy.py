@@ -62,12 +62,9 @@ class SingleProcess:
 
     def batch_gradient(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                        params: Sequence[torch.Tensor]) -> list:
-        def gradients_of(scale: float) -> list:
-            with self.execution.autocast():
-                loss = loss_fn(x)
-            return list(torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, allow_unused=True))
-
-        return self.execution.unscaled_gradients(gradients_of)
+        with self.execution.autocast():
+            loss = loss_fn(x)
+        return self.execution.gradients(loss, params)
 
     # ------------------------------------------------------------------ reductions
     def logged_terms(self, contributions: dict) -> dict:

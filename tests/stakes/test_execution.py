@@ -181,6 +181,18 @@ def test_compiled_modules_see_only_the_fixed_batch_shapes(digits_model, digits_a
     assert [h["test_accuracy"] for h in res.history] == [h["test_accuracy"] for h in plain.history]
 
 
+def test_padded_batches_keep_their_rows_and_memory_format():
+    """One padding for the compiled modules and the graph-captured PGD: copies of the first row, in
+    the batch's memory format (torch.cat alone returns a contiguous tensor here)."""
+    from stakes.execution import pad_rows
+
+    x = torch.randn(5, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    out = pad_rows(x, 8)
+    assert out.shape == (8, 3, 4, 4) and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out[:5], x) and all(torch.equal(out[i], x[0]) for i in range(5, 8))
+    assert pad_rows(x, 5) is x and torch.equal(pad_rows(torch.arange(3), 4), torch.tensor([0, 1, 2, 0]))
+
+
 def test_padding_leaves_training_batchnorm_alone():
     """A BatchNorm in training mode would see the padding rows in its batch statistics: unpadded."""
     import stakes.execution as execution_mod
