@@ -165,7 +165,7 @@ def structguard_steps(device: torch.device, *, quick: bool) -> List[Dict[str, ob
     try:
         stakes = importlib.import_module("stakes")
         unlearn = getattr(stakes, "unlearn", None) or importlib.import_module("stakes.methods").unlearn
-        from stakes.config import preset
+        preset = stakes.preset   # the method's preset: its own options (importance_samples) routed to it
         from stakes.proxy import ProxySet
     except Exception as exc:  # stakes exists in this repository: failing to import it is a bug
         return [_error("structguard", shape, "reference", f"importing stakes.unlearn: {exc!r}")]
@@ -184,11 +184,11 @@ def structguard_steps(device: torch.device, *, quick: bool) -> List[Dict[str, ob
     backends = [("reference", "reference")] + ([("fused", "triton")] if gpu else [])
     for provider, backend in backends:
         try:
-            cfg = preset("stable", max_steps=steps, backend=backend, device=str(device), progress=False,
-                         log_every=10**6, importance_samples=256, stop_warmup_steps=10**6)
+            cfg = preset("stable", method="structguard", max_steps=steps, backend=backend, device=str(device),
+                         progress=False, log_every=10**6, importance_samples=256, stop_warmup_steps=10**6)
             if gpu:  # warm-up run: kernel compilation is not throughput
-                unlearn(model, (fx, fy), anchors=anchors, config=cfg, proxies=proxies)
-            res = unlearn(model, (fx, fy), anchors=anchors, config=cfg, proxies=proxies)
+                unlearn(model, (fx, fy), anchors=anchors, config=cfg, proxies=proxies, method="structguard")
+            res = unlearn(model, (fx, fy), anchors=anchors, config=cfg, proxies=proxies, method="structguard")
             step_s = res.timings["step_ms"] / 1e3
             rows.append(_row("structguard", shape, provider, step_s, 1.0 / step_s, "steps/s",
                              f"stakes.unlearn, small CNN, {res.steps} steps, batches 128+128"))
