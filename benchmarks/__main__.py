@@ -11,9 +11,12 @@ arguments.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from benchmarks.ops import OPS, PROVIDERS, REGIMES
+
+_DEFAULT_OUT = "$STAKES_CACHE/benchmarks/<device>/, else ~/.cache/stakes/benchmarks/<device>/"
 
 
 def _csv_list(allowed):
@@ -37,6 +40,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _writable_folder_problem(path: str):
+    """Why ``path`` cannot be the output folder (None when it can): an existing file, a path under a
+    file, or a folder (or its nearest existing parent) this process cannot write to. Nothing is created."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} exists and is not a folder"
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, so {path} cannot be a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def _check_out(parser, flag: str, path: str) -> None:
+    """Exit 2 with one line naming ``flag`` when ``path`` cannot hold the output: before any work."""
+    why = _writable_folder_problem(path)
+    if why:
+        parser.error(f"{flag} {path}: {why}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,11 +85,14 @@ def main(argv=None) -> int:
     run_p.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice). On a shared CPU, 1 avoids the "
                             "OpenMP oversubscription that makes multi-threaded timings meaningless")
-    run_p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/)")
+    run_p.add_argument("--out", default=None,
+                       help=f"output folder (default {_DEFAULT_OUT}, outside the source tree; the committed "
+                            "results are written only when named: --out benchmarks/results/<device>)")
     run_p.add_argument("--plot", action="store_true", help="draw the plots into the output folder afterwards")
 
     plot_p = sub.add_parser("plot", help="draw PNGs from results.json")
-    plot_p.add_argument("--in", dest="in_dir", default=None, help="folder with results.json (default benchmarks/results/<device>/)")
+    plot_p.add_argument("--in", dest="in_dir", default=None,
+                        help=f"folder with results.json (default {_DEFAULT_OUT}: where `run` writes by default)")
     plot_p.add_argument("--out", default=None, help="folder for the PNGs (default: the input folder)")
 
     whole = sub.add_parser("whole-run", help="the authors' recipe vs stakes' defaults on the same work, per phase; "
@@ -81,12 +113,23 @@ def main(argv=None) -> int:
     whole.add_argument("--repeats", type=_positive_int, default=1,
                        help="run both recipes this many times, interleaved, and keep each phase's fastest time "
                             "(for a shared CPU: contention only slows a run down)")
-    whole.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/)")
+    whole.add_argument("--out", default=None, help=f"output folder (default {_DEFAULT_OUT}, outside the source tree)")
 
     args = parser.parse_args(argv)
+    if args.out is not None:   # every subcommand has --out: checked before any work
+        _check_out(parser, "--out", args.out)
     if args.command == "whole-run":
-        from benchmarks import whole_run
+        import torch
 
+        from benchmarks import whole_run
+        from benchmarks.run import default_out_dir
+
+        if args.out is None:
+            try:
+                args.out = default_out_dir(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+            except (RuntimeError, AssertionError, ValueError) as exc:   # a device string torch refuses
+                parser.error(f"--device {args.device}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}")
+            _check_out(parser, "--out (default)", args.out)
         return whole_run.main(args)
     if args.command == "run":
         if args.threads is not None:
@@ -100,7 +143,13 @@ def main(argv=None) -> int:
             if value is not None and not value > 0:
                 parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
         from benchmarks.report import read_results
-        from benchmarks.run import is_error, run, tally
+        from benchmarks.run import default_out_dir, is_error, run, tally
+
+        if args.out is None:
+            import torch
+
+            args.out = default_out_dir(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            _check_out(parser, "--out (default)", args.out)
 
         out = run(args.ops, args.regimes, args.out, quick=args.quick, providers=args.providers,
                   e2e=not args.no_e2e, max_minutes=args.max_minutes, deadline_minutes=args.deadline_minutes)
@@ -129,7 +178,11 @@ def main(argv=None) -> int:
         from benchmarks.run import default_out_dir
 
         in_dir = default_out_dir(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    for path in plot(in_dir, args.out):
+    try:
+        paths = plot(in_dir, args.out)
+    except FileNotFoundError as exc:   # no results.json there: one line naming the folder
+        parser.error(f"--in {in_dir}: {exc}")
+    for path in paths:
         print(f"wrote {path}")
     return 0
 

@@ -47,7 +47,9 @@
 # MiniLM package nor open_clip), or the prototype encoder if that file is missing.
 #
 # Output: everything goes to a scratch folder and is packed, after every wave, into $OUT when set
-# (else benchmarks/results/<card>/; a dry run without $OUT uses a temporary folder): summary.txt
+# (else $STAKES_CACHE/benchmarks/<card>/, or ~/.cache/stakes/benchmarks/<card>/ without $STAKES_CACHE,
+# as `python -m benchmarks run`; outside the source tree: committing a card's results under
+# benchmarks/results/ is an explicit OUT=benchmarks/results/<card>; a dry run's <card> is dry-run): summary.txt
 # (every step's verdict, its time and limit, the reason of a failure, its log), gpu_check.tar.gz
 # (logs/, the JSON results, the PNGs) and, when the benchmarks wrote them, results.json and
 # results.csv: at most 4 files (the device tool returns 8).
@@ -120,7 +122,6 @@ ANCHORS=benchmarks/inputs/digits_minilm_anchors.pt
 
 if [ "$DRY" = 1 ]; then
     CARD="dry-run"; ARCH=90; CARD_NAME="(dry run: no device touched)"
-    DEST=${OUT:-$(mktemp -d -t gpu_check_out.XXXXXX)}
 else
     if ! probe=$(python -c "import torch, sys
 if not torch.cuda.is_available(): sys.exit(1)
@@ -134,8 +135,9 @@ print(device_slug(d), 10 * ma + mi, torch.cuda.get_device_name(d))" 2>"$SCRATCH/
         exit 2
     fi
     read -r CARD ARCH CARD_NAME <<< "$probe"
-    DEST=${OUT:-benchmarks/results/$CARD}
 fi
+# the default is benchmarks.measure.default_out_dir's: outside the source tree
+DEST=${OUT:-${STAKES_CACHE:-$HOME/.cache/stakes}/benchmarks/$CARD}
 mkdir -p "$DEST"
 if [ -f "$ANCHORS" ]; then
     ANCHOR_ARGS="--anchors $ANCHORS"

@@ -191,6 +191,20 @@ def device_slug(device: torch.device) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
+def results_root() -> str:
+    """Where a run's results go unless ``--out`` says otherwise: ``$STAKES_CACHE/benchmarks`` (else,
+    unset or empty, ``~/.cache/stakes/benchmarks``), outside the source tree, so a user's run never
+    overwrites the results committed under ``benchmarks/results/`` (writing there is an explicit
+    ``--out benchmarks/results/<device>``)."""
+    return os.path.join(os.path.expanduser(os.environ.get("STAKES_CACHE") or "~/.cache/stakes"), "benchmarks")
+
+
+def default_out_dir(device) -> str:
+    """``results_root()/<device slug>``: ``device`` a torch.device, or a slug (``cpu``, a card's)."""
+    slug = device if isinstance(device, str) else device_slug(device)
+    return os.path.join(results_root(), slug)
+
+
 def git_commit() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:

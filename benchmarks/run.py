@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import os
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -30,8 +29,7 @@ FUSED_ON_CPU = ("fused provider not run: fused (Triton) timings need a CUDA GPU;
                 "is a correctness tool and is never timed")
 
 
-def default_out_dir(device: torch.device) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", measure.device_slug(device))
+default_out_dir = measure.default_out_dir   # outside the source tree (see measure.results_root)
 
 
 def _op_available(op: str) -> Optional[str]:
@@ -181,6 +179,7 @@ def run(ops_: Sequence[str], regimes: Sequence[str], out_dir: Optional[str], *, 
     dynamo_config.accumulated_recompile_limit = 4096
 
     out_dir = out_dir or default_out_dir(device)
+    print(f"results go to {out_dir}")
     metadata = measure.run_metadata(device)
     metadata.update(machine_ceilings(device, quick))
     metadata.update({

@@ -680,7 +680,7 @@ def model_prediction(work: Work, path: str = MODEL_JSON) -> Optional[dict]:
 
 
 def default_out_dir(device: torch.device) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", measure.device_slug(device))
+    return measure.default_out_dir(device)   # outside the source tree (benchmarks.measure.results_root)
 
 
 def write_report(report: dict, out_dir: str) -> Tuple[str, str]:
