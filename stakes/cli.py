@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from stakes import distributed as dist_
-from stakes._io import atomic_json_dump
+from stakes._io import atomic_json_dump, check_output_path
 from stakes.config import PRESETS
 from stakes.methods import NonFiniteError, available_methods
 from stakes.jobs import (AnchorSpec, DataSpec, ModelSpec, RunSpec, UsageError, float_list, load_data, load_model,
@@ -127,7 +127,7 @@ def cmd_unlearn(args) -> int:
     cfg = make_config(run_spec(args), args.method, seed=args.seed)   # progress bars: rank 0 alone draws them
     # every run keeps a resumable state next to its result until the result is written; a job that
     # torchrun restarted (--max-restarts) resumes from it
-    ckpt = args.checkpoint or args.out + ".ckpt"
+    ckpt = checkpoint_path(args)
     resume = args.resume or dist_.restart_count() > 0
     record, result = run_one(data, model, anchors, args.method, args.k, args.seed, cfg=cfg,
                              checkpoint_path=ckpt, resume=resume, keep_checkpoint=True, evaluate=ctx.is_main)
@@ -372,6 +372,7 @@ def main(argv: Optional[list] = None) -> int:
         if args.command in ("unlearn", "compare") and parse_overrides(args.set).get("deterministic") is True:
             # before anything uses cuBLAS (model checks, prototype anchors): its workspace setting is read once
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        check_outputs(args)   # before any work: a bad --out costs a second, not a run
         started = _init_distributed(args)
         return args.func(args)
     except dist_.DistributedError as err:
@@ -395,6 +396,39 @@ def main(argv: Optional[list] = None) -> int:
     finally:
         if started:
             dist_.shutdown()
+
+
+def checkpoint_path(args) -> str:
+    """``stakes unlearn``'s resumable state file: ``--checkpoint``, or ``--out`` + ``.ckpt``."""
+    return args.checkpoint or args.out + ".ckpt"
+
+
+def check_outputs(args) -> None:
+    """Check every path the command will write before it does any work (see
+    :func:`stakes._io.check_output_path`): ``--out`` of every command, and ``stakes unlearn``'s
+    ``--checkpoint`` (its ``.proxies`` side file beside it) and ``--save-model``, which must name
+    files other than ``--out``. Nothing is written; under torchrun every rank checks."""
+    if args.command in ("pretrain", "anchors"):
+        check_output_path(args.out, "--out", example="model.pt" if args.command == "pretrain" else "anchors.pt")
+    elif args.command in ("compare", "report"):
+        if args.out is not None:
+            check_output_path(args.out, "--out", folder=True)
+    elif args.command == "unlearn":
+        check_output_path(args.out, "--out", example="result.json")
+        ckpt = checkpoint_path(args)
+        arg = "--checkpoint" if args.checkpoint else "--checkpoint (default: --out + .ckpt)"
+        check_output_path(ckpt, arg, example="run.ckpt")
+        check_output_path(ckpt + ".proxies", "--checkpoint side file", example=None)
+        named = {"--out": args.out, "--checkpoint": ckpt}
+        if args.save_model:
+            check_output_path(args.save_model, "--save-model", example="model.pt")
+            named["--save-model"] = args.save_model
+        seen: dict = {}
+        for name, path in named.items():
+            key = os.path.realpath(os.path.expanduser(path))
+            if key in seen:
+                raise UsageError(f"{seen[key]} and {name} name the same file {path}; give them different paths")
+            seen[key] = name
 
 
 def _rank_prefix() -> str:
