@@ -13,6 +13,10 @@ dtype; then
 
   and it is finite. An op that cannot be imported or raises counts as a failure.
 
+Each printed row shows the rule it is judged by with its numbers, ``error <= torch's error + tol =
+bound`` (``>`` when it fails): an error above ``tol`` passes when torch's own same-dtype error leaves
+room for it, and the row says so. The JSON rows carry ``bound`` and ``rule`` too.
+
 In-place ops are run on fresh copies, and every output they write (updated parameters, momentum
 buffers, accumulated importance, the returned value) is compared. ``main`` returns 1 if any row
 fails, so the command can gate CI.
@@ -72,6 +76,35 @@ class Row:
     @property
     def passed(self) -> bool:
         return self.status == "pass"
+
+    @property
+    def bound(self) -> Optional[float]:
+        """What ``error`` is compared with: torch's own same-dtype error + tol (None if unknown)."""
+        return None if self.torch_error is None else self.torch_error + self.tol
+
+    @property
+    def rule(self) -> str:
+        """The comparison this row was judged by, with its numbers, e.g.
+        ``1.46e-03 <= 9.77e-04 + 1e-03 = 1.98e-03`` (``>`` when it fails): the error, torch's own
+        same-dtype error, the dtype's tolerance and their sum, the bound."""
+        if self.bound is None:
+            return "-"
+        bound = f"{_num(self.torch_error)} + {self.tol:.0e} = {_num(self.bound)}"
+        if self.error is None:
+            return f"bound {bound}"
+        within = math.isfinite(self.error) and self.error <= self.bound
+        return f"{_num(self.error)} {'<=' if within else '>'} {bound}"
+
+
+def _num(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2e}"
+
+
+def rule_text() -> str:
+    """The rule every row is judged by, with the tolerances in force (printed above the table)."""
+    return ("a row passes when max |ours - fp64 truth| <= max |torch same-dtype - fp64 truth| + tol "
+            "(PERFORMANCE.md; tol: " + ", ".join(f"{DTYPE_NAMES[d]} {t:.0e}" for d, t in TOLERANCE.items())
+            + ") and is finite; the rule column shows: error <= torch's error + tol = bound")
 
 
 # ----------------------------------------------------------------------------- the cases
@@ -228,13 +261,10 @@ def run_validation(
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """A plain-text table: op, shape, dtype, backend, max abs error, torch's error, tol, status."""
-
-    def num(v):
-        return "-" if v is None else f"{v:.2e}"
-
-    header = ("op", "shape", "dtype", "backend", "max abs err", "torch err", "tol", "status")
-    body = [(r.op, r.shape, r.dtype, r.backend, num(r.error), num(r.torch_error), f"{r.tol:.0e}", r.status) for r in rows]
+    """A plain-text table: op, shape, dtype, backend, then the rule each row is judged by (its max
+    abs error against its bound, torch's own same-dtype error + tol, with ``<=`` or ``>``), status."""
+    header = ("op", "shape", "dtype", "backend", "rule: max abs err vs torch err + tol = bound", "status")
+    body = [(r.op, r.shape, r.dtype, r.backend, r.rule, r.status) for r in rows]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header) - 1)]
     lines = []
     for line in [header, *body]:
@@ -295,6 +325,7 @@ def main(argv: Optional[Sequence[str]] = None, *, note: Optional[str] = None) ->
     rows = run_validation(quick=args.quick, backends=args.backend, device=device, ops=args.op,
                           progress=not args.no_progress and sys.stderr.isatty(), seed=args.seed)
     elapsed = time.perf_counter() - start
+    print(rule_text())
     print(format_table(rows))
     failed = [r for r in rows if not r.passed]
     env = _environment(device)
@@ -305,5 +336,6 @@ def main(argv: Optional[Sequence[str]] = None, *, note: Optional[str] = None) ->
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**env, "quick": args.quick, "seconds": elapsed, "passed": not failed,
-                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
+                       "rows": [{**dataclasses.asdict(r), "bound": r.bound, "rule": r.rule} for r in rows]}, f,
+                      indent=2)
     return 1 if failed else 0
