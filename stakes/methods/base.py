@@ -183,7 +183,9 @@ class UnlearningMethod:
         return None
 
     def before_update(self, ctx) -> None:
-        """Called after ``loss.backward()``, before gradient clipping and the update."""
+        """Called after ``loss.backward()``, before gradient clipping and the update, with the
+        gradients at their true scale (under fp16 the step's gradient scaler has already divided
+        them back), so a hook may add terms such as ``wd·p`` to them."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

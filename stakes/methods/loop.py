@@ -454,9 +454,9 @@ def _train_step(run: _Run, batch: Batch) -> tuple:
     run.watch.record(ctx.step, terms, loss)
     scaler = run.scaler
     (scaler.scale(loss) if scaler is not None else loss).backward()
-    run.method.before_update(ctx)
-    if scaler is not None:   # fp16: the gradients at their true scale before clipping and the update
+    if scaler is not None:   # fp16: the gradients at their true scale before any hook, clipping or update sees them
         scaler.unscale_(opt)
+    run.method.before_update(ctx)
     if cfg.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], cfg.grad_clip)
     skip_sr = cfg.skip_sr_first_steps and batch.index < 2   # the reference code's quirk

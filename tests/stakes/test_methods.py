@@ -255,3 +255,26 @@ def test_salun_moves_only_masked_weights_even_with_weight_decay(digits_model, fo
     total = moved + frozen
     # the saliency mask keeps the top 50 % of weights: the other half must not move at all
     assert 0 < moved <= 0.5 * total + 1
+
+
+class _SalUnZeroLoss(__import__("stakes").methods.salun.SalUn):
+    """SalUn whose loss has an exactly zero gradient: one step is then the weight decay alone."""
+
+    def loss_terms(self, ctx, batch):
+        return {"random_label": 0.0 * ctx.deployed(batch.forget_x).float().sum()}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_salun_weight_decay_is_applied_at_the_gradients_true_scale(precision, digits_model, forget_set, fast_config):
+    """SalUn folds wd·p into the gradients in ``before_update``; under fp16 the step's gradient
+    scaler must have unscaled them first, or the decay is wd/scale (2**-16 of it)."""
+    lr, wd = 0.1, 0.05
+    method = _SalUnZeroLoss()
+    cfg = fast_config("salun", precision=precision, lr=lr, weight_decay=wd, max_steps=1, grad_clip=None,
+                      method_options={method.key: {"saliency_q": 1.0}})   # the mask lets every weight move
+    res = unlearn(digits_model, forget_set, method=method, config=cfg)
+    assert res.execution["precision"] == precision
+    before = dict(digits_model.named_parameters())
+    for name, p in res.deployed.named_parameters():
+        p0 = before[name].detach()
+        torch.testing.assert_close(p.detach(), p0 * (1 - lr * wd), rtol=1e-6, atol=1e-7, msg=name)
