@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -50,6 +50,8 @@ class Execution:
     compile: str = "off"
     cuda_graphs: bool = False
     device_type: str = "cpu"
+    # fp16: the loss scale the last loss-scaled gradient settled on (unscaled_gradients starts there)
+    _loss_scale: list = field(default_factory=lambda: [_FP16_LOSS_SCALE], repr=False, compare=False)
 
     @classmethod
     def resolve(cls, config, model: Optional[nn.Module] = None) -> "Execution":
@@ -82,18 +84,21 @@ class Execution:
 
     def unscaled_gradients(self, gradients_of):
         """The gradients ``gradients_of(scale)`` returns (those of ``scale`` × the loss), divided
-        back by ``scale``. Under fp16 the loss is scaled, from 2**16 down by halves while any
-        gradient overflows (down to 2**-16, then taken as they are), so that gradients below fp16's
-        range survive the 16-bit backward (the importance pass's |∂L/∂ψ|, which a training step's
-        GradScaler does not cover); one host synchronisation a call. Otherwise ``gradients_of(1.0)``."""
+        back by ``scale``. Under fp16 the loss is scaled, from the scale the previous call settled
+        on (2**16 at first) down by halves while any gradient overflows (down to 2**-16, then taken
+        as they are), so that gradients below fp16's range survive the 16-bit backward (the
+        importance pass's |∂L/∂ψ|, which a training step's GradScaler does not cover): a run's
+        importance batches pay the halvings once, not once a batch. One host synchronisation a
+        call. Otherwise ``gradients_of(1.0)``."""
         if self.precision != "fp16":
             return gradients_of(1.0)
-        scale = _FP16_LOSS_SCALE
+        scale = self._loss_scale[0]
         while True:
             grads = gradients_of(scale)
             present = [g for g in grads if g is not None]
             finite = not present or bool(torch.stack([torch.isfinite(g).all() for g in present]).all())
             if finite or scale <= 1.0 / _FP16_LOSS_SCALE:
+                self._loss_scale[0] = scale
                 return [None if g is None else g / scale for g in grads]
             scale /= 2.0
 
@@ -144,7 +149,7 @@ class Execution:
     def fixed_batches(self, sizes):
         """Inside: a compiled module's batch of fewer rows than one of ``sizes`` (an epoch's last
         proxy batch, a small forget set, the last evaluation chunk) is padded to the smallest of them
-        that holds it (copies of its last row) and the padding rows' outputs are dropped, so the
+        that holds it (copies of its first row, :func:`pad_rows`) and the padding rows' outputs are dropped, so the
         compiled graphs see only these shapes (compile's dynamic shapes avoided without a
         recompilation per odd batch). Rows are independent in such a forward unless a BatchNorm runs
         in training mode (its batch statistics would see the padding): that module runs unpadded.
@@ -156,7 +161,7 @@ class Execution:
             _SHAPES.reset(token)
 
     def record(self, **extra) -> dict:
-        return {**asdict(self), **extra}
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}, **extra}
 
 
 _SHAPES: contextvars.ContextVar = contextvars.ContextVar("stakes_fixed_batches", default=())

@@ -247,6 +247,7 @@ def _prepare(model, forget_set, method: UnlearningMethod, anchors, cfg: UnlearnC
     clf = _as_parts(model)
     execution = Execution.resolve(cfg, clf)
     fx, fy = _check_forget_set(forget_set, clf.head.out_features, device)
+    fx = execution.inputs(fx)   # the forget images in the models' memory format before any model meets them
     # the frozen original, and the copy that is unlearned (the caller's model is never modified)
     orig = execution.prepare(copy.deepcopy(clf).to(device)).eval()
     for p in orig.parameters():
@@ -582,19 +583,18 @@ def unlearn(model, forget_set, *, method="structguard", anchors: Optional[torch.
         state = run.checkpointer.load() if resume else None   # the main process reads, every process gets it
         if state is not None:
             _restore(run, state)
-        else:
-            if ctx.proxies is None:
-                ctx.proxies, timings = build_proxies(ctx.orig, ctx.forget_x, ctx.forget_y, cfg,
-                                                     distributed=run.strategy.dist, execution=run.execution)
-                run.timings.update(timings)
+        elif ctx.proxies is None:
+            ctx.proxies, timings = build_proxies(ctx.orig, ctx.forget_x, ctx.forget_y, cfg,
+                                                 distributed=run.strategy.dist, execution=run.execution)
+            run.timings.update(timings)
+        # the proxies in the models' memory format, once, before the importance or any step meets them
+        ctx.proxies = dataclasses.replace(ctx.proxies, x=run.execution.inputs(ctx.proxies.x))
+        if state is None:
             if ctx.projector is not None and getattr(ctx.options, "warm_start", False):
                 ctx.projector.warm_start(generator=torch.Generator().manual_seed(cfg.seed + 17))
             with _fixed_batches(run):
                 run.opt = _build_optimizer(run)
         ctx._optimizer = run.opt
-        if run.execution.channels_last:   # the training batches in the models' memory format, once
-            ctx.forget_x = run.execution.inputs(ctx.forget_x)
-            ctx.proxies = dataclasses.replace(ctx.proxies, x=run.execution.inputs(ctx.proxies.x))
         with _fixed_batches(run):
             stopped, loop_s = fit(run)
         run.timings["loop_s"] = loop_s

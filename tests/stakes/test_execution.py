@@ -402,3 +402,61 @@ def test_fp16_importance_and_saliency_are_not_flushed(method, digits_model, forg
     for g16, g32 in zip(seen["fp16"], seen["fp32"]):
         assert g16.abs().max() > 0 or g32.abs().max() == 0
         assert (g16 - g32).norm() <= 0.03 * g32.norm() + 1e-12   # fp16's rounding, not a flush
+
+
+@pytest.mark.parametrize("method", ["structguard", "salun"])
+def test_channels_last_reaches_every_phase_of_a_three_channel_model(method):
+    """With channels_last every convolution meets channels_last inputs, in the importance pass and
+    SalUn's saliency mask too (the forget images and the proxies are laid out before the first
+    model call). Three channels: with one channel NCHW is already channels_last and the check is blind."""
+    from stakes.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("shapes_cnn", 10, in_channels=3, image_size=16).eval()
+    gen = torch.Generator().manual_seed(0)
+    forget = (torch.rand(4, 3, 16, 16, generator=gen), torch.tensor([0, 1, 2, 3]))
+    anchors = torch.nn.functional.normalize(torch.randn(10, 32, generator=gen), dim=1)
+    cfg = stakes.preset("stable", method=method, channels_last=True, repetitions=2, pgd_steps=2, eps=1.0,
+                        max_steps=2, log_every=1, progress=False, stop_warmup_steps=100, backend="reference")
+    with phase_dtypes(model_types=(nn.Conv2d,)) as seen, _conv_layouts() as layouts:
+        res = stakes.unlearn(model, forget, method=method, anchors=anchors, config=cfg)
+    assert res.execution["channels_last"]
+    phases = [phase for phase, _ in seen]
+    assert len(phases) == len(layouts) and "importance" in phases and "step" in phases
+    bad = sorted({phase for phase, cl in zip(phases, layouts) if not cl})
+    assert not bad, f"NCHW inputs met channels_last weights in: {bad}"
+
+
+@contextlib.contextmanager
+def _conv_layouts():
+    """Whether each convolution call's input is channels_last (in call order)."""
+    layouts = []
+
+    def hook(module, args, out):
+        if isinstance(module, nn.Conv2d):
+            layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield layouts
+    finally:
+        handle.remove()
+
+
+def test_the_fp16_loss_scale_found_once_serves_the_next_calls():
+    """Under fp16 the loss scale halves while gradients overflow; the next call starts from the scale
+    found, so an importance pass of many batches pays the halvings once (one backward a batch after)."""
+    exe = Execution(precision="fp16")
+    calls = []
+
+    def gradients_of(scale):   # overflows above 2**12
+        calls.append(scale)
+        return [torch.tensor([float("inf") if scale > 2.0 ** 12 else 1.0 * scale])]
+
+    first = exe.unscaled_gradients(gradients_of)
+    assert calls == [2.0 ** k for k in range(16, 11, -1)] and first[0].item() == 1.0
+    calls.clear()
+    for _ in range(3):
+        assert exe.unscaled_gradients(gradients_of)[0].item() == 1.0
+    assert calls == [2.0 ** 12] * 3
+    assert Execution(precision="fp16") == exe and "_loss_scale" not in exe.record()
