@@ -24,10 +24,14 @@
 #           stakes_cpu       the README's main job with --device cpu (pretrains and caches the
 #                            digits model the card steps use): the reference for stakes_cuda
 #   wave 3  stakes_cuda      the main job with --device cuda, checked against stakes_cpu
-#                            (python -m benchmarks.stakes_check main: forget 0 %, accuracy bands)
+#                            (python -m benchmarks.stakes_check main: forget 0 %, accuracy bands,
+#                            proxy success at the target and radius within a grid step of the CPU's,
+#                            CUDA graphs on and bf16 on sm_80+)
 #           stakes_compare   stakes compare, 2 methods x 2 seeds, on the card
-#           stakes_torchrun  torchrun --nproc-per-node=1: an NCCL smoke test (collectives, DDP with
-#                            SyncBatchNorm), then the main job on the card with STAKES_DISTRIBUTED=1
+#           stakes_torchrun  torchrun --nproc-per-node=1: an NCCL smoke test (collectives, a DDP step
+#                            whose SyncBatchNorm module takes its local path at world size 1, and
+#                            SyncBatchNorm's collective function called directly), then the main job
+#                            on the card with STAKES_DISTRIBUTED=1
 #                            (stakes forms an NCCL group of one and takes its data-parallel path:
 #                            DDP, the collectives, NCCL buffers on the card)
 #           ops_compile      opcheck + torch.compile (aot_eager, inductor) of every op at D = 512
@@ -234,7 +238,7 @@ step_stakes_cpu() {   # 4 threads: the rest of the cores compile kernels for the
 
 step_stakes_cuda() {
     x python -m stakes unlearn $STAKES_MAIN $ANCHOR_ARGS --device cuda --out "$PACK/stakes/cuda.json" &&
-    x python -m benchmarks.stakes_check main "$PACK/stakes/cpu.json" "$PACK/stakes/cuda.json"
+    x python -m benchmarks.stakes_check main "$PACK/stakes/cpu.json" "$PACK/stakes/cuda.json" --arch "$ARCH"
 }
 
 step_stakes_compare() {

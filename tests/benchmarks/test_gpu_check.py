@@ -244,17 +244,83 @@ print(tuple(anchors.shape), meta["encoder"], sorted(m for m in sys.modules if m.
 # ----------------------------------------------------------------------------- the stakes checks
 
 
-def _result(device="cpu", forget=0.0, test=60.0, seed=0, backend=None, pre_test=98.89):
+def _result(device="cpu", forget=0.0, test=60.0, seed=0, backend=None, pre_test=98.89, success=0.99375,
+            eps=2 ** 0.5, precision=None, graphs=None, config=None):
+    """A main-job result as `stakes unlearn --out` writes it (the fields the checks read); its
+    execution is what its device resolves to (bf16 and graphs on a card) unless given."""
+    card = device.startswith("cuda")
     return {"method": "structguard", "dataset": "digits", "k": 8, "seed": seed, "forget_accuracy": forget,
             "test_accuracy": test, "retain_accuracy": 61.0, "steps": 38, "stopped": "forget_accuracy_zero",
-            "config": {"device": device}, "anchors": {"source": ANCHORS},
+            "config": {"device": device, "target_success": 0.9, "eps": None, "precision": None, "cuda_graphs": None,
+                       **(config or {})},
+            "anchors": {"source": ANCHORS},
             "pretrained": {"forget_accuracy": 100.0, "retain_accuracy": 99.72, "test_accuracy": pre_test},
-            "distributed": {"world_size": 1, "backend": backend, "restarts": 0}}
+            "distributed": {"world_size": 1, "backend": backend, "restarts": 0},
+            "proxies": {"n": 160, "eps": eps, "success_rate": success, "checksum": 3358.5},
+            "execution": {"precision": precision or ("bf16" if card else "fp32"), "channels_last": card,
+                          "compile": "off", "cuda_graphs": card if graphs is None else graphs,
+                          "device_type": "cuda" if card else "cpu", "compile_fallback": None}}
 
 
 def test_main_check_passes_within_the_band():
-    assert stakes_check.check_main(_result(), _result("cuda", test=60.0 + 29.0)) == []
-    assert stakes_check.check_main(_result(), _result("cuda:0", test=35.0)) == []
+    assert stakes_check.check_main(_result(), _result("cuda", test=60.0 + 29.0), arch=90) == []
+    assert stakes_check.check_main(_result(), _result("cuda:0", test=35.0), arch=80) == []
+
+
+def test_main_check_passes_within_one_grid_step_and_at_the_target():
+    cpu = _result()
+    for eps in (2 ** 0.5 * 2 ** 0.25, 2 ** 0.5 / 2 ** 0.25, 2 ** 0.5):   # one step up, one down, the same
+        assert stakes_check.check_main(cpu, _result("cuda", eps=eps, success=0.9), arch=90) == []
+    # below sm_80 the card's default is fp32; a config that sets precision / graphs is expected as set
+    assert stakes_check.check_main(cpu, _result("cuda", precision="fp32"), arch=75) == []
+    assert stakes_check.check_main(cpu, _result("cuda", precision="fp16", graphs=False,
+                                                config={"precision": "fp16", "cuda_graphs": False}), arch=90) == []
+    # the run's own target, when it sets one
+    assert stakes_check.check_main(cpu, _result("cuda", success=0.8, config={"target_success": 0.75}), arch=90) == []
+
+
+@pytest.mark.parametrize("cuda, problem", [
+    # a PGD that silently does nothing: the proxies stay at their random starts
+    (_result("cuda", success=0.0625), "cuda: proxy success rate 0.0625, below the target 0.9 (a PGD that does "
+                                      "nothing leaves the proxies at their random starts)"),
+    (_result("cuda", success=0.85, config={"target_success": 0.95}), "cuda: proxy success rate 0.85, below the "
+                                                                      "target 0.95"),
+    (_result("cuda", success=None), "cuda: proxy success rate None, below the target 0.9"),
+    (_result("cuda", eps=2 ** 0.5 * 2 ** 0.5), "proxy radius cuda 2 vs cpu 1.414: 2.00 grid steps apart (at most 1: "
+                                               "a factor 2^(1/4))"),
+    (_result("cuda", eps=2 ** 0.5 / 2 ** 0.3), "proxy radius cuda 1.149 vs cpu 1.414: 1.20 grid steps apart"),
+    (_result("cuda", eps=None), "proxy radius: cpu 1.4142135623730951, cuda None (expected two radii > 0)"),
+    (_result("cuda", graphs=False), "cuda: execution cuda_graphs False, expected True (PGD replayed from CUDA "
+                                    "graphs on a card)"),
+    (_result("cuda", precision="fp32"), "cuda: execution precision 'fp32', expected 'bf16' (the default on sm_90)"),
+    (_result("cuda", precision="bf16", config={"precision": "fp16"}), "cuda: execution precision 'bf16', expected "
+                                                                      "'fp16' (as its config sets)"),
+])
+def test_main_check_sees_a_pgd_or_an_execution_that_is_wrong(cuda, problem):
+    problems = stakes_check.check_main(_result(), cuda, arch=90)
+    assert any(p.startswith(problem) for p in problems), problems
+    assert len(problems) == 1, problems
+
+
+def test_main_check_needs_the_cards_arch_and_an_execution_record():
+    assert stakes_check.check_main(_result(), _result("cuda")) == [
+        "cuda: cannot tell the card's expected precision: give its arch (--arch, e.g. 90)"]
+    cuda = _result("cuda")
+    del cuda["execution"]
+    assert stakes_check.check_main(_result(), cuda, arch=90) == ["cuda: the result records no execution policy"]
+    assert stakes_check.check_main(_result(graphs=True), _result("cuda"), arch=90) == [
+        "cpu: execution cuda_graphs True, expected False"]
+
+
+def test_main_check_cli_reads_the_arch(tmp_path, capsys):
+    (tmp_path / "cpu.json").write_text(json.dumps(_result()))
+    (tmp_path / "cuda.json").write_text(json.dumps(_result("cuda", precision="fp32")))
+    args = ["main", str(tmp_path / "cpu.json"), str(tmp_path / "cuda.json")]
+    assert stakes_check.main(args + ["--arch", "75"]) == 0
+    assert "VERDICT: ok main job cpu vs cuda" in capsys.readouterr().out
+    assert stakes_check.main(args + ["--arch", "90"]) == 1
+    out = capsys.readouterr().out
+    assert "VERDICT: FAILED main job cpu vs cuda" in out and "expected 'bf16' (the default on sm_90)" in out
 
 
 @pytest.mark.parametrize("cuda, problem", [
@@ -267,7 +333,7 @@ def test_main_check_passes_within_the_band():
                                      "within 1 points)"),
 ])
 def test_main_check_fails(cuda, problem):
-    assert problem in stakes_check.check_main(_result(), cuda)
+    assert problem in stakes_check.check_main(_result(), cuda, arch=90)
 
 
 def test_torchrun_check():
@@ -288,7 +354,51 @@ def test_nccl_smoke_under_torchrun_with_gloo():
                           cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "VERDICT: ok gloo " in proc.stdout and "at world size 1 on cpu: all_reduce, broadcast, all_gather, " \
-        "DDP step" in proc.stdout
+        "DDP step; SyncBatchNorm not run on cpu (its batch_norm_stats is CUDA-only)" in proc.stdout
+
+
+def test_the_ddp_step_is_named_for_what_it_checks():
+    """At world size 1 a SyncBatchNorm module never syncs (torch's need_sync needs > 1): the step says so."""
+    assert stakes_check.ddp_step_name("cuda", 1) == ("DDP step with a SyncBatchNorm module (at world size 1 it "
+                                                     "takes its local path: torch syncs only when the world size "
+                                                     "is > 1)")
+    assert stakes_check.ddp_step_name("cuda", 2) == "DDP step with a SyncBatchNorm module"
+    assert stakes_check.ddp_step_name("cpu", 1) == "DDP step"
+
+
+def _batch_norm(x, w, b, rm, rv, eps, momentum, group, world):
+    return torch.nn.functional.batch_norm(x, rm, rv, w, b, True, momentum, eps)
+
+
+def test_sync_bn_collective_check_compares_with_batch_norm():
+    """The check of SyncBatchNorm's collective path (run on a card, where torch's function exists)
+    against batch_norm: a stand-in equal to it passes; one that skips the running statistics, or
+    that normalises with the wrong statistics, is named."""
+    cpu = torch.device("cpu")
+    calls = []
+
+    def recording(*args):
+        calls.append(args[-2:])
+        return _batch_norm(*args)
+
+    assert stakes_check.sync_bn_collective(cpu, "GROUP", 1, apply=recording) == []
+    assert calls == [("GROUP", 1)]   # the process group and world size go to the collective function
+
+    def no_running_stats(x, w, b, rm, rv, eps, momentum, group, world):
+        return torch.nn.functional.batch_norm(x, None, None, w, b, True, momentum, eps)
+
+    problems = stakes_check.sync_bn_collective(cpu, None, 1, apply=no_running_stats)
+    assert [p.split(" (max |diff| ")[0] for p in problems] == [
+        "SyncBatchNorm's collective path: running mean differs from batch_norm",
+        "SyncBatchNorm's collective path: running var differs from batch_norm"]
+
+    def scaled(x, w, b, rm, rv, eps, momentum, group, world):
+        return _batch_norm(x, w, b, rm, rv, eps, momentum, group, world) * 1.01
+
+    problems = stakes_check.sync_bn_collective(cpu, None, 1, apply=scaled)
+    assert problems[0].startswith("SyncBatchNorm's collective path: output differs from batch_norm (max |diff| ")
+    assert {p.split(":")[1].split(" differs")[0].strip() for p in problems} == {
+        "output", "input grad", "weight grad", "bias grad"}
 
 
 def test_compare_check_catches_failed_runs(tmp_path, capsys):
