@@ -5,7 +5,10 @@ Run from the repository root (``benchmarks`` is not an installed package).
 
 Exit status of ``run``: 0 when no row is an error, 1 when any row is (each failed row is named on
 stderr); of ``whole-run``: 1 when a recipe failed or the two did different work; 2 for bad
-arguments.
+arguments, an ``--out`` that cannot be a folder among them (checked before any work).
+
+Results go to ``--out``, else ``$STAKES_CACHE/benchmarks/<device>/`` (``~/.cache/stakes/...``):
+never into the source tree unless named (``--out benchmarks/results/<device>``).
 """
 
 from __future__ import annotations
