@@ -426,17 +426,26 @@ def _batches(run: _Run):
     each process's shard of them."""
     ctx, cfg, strategy = run.ctx, run.ctx.config, run.strategy
     n_s, k, size = len(ctx.proxies), len(ctx.forget_y), cfg.proxy_batch_size
+    nf = min(cfg.forget_batch_size, k)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + ctx.epoch)
-    order = torch.randperm(n_s, generator=g).to(ctx.device)
-    f_order, f_pos = torch.randperm(k, generator=g).to(ctx.device), 0
+    # the epoch's proxy order and every forget order it reshuffles to, drawn on the host in the
+    # generator's order and copied to the device in one go (a copy mid-epoch would block the host)
+    reshuffles, pos = 0, 0
+    for _ in range(0, n_s, size):   # the forget loader's positions, as the loop below walks them
+        if pos + nf > k:
+            reshuffles, pos = reshuffles + 1, 0
+        pos += nf
+    draws = [torch.randperm(n_s, generator=g)] + [torch.randperm(k, generator=g) for _ in range(1 + reshuffles)]
+    orders = torch.cat(draws).to(ctx.device)
+    order, f_orders = orders[:n_s], orders[n_s:].view(-1, k)
+    f_index, f_pos = 0, 0
     for i in range(0, n_s, size):
         ia = order[i:i + size]
         n_a = len(ia)
         ia = ia[strategy.rows(n_a)]
-        nf = min(cfg.forget_batch_size, k)
         if f_pos + nf > k:
-            f_order, f_pos = torch.randperm(k, generator=g).to(ctx.device), 0
-        jf = f_order[f_pos:f_pos + nf]
+            f_index, f_pos = f_index + 1, 0
+        jf = f_orders[f_index, f_pos:f_pos + nf]
         f_pos += nf
         mine = strategy.forget_shard(nf)   # None: every process computes the forget batch whole
         if mine is not None:

@@ -3,6 +3,8 @@ a binary saliency mask (top-q of |∇θ CE(f(x_f), y_f)|) on the gradients."""
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +12,6 @@ import torch.nn.functional as F
 
 from stakes.config import MethodConfig
 from stakes.methods.base import Batch, UnlearningMethod, register_method, topq_mask
-from stakes.proxy import random_targets
 
 
 @dataclass
@@ -29,13 +30,37 @@ class SalUnConfig(MethodConfig):
 class SalUn(UnlearningMethod):
     config_class = SalUnConfig
 
+    def __init__(self):
+        self._shifts = weakref.WeakKeyDictionary()   # run context → (first step, its epoch's shifts on the device)
+
     def loss_terms(self, ctx, batch: Batch) -> dict:
         w_f, w_a = ctx.loss_weights(batch)
-        g = torch.Generator().manual_seed(ctx.config.seed * 100003 + ctx.step)
-        # labels drawn for the global forget batch, this rank's rows taken (the same on any world size)
-        yr = random_targets(batch.forget_y, ctx.num_classes, g, rows=batch.forget_rows, total=batch.n_forget)
+        # random labels ≠ y: y + U{1..C−1} mod C, drawn for the global forget batch and this rank's rows
+        # taken (the same on any world size)
+        shift = self._step_shifts(ctx, batch)[:batch.n_forget][batch.forget_rows]
+        yr = (batch.forget_y + shift) % ctx.num_classes
         return {"random_label": w_f * F.cross_entropy(ctx.deployed(batch.forget_x), yr),
                 "retention": w_a * F.cross_entropy(ctx.deployed(batch.proxy_x), batch.proxy_y)}
+
+    def _step_shifts(self, ctx, batch: Batch) -> torch.Tensor:
+        """This step's label shifts U{1..C−1}, from a generator keyed by (seed, step). The shifts of
+        the epoch's remaining steps are drawn on the host at its first step and copied to the device
+        in one go: a copy a step would make the host wait for the device every step."""
+        first, table = self._shifts.get(ctx, (0, None))
+        if table is None or not first <= ctx.step < first + len(table):
+            if ctx.num_classes < 2:
+                raise ValueError(f"SalUn's random labels need num_classes >= 2, got {ctx.num_classes}")
+            cfg = ctx.config
+            remaining = max(1, math.ceil(len(ctx.proxies) / cfg.proxy_batch_size) - batch.index)
+            width = max(batch.n_forget, min(cfg.forget_batch_size, len(ctx.forget_y)))
+            # a row of the widest forget batch per step: a narrower batch takes its first values, which are
+            # the values a draw of its own size gives (the CPU generator draws them in order)
+            rows = [torch.randint(1, ctx.num_classes, (width,),
+                                  generator=torch.Generator().manual_seed(cfg.seed * 100003 + step))
+                    for step in range(ctx.step, ctx.step + remaining)]
+            first, table = ctx.step, torch.stack(rows).to(ctx.device)
+            self._shifts[ctx] = (first, table)
+        return table[ctx.step - first]
 
     def grad_masks(self, ctx) -> dict:
         """Top-q of |∇θ CE(f(x_f), y_f)| over all parameters, as a binary gradient mask (§10)."""

@@ -15,16 +15,40 @@ SYNC_OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzer
 
 class CountSyncs(TorchDispatchMode):
     """Counts the ops a host sync dispatches to: ``.item()``, ``float(t)``, ``int(t)``, ``bool(t)``
-    and ``if t:`` go to ``_local_scalar_dense`` (``torch.is_nonzero(t)`` to ``is_nonzero``)."""
+    and ``if t:`` go to ``_local_scalar_dense`` (``torch.is_nonzero(t)`` to ``is_nonzero``); and, on
+    the fake card (``tests.fake_cuda``), every copy from the host to the card (``.to("cuda")`` of a CPU
+    tensor, ``cuda_tensor.copy_(cpu_tensor)``): a blocking copy on a card, invisible on the CPU, where
+    ``.to()`` of a CPU tensor to the CPU is no copy at all."""
 
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.per_step = []   # (the step's index in its epoch, its calls), where a test records them
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in SYNC_OPS:
             self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
+        elif _host_to_card(func, args, kwargs):
+            self.calls.append(f"{func} (host-to-device copy of {tuple(args[-1 if func is COPY_INTO else 0].shape)})")
+        return func(*args, **kwargs)
+
+
+COPY_INTO = torch.ops.aten.copy_.default
+
+
+def _host_to_card(func, args, kwargs) -> bool:
+    from tests.fake_cuda import CudaTensor
+
+    def on_host(t):
+        return isinstance(t, torch.Tensor) and not isinstance(t, CudaTensor)
+
+    if func is COPY_INTO:
+        return isinstance(args[0], CudaTensor) and on_host(args[1])
+    if func is torch.ops.aten._to_copy.default:
+        device = kwargs.get("device")
+        return device is not None and torch.device(device).type == "cuda" and on_host(args[0])
+    return False
 
 
 def test_the_counter_sees_item_float_and_bool():
@@ -40,18 +64,34 @@ def test_the_counter_sees_item_float_and_bool():
 
 @pytest.fixture
 def count_steps(monkeypatch):
-    """Run every training step (``loop._train_step``) under one sync counter; returns the counter and the
-    step count."""
+    """Run every training step (``loop._train_step``), and every batch drawn within an epoch after its
+    first, under one sync counter; returns the counter and the step count."""
     counter, steps = CountSyncs(), []
-    original = loop._train_step
+    original, batches = loop._train_step, loop._batches
 
     def counted(run, batch):
+        before = len(counter.calls)
         with counter:
             out = original(run, batch)
         steps.append(run.ctx.step)
+        counter.per_step.append((batch.index, counter.calls[before:]))
         return out
 
+    def counted_batches(run):
+        it = batches(run)
+        first = next(it, None)   # the epoch's set-up (its orders, copied to the device once) is not counted
+        if first is None:
+            return
+        yield first
+        while True:
+            with counter:
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield batch
+
     monkeypatch.setattr(loop, "_train_step", counted)
+    monkeypatch.setattr(loop, "_batches", counted_batches)
     return counter, steps
 
 
@@ -62,6 +102,42 @@ def test_no_host_sync_inside_the_steps(method, count_steps, digits_model, digits
     res = unlearn(digits_model, forget_set, method=method, anchors=digits_anchors, config=cfg)
     assert res.steps == 6 and steps == [0, 1, 2, 3, 4, 5]
     assert counter.calls == [], f"{method}: host syncs inside the step: {counter.calls}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_host_sync_inside_the_steps_on_the_card(method, count_steps, digits_model, digits_anchors, forget_set,
+                                                   fast_config):
+    """On the (fake) card a host-to-device copy inside a step blocks the host as a sync does. None
+    between log points, except one copy at an epoch's first step (SalUn's random labels for the
+    epoch); the forget orders are copied at the epoch's start, outside the steps. Small proxy
+    batches: several steps an epoch, and mid-epoch forget reshuffles."""
+    from tests.fake_cuda import fake_cuda
+
+    counter, steps = count_steps
+    cfg = fast_config(method, device="cuda", cuda_graphs=False, max_steps=8, log_every=1000, proxy_batch_size=4,
+                      forget_batch_size=3, weight_decay=1e-3 if method == "salun" else 0.0)
+    with fake_cuda():
+        res = unlearn(digits_model, forget_set, method=method, anchors=digits_anchors, config=cfg)
+    assert res.steps == 8 and steps == list(range(8)) and res.config["device"] == "cuda"
+    assert [index for index, _ in counter.per_step] == [0, 1, 2, 3] * 2   # 16 proxies: 4 steps an epoch
+    later = [calls for index, calls in counter.per_step if index > 0]
+    assert all(calls == [] for calls in later), f"{method}: host syncs inside the steps: {later}"
+    first = [calls for index, calls in counter.per_step if index == 0]
+    assert all(len(calls) <= 1 and all("host-to-device" in c for c in calls) for calls in first), first
+    assert counter.calls == sum(first, [])   # nothing between the steps either (the batches of the epoch)
+
+
+def test_the_counter_sees_a_copy_to_the_card():
+    from tests.fake_cuda import fake_cuda
+
+    with fake_cuda():
+        on_card = torch.zeros(3, device="cuda")
+        with CountSyncs() as c:
+            torch.ones(3).to("cuda")
+            on_card.copy_(torch.ones(3))
+            on_card + 1
+            on_card.to("cuda")
+    assert len(c.calls) == 2 and all("host-to-device" in call for call in c.calls)
 
 
 def test_structure_sgd_step_makes_no_host_sync():
