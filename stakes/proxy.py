@@ -132,22 +132,28 @@ class _PGD:
 
 class _CapturedSteps:
     """One PGD step captured in a CUDA graph over static buffers (warmed up on a side stream, as
-    torch.cuda.graphs requires); each replay advances ``x`` by one step."""
+    torch.cuda.graphs requires); each replay advances ``x`` by one step. Warm-up, capture and replay
+    run with the data's card current: a stream and a graph belong to the card that is current when
+    they are made, and a capture records only that card's work (with ``--device cuda:1`` in one
+    process the current card is still 0 unless entered)."""
 
     def __init__(self, pgd: _PGD, x, x0, target, eps):
-        self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):   # warm-up: cuDNN/cuBLAS choices and Triton compilation happen outside the capture
+        self.device = x.device
+        with torch.cuda.device(self.device):
+            self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(3):   # warm-up: cuDNN/cuBLAS choices and Triton compilation happen outside the capture
+                    self.x.copy_(pgd.step(self.x, self.x0, self.target, self.eps))
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 self.x.copy_(pgd.step(self.x, self.x0, self.target, self.eps))
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.x.copy_(pgd.step(self.x, self.x0, self.target, self.eps))
 
     def replay(self) -> None:
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
 
 
 def _with_backoff(run_batches, batch_size: int, device: torch.device) -> int:

@@ -460,3 +460,51 @@ def test_the_fp16_loss_scale_found_once_serves_the_next_calls():
         assert exe.unscaled_gradients(gradients_of)[0].item() == 1.0
     assert calls == [2.0 ** 12] * 3
     assert Execution(precision="fp16") == exe and "_loss_scale" not in exe.record()
+
+
+def test_the_pgd_graph_is_captured_on_the_datas_card(monkeypatch):
+    """With the data on cuda:1 (``--device cuda:1`` in one process, where cuda:0 stays current), the
+    side stream, the warm-up, the capture and every replay happen with cuda:1 current: a graph made
+    on cuda:0 would record nothing of the work on cuda:1 and the proxies would stay at their starts.
+    Two fake cards, with stand-ins for streams and graphs that note the card they are made on."""
+    from tests.fake_cuda import fake_cuda
+
+    events = []
+
+    def card_of(device=None):
+        return torch.cuda.current_device() if device is None else torch.device(device).index
+
+    class Stream:
+        def __init__(self, device=None, **kw):
+            events.append(("stream", card_of(device)))
+
+        def wait_stream(self, other):
+            events.append(("wait", torch.cuda.current_device()))
+
+    class Graph:
+        def __init__(self, *a, **kw):
+            events.append(("graph", torch.cuda.current_device()))
+
+        def replay(self):
+            events.append(("replay", torch.cuda.current_device()))
+
+    @contextlib.contextmanager
+    def capture(graph, *a, **kw):
+        events.append(("capture", torch.cuda.current_device()))
+        yield
+
+    with fake_cuda(devices=2):
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", capture)
+        model, x0, target, eps = _pgd_case("cuda:1", n=5)
+        assert torch.cuda.current_device() == 0 and x0.device == torch.device("cuda", 1)
+        pgd = proxy_mod._PGD(model, steps=3, step_size=0.1, backend=None,
+                             execution=Execution(cuda_graphs=True, device_type="cuda"))
+        out = pgd(x0, target, eps, index=torch.arange(5), seed=0, pad_to=8)
+        assert out.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    kinds = [kind for kind, _ in events]
+    assert {"stream", "graph", "capture"} <= set(kinds) and kinds.count("replay") == 3
+    assert all(card == 1 for _, card in events), events
