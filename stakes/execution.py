@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import warnings
+import weakref
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -123,27 +124,9 @@ class Execution:
         return x
 
     # ------------------------------------------------------------------ compile
-    def compile_modules(self, modules, trial) -> Optional[str]:
-        """Compile ``modules`` in place (``nn.Module.compile``, ``dynamic=False``: one graph per batch
-        shape, no symbolic shapes) and run ``trial()`` (a forward and backward) to compile them now;
-        returns None, or the one-line reason why compilation failed, in which case the modules run
-        eagerly (a warning says so). Inside :meth:`fixed_batches` their batches are padded to the
-        phase's fixed shapes."""
-        if self.compile == "off":
-            return None
-        modules = [m for m in modules if m is not None]
-        try:
-            for m in modules:
-                _compile(m, None if self.compile == "default" else self.compile)
-                m._compiled_call_impl = _padded(m, m._compiled_call_impl)
-            trial()
-            return None
-        except Exception as err:
-            for m in modules:
-                m._compiled_call_impl = None   # back to the eager forward
-            reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"[:300]
-            warnings.warn(f"torch.compile failed, running eagerly ({reason})", stacklevel=2)
-            return reason
+    def compiler(self) -> "Compiler":
+        """A run's :class:`Compiler` (it does nothing with ``compile="off"``)."""
+        return Compiler(self.compile)
 
     @contextlib.contextmanager
     def fixed_batches(self, sizes):
@@ -151,9 +134,10 @@ class Execution:
         proxy batch, a small forget set, the last evaluation chunk) is padded to the smallest of them
         that holds it (copies of its first row, :func:`pad_rows`) and the padding rows' outputs are dropped, so the
         compiled graphs see only these shapes (compile's dynamic shapes avoided without a
-        recompilation per odd batch). Rows are independent in such a forward unless a BatchNorm runs
-        in training mode (its batch statistics would see the padding): that module runs unpadded.
-        Without compile, nothing changes."""
+        recompilation per odd batch). A module whose forward lets one row change another's output
+        (:func:`rows_independent`: a BatchNorm on batch statistics, in training mode or without
+        running statistics, or any module a probe finds mixing rows) runs unpadded. Without
+        compile, nothing changes."""
         token = _SHAPES.set(tuple(sorted({int(b) for b in sizes if int(b) > 0})) if self.compile != "off" else ())
         try:
             yield
@@ -170,18 +154,83 @@ _SHAPES: contextvars.ContextVar = contextvars.ContextVar("stakes_fixed_batches",
 def _padded(module: nn.Module, call):
     """``call`` (a compiled module's forward) with its one batch argument padded up to the smallest
     fixed shape of the phase that holds it (:meth:`Execution.fixed_batches`) and every output cut
-    back to the real rows."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    back to the real rows, where the module's rows are independent (:func:`rows_independent`)."""
 
     def forward(*args, **kwargs):
         x = args[0] if len(args) == 1 and not kwargs else None
         n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 1 else 0
         target = next((b for b in _SHAPES.get() if b >= n), n) if n else 0
-        if target == n or any(m.training for m in norms):
+        if target == n or not rows_independent(module, x):
             return call(*args, **kwargs)
         return _cut(call(pad_rows(x, target)), n, target)
 
     return forward
+
+
+def batch_statistics(module: nn.Module) -> bool:
+    """Whether a BatchNorm in ``module`` normalises with the batch's own statistics in its current
+    modes: in training mode, or in eval mode too when it keeps no running statistics
+    (``track_running_stats=False``)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+               for m in module.modules())
+
+
+_ROWS_PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # module → {modes: independent?}
+
+
+def rows_independent(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module``, in its current modes, computes each row of a batch from that row alone, so
+    that padding rows cannot change the real rows' outputs (padding a batch to a fixed shape for a
+    compiled graph or a CUDA graph relies on it). False for a BatchNorm on batch statistics
+    (:func:`batch_statistics`); otherwise probed once per module and modes on ``x``'s first rows: a
+    module that mixes rows in a way no type reveals (``x − x.mean(0)``, attention across the batch)
+    gives the first rows different outputs beside other rows than alone, and is not padded."""
+    if batch_statistics(module):
+        return False
+    modes = tuple(m.training for m in module.modules())
+    seen = _ROWS_PROBED.setdefault(module, {})
+    if modes not in seen:
+        seen[modes] = _probe_rows(module, x)
+    return seen[modes]
+
+
+def _probe_rows(module: nn.Module, x: torch.Tensor) -> bool:
+    """The module's eager forward on four rows (``x``'s first, or variants of them), alone and beside
+    four other rows, agrees on them (to the rounding of a different batch size; 16-bit outputs to
+    2 %). Runs without gradients, with dropout layers in eval mode (they mix no rows, but would draw
+    random numbers the run then misses) and the CPU random state restored."""
+    rows = torch.cat([x[:4], x[:4].flip(-1), x[:4].flip(0) * 0.5, x[:4].flip(0).flip(-1) * 0.25])[:4]
+    others = torch.cat([rows.flip(0) * 0.5, rows.flip(-1)])
+    dropouts = [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+    try:
+        for m in dropouts:
+            m.training = False
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            alone = module._call_impl(rows)
+            beside = module._call_impl(torch.cat([rows, others]))
+    except Exception:   # a forward that cannot take the probe's batches: do not pad it
+        return False
+    finally:
+        for m in dropouts:
+            m.training = True
+    return _same_rows(alone, beside, len(rows), len(rows) + len(others))
+
+
+def _same_rows(alone, beside, n: int, total: int) -> bool:
+    """``beside`` (outputs of ``total`` rows) agrees with ``alone`` (outputs of its first ``n``) on them."""
+    if isinstance(alone, torch.Tensor):
+        if not isinstance(beside, torch.Tensor):
+            return False
+        if alone.dim() == 0 or alone.shape[0] != n or beside.shape[0] != total:   # not a per-row output
+            return alone.shape == beside.shape and torch.equal(alone, beside)
+        tol = 2e-2 if alone.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        a, b = alone.float(), beside[:n].float()
+        return bool(torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max().clamp_min(1.0))))
+    if isinstance(alone, dict) and isinstance(beside, dict):
+        return alone.keys() == beside.keys() and all(_same_rows(alone[k], beside[k], n, total) for k in alone)
+    if isinstance(alone, (tuple, list)) and isinstance(beside, (tuple, list)):
+        return len(alone) == len(beside) and all(_same_rows(a, b, n, total) for a, b in zip(alone, beside))
+    return True
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -207,6 +256,143 @@ def _cut(out, n: int, rows: int):
     return out
 
 
-def _compile(module: nn.Module, mode: Optional[str]) -> None:
-    """``module.compile(...)`` (its forward compiled in place); tests replace this to force a failure."""
-    module.compile(mode=mode, dynamic=False)
+# ----------------------------------------------------------------------------- torch.compile
+
+# The inductor mode each config.compile value is compiled with. Never one that turns on inductor's
+# own CUDA graphs ("max-autotune" does): their outputs are overwritten by the next replay (the
+# evaluation keeps successive outputs of the compiled features), and the PGD step is already
+# captured in stakes' own CUDA graph, which must not record inductor's graphs inside it.
+INDUCTOR_MODES = {"default": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+# What dynamo and inductor raise when they cannot compile (a backend failure, an unsupported
+# construct, the recompile limit): the module falls back to its eager forward.
+try:
+    from torch._dynamo.exc import FailOnRecompileLimitHit as _LimitHit, TorchDynamoException as _DynamoError
+    _COMPILE_ERRORS: tuple = (_DynamoError, _LimitHit)
+except ImportError:   # pragma: no cover  (older torch)
+    _COMPILE_ERRORS = (RuntimeError,)
+
+# Cache entries a run allows each compiled code object: every compiled module goes through
+# nn.Module._call_impl, one code object whose cache all of a run's modules share (dynamo's default
+# of 8 is spent by a few shapes × grad mode × train/eval); running over it is an error here (a
+# fallback with its reason), never the silent eager run dynamo makes of it.
+RECOMPILE_LIMIT = 256
+
+
+class Compiler:
+    """A run's ``torch.compile``: its modules compiled in place, each behind a guard, and counted.
+
+    :meth:`add` compiles a module (``nn.Module.compile``, ``dynamic=False``: one graph per batch
+    shape, grad mode and train/eval, no symbolic shapes) with the inductor mode of
+    ``config.compile`` (:data:`INDUCTOR_MODES`). A failure to compile, whenever it happens (the
+    first call, a training-mode graph, a new PGD shape, a module SyncBatchNorm converted, the
+    recompile limit), falls back to the module's eager forward for the rest of the run, with a
+    one-line warning, and is recorded. :meth:`settings` is the dynamo configuration the run's model
+    work must run in; :meth:`record` what the result records, per module: graphs compiled,
+    recompiles (graphs compiled at a module's later calls: a new shape, grad mode or train/eval),
+    calls through the compiled forward, executions of compiled graphs (fewer than the calls: some
+    ran eagerly), and fallbacks."""
+
+    def __init__(self, mode: str = "off"):
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+        self.mode = mode
+        self.modules: dict = {}     # name → module
+        self.graphs: dict = {}      # name → graphs compiled
+        self.recompiles: dict = {}  # name → graphs compiled after the module's first call
+        self.calls: dict = {}       # name → calls through the compiled forward
+        self.graph_runs: dict = {}  # name → executions of its compiled graphs
+        self.fallbacks: dict = {}   # name → why it runs eagerly
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def settings(self):
+        """The dynamo settings of the run's model work (a no-op without compile): a recompile limit
+        that fits a run, raising when it is hit (a fallback, not a silent eager run), and backward
+        graphs compiled with their forward (so that a failure surfaces where it is caught)."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        import torch._dynamo
+        import torch._functorch.config
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch._dynamo.config.patch(
+            recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=max(RECOMPILE_LIMIT * 4, 1024),
+            fail_on_recompile_limit_hit=True))
+        stack.enter_context(torch._functorch.config.patch(force_non_lazy_backward_lowering=True))
+        return stack
+
+    def add(self, name: str, module: Optional[nn.Module]) -> None:
+        """Compile ``module`` in place under ``name`` (nothing with compile off or no module)."""
+        if not self.enabled or module is None:
+            return
+        for key in ("graphs", "recompiles", "calls", "graph_runs"):
+            getattr(self, key).setdefault(name, 0)
+        self.modules[name] = module
+        try:
+            _compile(module, INDUCTOR_MODES[self.mode], self._backend(name))
+        except Exception as err:
+            self._fall_back(name, module, err)
+            return
+        module._compiled_call_impl = self._guarded(name, module, _padded(module, module._compiled_call_impl))
+
+    def _backend(self, name: str):
+        """Inductor with the run's mode, counting the graphs it compiles and runs for ``name``."""
+        inductor = torch._TorchCompileInductorWrapper(INDUCTOR_MODES[self.mode], None, False)
+
+        def backend(gm, example_inputs):
+            self.graphs[name] += 1
+            if self.calls[name] > 1:
+                self.recompiles[name] += 1
+            compiled = inductor(gm, example_inputs)
+
+            def run(*args):
+                self.graph_runs[name] += 1
+                return compiled(*args)
+
+            run._boxed_call = getattr(compiled, "_boxed_call", False)
+            return run
+
+        return backend
+
+    def _guarded(self, name: str, module: nn.Module, call):
+        def forward(*args, **kwargs):
+            self.calls[name] += 1
+            try:
+                return call(*args, **kwargs)
+            except _COMPILE_ERRORS as err:
+                self._fall_back(name, module, err)
+                return module._call_impl(*args, **kwargs)
+
+        return forward
+
+    def _fall_back(self, name: str, module: nn.Module, err: BaseException) -> None:
+        module._compiled_call_impl = None   # the eager forward from now on
+        inner = getattr(err, "inner_exception", None)   # BackendCompilerFailed: what the backend raised
+        reason = f"{type(err).__name__}: {_first_line(err)}"
+        if inner is not None:
+            reason = f"{type(err).__name__} ({type(inner).__name__}: {_first_line(inner)})"
+        reason = reason[:300]
+        self.fallbacks[name] = reason
+        warnings.warn(f"torch.compile failed for {name}, running it eagerly ({reason})", stacklevel=3)
+
+    def fallback(self) -> Optional[str]:
+        """None, or the modules that run eagerly and why, in one line."""
+        return "; ".join(f"{name}: {why}" for name, why in self.fallbacks.items()) or None
+
+    def record(self) -> dict:
+        return {"compile_fallback": self.fallback(), "compile_fallbacks": dict(self.fallbacks),
+                "compiled_graphs": dict(self.graphs), "recompiles": dict(self.recompiles),
+                "compiled_calls": dict(self.calls), "compiled_graph_runs": dict(self.graph_runs)}
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _compile(module: nn.Module, mode: str, backend) -> None:
+    """``module.compile(...)``: its forward compiled in place by ``backend`` (inductor in ``mode``);
+    tests replace this to force a failure or to record what is compiled."""
+    module.compile(backend=backend, dynamic=False)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fused
-from stakes.execution import Execution, pad_rows
+from stakes.execution import Execution, pad_rows, rows_independent
 
 
 @dataclass
@@ -118,8 +118,10 @@ class _PGD:
 
     def _replayed(self, x, x0, target, eps, size: int) -> torch.Tensor:
         n = len(x0)
-        # a fixed shape for every batch: one graph, rows of the last one padded and dropped
-        x, x0, target, eps = (pad_rows(t, size) for t in (x, x0, target, eps))
+        # a fixed shape for every batch: one graph, rows of the last one padded and dropped; a model
+        # whose rows are not independent (a BatchNorm on batch statistics) gets a graph per shape instead
+        if rows_independent(self.model, x):
+            x, x0, target, eps = (pad_rows(t, size) for t in (x, x0, target, eps))
         graph = self._graphs.get((tuple(x.shape), x.dtype))
         if graph is None:
             graph = self._graphs[(tuple(x.shape), x.dtype)] = _CapturedSteps(self, x, x0, target, eps)

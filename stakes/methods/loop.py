@@ -19,6 +19,7 @@ evaluation at log points (:mod:`.evaluation`), checkpoints (:mod:`.checkpoint`),
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from fused.optim import StructureSGD
 from stakes import distributed as dist_
 from stakes.config import UnlearnConfig, deterministic_algorithms
-from stakes.execution import Execution
+from stakes.execution import Compiler, Execution
 from stakes.methods.base import Batch, UnlearningMethod, get_method, preset
 from stakes.methods.checkpoint import Checkpointer, recipe
 from stakes.methods.context import UnlearnContext
@@ -90,14 +91,22 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
     ctx = dist_.resolve(distributed)
     device = torch.device(cfg.device)
     clf = _as_parts(model)
+    compiler = None
     if execution is None:
         execution = Execution.resolve(cfg, clf)
         if execution.channels_last or execution.compile != "off":   # never on the caller's copy
             clf = execution.prepare(copy.deepcopy(clf).to(device))
-            execution.compile_modules([clf], lambda: _trial(clf, forget_x[:1].to(device), execution))
+            compiler = execution.compiler()
+            compiler.add("orig.features", clf.features)
     if any(p.device != device for p in clf.parameters()):
         clf = copy.deepcopy(clf).to(device)   # PGD runs where the config says, never on the caller's copy
     forget_x, forget_y = forget_x.to(device), forget_y.to(device)
+    with compiler.settings() if compiler is not None else contextlib.nullcontext():
+        return _attack(clf, forget_x, forget_y, cfg, ctx, device, execution)
+
+
+def _attack(clf, forget_x, forget_y, cfg: UnlearnConfig, ctx, device, execution: Execution) -> tuple:
+    """:func:`build_proxies` once the attacked model is ready: the radius, then the proxies."""
     n_classes = clf.head.out_features
     t0 = _clock(device)
     eps, calibrated = cfg.eps, None
@@ -203,6 +212,7 @@ class _Run:
     callbacks: list
     model_digest: Optional[str]
     execution: Execution
+    compiler: Compiler                # config.compile: the compiled modules, their graphs and fallbacks
     scaler: Optional[object] = None   # fp16: the gradient scaler of the training steps
     opt: Optional[StructureSGD] = None
     history: list = field(default_factory=list)
@@ -277,21 +287,22 @@ def _prepare(model, forget_set, method: UnlearningMethod, anchors, cfg: UnlearnC
                 checkpointer=Checkpointer(checkpoint_path, strategy, device),
                 watch=NonFiniteWatch(method.key, device, strategy), callbacks=list(callbacks or ()),
                 model_digest=dist_.digest(clf.state_dict()) if dist_ctx.enabled else None, execution=execution,
-                scaler=execution.grad_scaler())
+                compiler=execution.compiler(), scaler=execution.grad_scaler())
 
 
-def _compile(run: _Run) -> Optional[str]:
-    """``config.compile``: the original (PGD) and the trained modules compiled, checked on one
-    forward and backward; None, or why it fell back to eager."""
-    ctx, exe = run.ctx, run.execution
-    modules = [ctx.orig, ctx.features, ctx.head, ctx.projector]
-
-    def trial():
-        with _fixed_batches(run):   # compiled at the training batch shape
-            _trial(ctx.orig, ctx.forget_x[:1], exe)
-            _trial(ctx.deployed, ctx.forget_x[:1], exe)
-
-    return exe.compile_modules(modules, trial)
+def _compile(run: _Run) -> None:
+    """``config.compile``: the backbones compiled (the frozen original's, for PGD and its
+    structures, and the trained one; the head and projector are a linear layer and a small MLP and
+    stay eager), and compiled now on one forward and backward at the training batch shape. A
+    module that fails to compile, now or later, runs eagerly (``run.compiler`` records it)."""
+    ctx, exe, compiler = run.ctx, run.execution, run.compiler
+    if not compiler.enabled:
+        return
+    compiler.add("orig.features", ctx.orig.features)
+    compiler.add("features", ctx.features)
+    with _fixed_batches(run):   # compiled at the training batch shape
+        _trial(ctx.orig, ctx.forget_x[:1], exe)
+        _trial(ctx.deployed, ctx.forget_x[:1], exe)
 
 
 def _fixed_batches(run: _Run):
@@ -584,43 +595,50 @@ def unlearn(model, forget_set, *, method="structguard", anchors: Optional[torch.
         start = time.perf_counter()
         run = _prepare(model, forget_set, method_def, anchors, cfg, eval_sets, proxies, callbacks,
                        checkpoint_path, retain_size, dist_.resolve(distributed))
-        ctx = run.ctx
-        _check_launch(run)
-        compile_fallback = _compile(run)
         if resume and not checkpoint_path:
             raise ValueError("resume=True needs checkpoint_path")
-        state = run.checkpointer.load() if resume else None   # the main process reads, every process gets it
-        if state is not None:
-            _restore(run, state)
-        elif ctx.proxies is None:
-            ctx.proxies, timings = build_proxies(ctx.orig, ctx.forget_x, ctx.forget_y, cfg,
-                                                 distributed=run.strategy.dist, execution=run.execution)
-            run.timings.update(timings)
-        # the proxies in the models' memory format, once, before the importance or any step meets them
-        ctx.proxies = dataclasses.replace(ctx.proxies, x=run.execution.inputs(ctx.proxies.x))
-        if state is None:
-            if ctx.projector is not None and getattr(ctx.options, "warm_start", False):
-                ctx.projector.warm_start(generator=torch.Generator().manual_seed(cfg.seed + 17))
-            with _fixed_batches(run):
-                run.opt = _build_optimizer(run)
-        ctx._optimizer = run.opt
+        with run.compiler.settings():   # torch.compile's settings for the run's model work (none without it)
+            return _execute(run, start, resume=resume, keep_checkpoint=keep_checkpoint)
+
+
+def _execute(run: _Run, start: float, *, resume: bool, keep_checkpoint: bool) -> UnlearnResult:
+    """:func:`unlearn` once its run is prepared: checks, compile, proxies (or the checkpoint), the
+    importance and the optimiser, the loop, the result."""
+    ctx, cfg = run.ctx, run.ctx.config
+    _check_launch(run)
+    _compile(run)
+    state = run.checkpointer.load() if resume else None   # the main process reads, every process gets it
+    if state is not None:
+        _restore(run, state)
+    elif ctx.proxies is None:
+        ctx.proxies, timings = build_proxies(ctx.orig, ctx.forget_x, ctx.forget_y, cfg,
+                                             distributed=run.strategy.dist, execution=run.execution)
+        run.timings.update(timings)
+    # the proxies in the models' memory format, once, before the importance or any step meets them
+    ctx.proxies = dataclasses.replace(ctx.proxies, x=run.execution.inputs(ctx.proxies.x))
+    if state is None:
+        if ctx.projector is not None and getattr(ctx.options, "warm_start", False):
+            ctx.projector.warm_start(generator=torch.Generator().manual_seed(cfg.seed + 17))
         with _fixed_batches(run):
-            stopped, loop_s = fit(run)
-        run.timings["loop_s"] = loop_s
-        run.timings["step_ms"] = 1000.0 * loop_s / max(ctx.step, 1)
-        check_finite_parameters(ctx, "end of run")
-        metrics = {k: v for k, v in run.history[-1].items() if k.endswith("_accuracy") or k == "structure_drift"}
-        deployed = ctx.deployed.eval()
-        model_out = deployed
-        if getattr(run.work, "adapter", None) is not None and ctx.projector is None:
-            model_out = run.work.adapter.rebuild(ctx.features, ctx.head).eval()
-        result = UnlearnResult(
-            method=ctx.method, model=model_out, metrics=metrics, history=run.history, config=cfg.to_dict(),
-            proxies=ctx.proxies.summary(), steps=ctx.step, epochs=ctx.epoch, stopped=stopped,
-            wall_time_s=time.perf_counter() - start, timings=run.timings, deployed=deployed,
-            model_info=_deployed_info(run), distributed=run.strategy.record(), method_config=ctx.options.to_dict(),
-            execution=run.execution.record(compile_fallback=compile_fallback),
-        )
-        if not keep_checkpoint:
-            run.checkpointer.remove()   # the run finished: the resumable state is no longer needed
-        return result
+            run.opt = _build_optimizer(run)
+    ctx._optimizer = run.opt
+    with _fixed_batches(run):
+        stopped, loop_s = fit(run)
+    run.timings["loop_s"] = loop_s
+    run.timings["step_ms"] = 1000.0 * loop_s / max(ctx.step, 1)
+    check_finite_parameters(ctx, "end of run")
+    metrics = {k: v for k, v in run.history[-1].items() if k.endswith("_accuracy") or k == "structure_drift"}
+    deployed = ctx.deployed.eval()
+    model_out = deployed
+    if getattr(run.work, "adapter", None) is not None and ctx.projector is None:
+        model_out = run.work.adapter.rebuild(ctx.features, ctx.head).eval()
+    result = UnlearnResult(
+        method=ctx.method, model=model_out, metrics=metrics, history=run.history, config=cfg.to_dict(),
+        proxies=ctx.proxies.summary(), steps=ctx.step, epochs=ctx.epoch, stopped=stopped,
+        wall_time_s=time.perf_counter() - start, timings=run.timings, deployed=deployed,
+        model_info=_deployed_info(run), distributed=run.strategy.record(), method_config=ctx.options.to_dict(),
+        execution=run.execution.record(**run.compiler.record()),
+    )
+    if not keep_checkpoint:
+        run.checkpointer.remove()   # the run finished: the resumable state is no longer needed
+    return result

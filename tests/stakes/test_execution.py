@@ -124,15 +124,18 @@ def test_compile_falls_back_to_eager_with_one_message(digits_model, digits_ancho
                                                       monkeypatch):
     import stakes.execution as execution_mod
 
-    def failing(module, mode):
+    def failing(module, mode, backend):
         raise RuntimeError("no C++ compiler for inductor here\nsecond line")
 
     monkeypatch.setattr(execution_mod, "_compile", failing)
-    with pytest.warns(UserWarning, match=r"torch.compile failed, running eagerly \(RuntimeError: no C\+\+ compiler"):
+    with pytest.warns(UserWarning, match=r"torch.compile failed for features, running it eagerly "
+                                         r"\(RuntimeError: no C\+\+ compiler"):
         res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors,
                              config=fast_config(compile="default", max_steps=2))
     assert res.execution["compile"] == "default"
-    assert res.execution["compile_fallback"] == "RuntimeError: no C++ compiler for inductor here"
+    why = "RuntimeError: no C++ compiler for inductor here"
+    assert res.execution["compile_fallbacks"] == {"orig.features": why, "features": why}
+    assert res.execution["compile_fallback"] == f"orig.features: {why}; features: {why}"
     plain = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(max_steps=2))
     for a, b in zip(res.deployed.parameters(), plain.deployed.parameters()):
         assert torch.equal(a, b)   # eager, as without compile
@@ -148,12 +151,12 @@ def test_compiled_modules_see_only_the_fixed_batch_shapes(digits_model, digits_a
 
     seen, phase = {}, {"training": False}
 
-    def recording(module, mode):   # an eager stand-in for torch.compile that records the rows it meets
+    def recording(module, mode, backend):   # an eager stand-in for torch.compile that records the rows it meets
         impl = module._call_impl
 
         def call(x, *a, **k):
             if phase["training"]:
-                seen.setdefault(type(module).__name__, set()).add(x.shape[0])
+                seen.setdefault(id(module), set()).add(x.shape[0])
             return impl(x, *a, **k)
         module._compiled_call_impl = call
 
@@ -170,7 +173,7 @@ def test_compiled_modules_see_only_the_fixed_batch_shapes(digits_model, digits_a
     res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(compile="default", **over),
                          eval_sets={"test": test})
     k = len(forget_set[1])
-    assert res.execution["compile_fallback"] is None
+    assert res.execution["compile_fallback"] is None and len(seen) == 2   # the original's and the trained backbone
     assert len(test[1]) < CHUNK and seen and all(rows <= {k, 10, CHUNK} for rows in seen.values()), seen
     assert any(10 in rows for rows in seen.values()) and any(CHUNK in rows for rows in seen.values())
     phase["training"] = False
@@ -214,27 +217,93 @@ def test_padding_leaves_training_batchnorm_alone():
 
 
 @pytest.mark.slow
-def test_compile_is_used(digits_model, digits_anchors, forget_set, fast_config, monkeypatch):
-    compiled = []
-    original = loop._compile
-
-    def spy(run):
-        out = original(run)
-        compiled.extend(m for m in (run.ctx.orig, run.ctx.features, run.ctx.head)
-                        if getattr(m, "_compiled_call_impl", None) is not None)
-        return out
-
-    monkeypatch.setattr(loop, "_compile", spy)
+@pytest.mark.parametrize("method", ["adv", "structguard"])
+def test_compile_is_used(method, digits, digits_model, digits_anchors, forget_set, fast_config):
+    """A 6-step digits run under --compile default (the shapes of PGD, training and evaluation, grad
+    on and off, train and eval modes): the original's and the trained backbone are compiled, and
+    every call through a compiled module runs compiled graphs. Dynamo's own recompile limit (8
+    entries, shared by every module's _call_impl) ran the rest of such a run eagerly and silently;
+    a module that falls back after its first call fails here (fewer graph runs than calls, or a
+    recorded fallback). StructGuard's original structures go through the compiled original too."""
     torch._dynamo.reset()
-    res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors,
-                         config=fast_config(compile="default", max_steps=2, backend="reference"))
-    if res.execution["compile_fallback"] is not None:   # inductor could not build here: said as such
-        pytest.fail(f"compile fell back: {res.execution['compile_fallback']}")
-    assert len(compiled) == 3
-    plain = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(max_steps=2))
+    cfg = fast_config(method, compile="default", max_steps=6, log_every=2)
+    res = stakes.unlearn(digits_model, forget_set, method=method, anchors=digits_anchors, config=cfg,
+                         eval_sets={"test": (digits.test_x, digits.test_y)})
+    ex = res.execution
+    if ex["compile_fallback"] is not None:
+        pytest.fail(f"compile fell back: {ex['compile_fallback']}")
+    assert set(ex["compiled_graphs"]) == {"orig.features", "features"}
+    for name in ("orig.features", "features"):
+        assert ex["compiled_graphs"][name] >= 1 and ex["recompiles"][name] == ex["compiled_graphs"][name] - 1
+        assert ex["compiled_graph_runs"][name] >= ex["compiled_calls"][name] > 0, (name, ex)
+    pgd_calls = 1 + cfg.pgd_steps + 1   # the trial, then one batch of 16 proxies: the steps and the success check
+    assert ex["compiled_calls"]["orig.features"] >= pgd_calls
+    if method == "structguard":   # + the original's structure of each step's proxies (and the drift's)
+        assert ex["compiled_calls"]["orig.features"] >= pgd_calls + res.steps
+    plain = stakes.unlearn(digits_model, forget_set, method=method, anchors=digits_anchors,
+                           config=fast_config(method, max_steps=6, log_every=2),
+                           eval_sets={"test": (digits.test_x, digits.test_y)})
     for a, b in zip(res.deployed.parameters(), plain.deployed.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     torch._dynamo.reset()
+
+
+def test_a_module_that_fails_to_compile_later_runs_eagerly(digits_model, digits_anchors, forget_set, fast_config,
+                                                           monkeypatch):
+    """A graph compiled after the trial (a training-mode graph, a new PGD shape, a SyncBatchNorm
+    conversion) that fails to compile: that module falls back to eager where it happens, with one
+    message, and the run goes on and computes what the eager run computes."""
+    import stakes.execution as execution_mod
+
+    compiled = {}
+
+    def flaky(module, mode, backend):   # dynamo with a backend that fails on the trained backbone's 2nd graph
+        def fake_inductor(gm, example_inputs):
+            name = "orig.features" if module is flaky.orig else "features"
+            n = compiled[name] = compiled.get(name, 0) + 1
+            if n == 2 and name == "features":
+                raise RuntimeError("inductor could not lower this graph\nsecond line")
+            return gm.forward
+
+        module.compile(backend=fake_inductor, dynamic=False)
+
+    original_compile = loop._compile
+
+    def remember(run):
+        flaky.orig = run.ctx.orig.features
+        return original_compile(run)
+
+    monkeypatch.setattr(execution_mod, "_compile", flaky)
+    monkeypatch.setattr(loop, "_compile", remember)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match=r"torch.compile failed for features, running it eagerly \(BackendCompilerFailed"):
+        res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors,
+                             config=fast_config(compile="default", max_steps=3, log_every=1))
+    torch._dynamo.reset()
+    assert set(res.execution["compile_fallbacks"]) == {"features"}
+    assert "inductor could not lower this graph" in res.execution["compile_fallbacks"]["features"]
+    assert compiled["features"] == 2 and compiled["orig.features"] >= 2   # no compile of features after its failure
+    plain = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(max_steps=3, log_every=1))
+    for a, b in zip(res.deployed.parameters(), plain.deployed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["default", "max-autotune"])
+def test_the_inductor_mode_never_turns_on_inductors_cuda_graphs(mode, monkeypatch):
+    """Inductor's CUDA graphs (what "max-autotune" turns on) overwrite a graph's outputs at its next
+    replay: the evaluation keeps successive outputs of the compiled features, and PGD captures the
+    compiled step in stakes' own graph. The mode handed to torch.compile never enables them."""
+    import stakes.execution as execution_mod
+
+    handed = []
+    monkeypatch.setattr(execution_mod, "_compile", lambda module, m, backend: handed.append((m, backend)))
+    compiler = Execution(compile=mode).compiler()
+    compiler.add("features", nn.Linear(2, 2))
+    (inductor_mode, backend), = handed
+    assert not torch._inductor.list_mode_options(inductor_mode).get("triton.cudagraphs", False)
+    assert not torch._TorchCompileInductorWrapper(inductor_mode, None, False).config.get("triton.cudagraphs", False)
+    if mode == "max-autotune":
+        assert torch._inductor.list_mode_options(inductor_mode).get("max_autotune") is True
 
 
 def _pgd_case(device="cpu", n=6):
@@ -508,3 +577,58 @@ def test_the_pgd_graph_is_captured_on_the_datas_card(monkeypatch):
     kinds = [kind for kind, _ in events]
     assert {"stream", "graph", "capture"} <= set(kinds) and kinds.count("replay") == 3
     assert all(card == 1 for _, card in events), events
+
+
+class _CenterRows(nn.Module):
+    """x − mean over the batch: mixes rows in eval mode with no BatchNorm to reveal it."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)),
+    lambda: nn.Sequential(nn.Linear(3, 4), _CenterRows()),
+], ids=["batchnorm-without-running-stats", "a-module-that-centres-the-batch"])
+def test_padding_leaves_modules_that_mix_rows_in_eval_mode_alone(make):
+    """A BatchNorm without running statistics normalises with the batch's statistics in eval mode
+    too, and a module may mix rows in ways no type reveals: padding rows would change the real
+    rows' outputs, so neither the compiled modules nor the graph-captured PGD pad them."""
+    import stakes.execution as execution_mod
+
+    torch.manual_seed(0)
+    net = make().eval()
+    rows = []
+    call = execution_mod._padded(net, lambda x: rows.append(len(x)) or net._call_impl(x))
+    x = torch.randn(5, 3)
+    with Execution(compile="default").fixed_batches([8]):
+        out = call(x)
+    assert rows == [5]
+    torch.testing.assert_close(out, net(x))
+    independent = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()   # running statistics: rows independent
+    assert execution_mod.rows_independent(independent, x) and not execution_mod.rows_independent(net, x)
+
+
+def test_graph_captured_pgd_does_not_pad_a_model_that_mixes_rows(monkeypatch):
+    """The CUDA-graph PGD pads an odd batch to the graph's shape only where rows are independent: a
+    model with a BatchNorm on batch statistics gets a graph of the batch's own shape, and the eager
+    loop's result."""
+    class StandIn:
+        def __init__(self, pgd, x, x0, target, eps):
+            self.pgd = pgd
+            self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
+
+        def replay(self):
+            self.x.copy_(self.pgd.step(self.x, self.x0, self.target, self.eps))
+
+    monkeypatch.setattr(proxy_mod, "_CapturedSteps", StandIn)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    _, x0, target, eps = _pgd_case(n=5)
+    pgd = proxy_mod._PGD(model, steps=3, step_size=0.1, backend="reference", execution=Execution())
+    start = proxy_mod._random_start(x0, eps, torch.arange(5), 0)
+    eager = pgd.run_steps(start, x0, target, eps)
+    graphed = pgd._replayed(start, x0, target, eps, size=8)
+    assert [shape for shape, _ in pgd._graphs] == [(5, 1, 8, 8)]
+    torch.testing.assert_close(graphed, eager)
