@@ -101,6 +101,10 @@ class _PGD:
             return self._replayed(x, x0, target, eps, pad_to or len(x0))
         return self.run_steps(x, x0, target, eps)
 
+    def release(self) -> None:
+        """Drop the captured graphs (their static buffers and memory pools)."""
+        self._graphs.clear()
+
     def step(self, x: torch.Tensor, x0: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """One step: ∇_x CE(f(x), ỹ) (summed over the batch, so each sample gets its own gradient),
         then the fused per-sample step, projection and clamp."""
@@ -158,9 +162,11 @@ class _CapturedSteps:
             self.graph.replay()
 
 
-def _with_backoff(run_batches, batch_size: int, device: torch.device) -> int:
+def _with_backoff(run_batches, batch_size: int, device: torch.device, release=lambda: None) -> int:
     """``run_batches(size)`` with ``size`` halved after every CUDA out-of-memory error (from
-    ``batch_size`` down to 1); returns the size that fitted. The proxy batch then fits the card."""
+    ``batch_size`` down to 1); returns the size that fitted. The proxy batch then fits the card.
+    After an error ``release()`` drops what the failed size left behind (its CUDA graphs and their
+    memory pools) before the allocator's cache is emptied."""
     size = batch_size
     while True:
         try:
@@ -170,6 +176,7 @@ def _with_backoff(run_batches, batch_size: int, device: torch.device) -> int:
             if size == 1:
                 raise
             size = max(1, size // 2)
+            release()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             warnings.warn(f"out of memory in the PGD attacks: retrying with batches of {size}", stacklevel=2)
@@ -356,7 +363,7 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
             hits[dst] = _success(model, out[dst], target[sl], size, execution)
 
     with _eval_mode(model):
-        fitted = _with_backoff(attack_all, batch_size, x.device)
+        fitted = _with_backoff(attack_all, batch_size, x.device, release=pgd.release)
     if report is not None:
         report["batch_size"] = fitted
     out, hits = all_gather_rows(out, n, ctx), all_gather_rows(hits, n, ctx)

@@ -68,5 +68,7 @@ class Evaluator:
         """1 − mean cos(S^ori, S^unl) over this process's rows of the drift set."""
         ctx = self.ctx
         if self._drift_orig is None:
-            self._drift_orig = torch.cat([ctx.orig_structure_input(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])
+            exe = self.execution
+            self._drift_orig = torch.cat([ctx.orig_structure_input(exe.inputs(x[i:i + CHUNK]))
+                                          for i in range(0, len(x), CHUNK)])
         return structure_drift(self._drift_orig, feats @ ctx.rp, ctx.anchors)

@@ -21,7 +21,7 @@ from stakes.pretrain import load_checkpoint
 from tests.fake_cuda import CudaTensor, DeviceMismatch, fake_cuda
 
 # the card's execution policy set to the CPU's (fp32, contiguous, eager PGD: a fake card cannot capture CUDA
-# graphs), so that both runs do the same arithmetic; test_the_card_defaults covers the card's own policy
+# graphs), so that both runs do the same arithmetic; test_the_card_defaults_reach_every_phase covers the card's own policy
 SMALL = ["--set", "pgd_steps=8", "--set", "repetitions=4", "--set", "max_epochs=3", "--set", "eval_max_samples=120",
          "--set", "backend=reference", "--no-progress", "--precision", "fp32", "--set", "channels_last=false",
          "--set", "cuda_graphs=false"]
@@ -140,19 +140,75 @@ def test_retrain_oracle_on_cuda(digits):
         torch.testing.assert_close(b, a, msg=name)
 
 
-def test_the_card_defaults(tmp_path, cache_env):
-    """On a card the defaults are bf16 autocast, channels_last and CUDA-graph PGD. A run with the
-    first two on the fake card (which cannot capture graphs, and whose autocast cannot lower the
-    precision of what C++ sees as CPU tensors) lays out every model and batch channels_last on the
-    card without a device mismatch, and computes what the CPU computes with channels_last."""
+def test_the_card_defaults_reach_every_phase(monkeypatch):
+    """On a card the defaults are bf16 autocast, channels_last and CUDA-graph PGD, and a run with
+    them (none overridden) takes each where it belongs: every phase (PGD, importance, steps,
+    evaluation) enters autocast on the card in bf16, every convolution meets a channels_last batch
+    (three channels: with one, NCHW is channels_last already), and the PGD steps are replayed from a
+    captured graph. The fake card cannot capture (a stand-in replays the eager step) and computes in
+    fp32 whatever the autocast, so what is checked is what the run asks of the card."""
     import stakes
-    from stakes.execution import Execution
+    import stakes.proxy as proxy_mod
     from stakes.models import build_model
+    from tests.stakes.test_execution import phase_dtypes
 
-    with fake_cuda():
-        exe = Execution.resolve(stakes.preset("stable", device="cuda"),
-                                build_model("digits_cnn", 10, in_channels=1, image_size=8))
-    assert (exe.precision, exe.channels_last, exe.cuda_graphs) == ("bf16", True, True)
+    replays = []
+
+    class StandIn:
+        def __init__(self, pgd, x, x0, target, eps):
+            self.pgd = pgd
+            self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
+
+        def replay(self):
+            replays.append(len(self.x))
+            self.x.copy_(self.pgd.step(self.x, self.x0, self.target, self.eps))
+
+    phase, entered = ["setup"], []
+    real_autocast = torch.autocast
+
+    class RecordingAutocast(real_autocast):
+        def __init__(self, device_type, dtype=None, *a, **k):
+            entered.append((phase[0], device_type, dtype))
+            super().__init__(device_type, dtype, *a, **k)
+
+    monkeypatch.setattr(proxy_mod, "_CapturedSteps", StandIn)
+    monkeypatch.setattr(torch, "autocast", RecordingAutocast)
+    torch.manual_seed(0)
+    model = build_model("shapes_cnn", 10, in_channels=3, image_size=16).eval()
+    gen = torch.Generator().manual_seed(0)
+    forget = (torch.rand(4, 3, 16, 16, generator=gen), torch.tensor([0, 1, 2, 3]))
+    anchors = torch.nn.functional.normalize(torch.randn(10, 32, generator=gen), dim=1)
+    cfg = stakes.preset("stable", device="cuda", repetitions=2, pgd_steps=3, eps=1.0, max_steps=2, log_every=1,
+                        progress=False, stop_warmup_steps=100, backend="reference")
+    layouts = []
+
+    def conv_hook(module, args, out):
+        if isinstance(module, torch.nn.Conv2d):
+            layouts.append((phase[0], args[0].is_contiguous(memory_format=torch.channels_last)))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(conv_hook)
+    try:
+        with fake_cuda(), phase_dtypes(phase=phase):
+            res = stakes.unlearn(model, forget, anchors=anchors, config=cfg,
+                                 eval_sets={"test": (torch.rand(6, 3, 16, 16, generator=gen), torch.arange(6))})
+    finally:
+        handle.remove()
+    ex = res.execution
+    assert (ex["precision"], ex["channels_last"], ex["cuda_graphs"], ex["device_type"]) == ("bf16", True, True, "cuda")
+    by_phase = {}
+    for where, device_type, dtype in entered:
+        by_phase.setdefault(where, set()).add((device_type, dtype))
+    for where in ("pgd", "importance", "step", "evaluation"):
+        assert by_phase.get(where) == {("cuda", torch.bfloat16)}, (where, by_phase)
+    assert {where for where, _ in layouts} >= {"pgd", "importance", "step", "evaluation"}
+    assert all(cl for _, cl in layouts), [where for where, cl in layouts if not cl]
+    assert replays == [8] * cfg.pgd_steps   # the 8 proxies' batch: one replay a step
+
+
+def test_a_card_run_computes_what_the_cpu_computes(tmp_path, cache_env):
+    """The whole CLI run on the fake card with its defaults but CUDA graphs off (the fake card cannot
+    capture, and its bf16 autocast computes in fp32) equals the CPU run with channels_last: the card's
+    paths (layout, devices, no CPU tensor meeting the card) change nothing in what is computed."""
     common = ["unlearn", "--dataset", "digits", "--k", "6", "--seed", "1", "--no-progress", "--set", "pgd_steps=8",
               "--set", "repetitions=4", "--set", "max_epochs=3", "--set", "eval_max_samples=120",
               "--set", "importance_samples=64", "--set", "backend=reference"]

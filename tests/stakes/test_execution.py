@@ -3,6 +3,8 @@ torch.compile (or its fallback), the PGD loop without host syncs, captured in CU
 plumbing, with a stand-in for the capture), and its out-of-memory back-off."""
 
 import contextlib
+import math
+import copy
 import warnings
 
 import pytest
@@ -18,10 +20,11 @@ from tests.stakes.test_registry import CountSyncs
 
 
 @contextlib.contextmanager
-def phase_dtypes(model_types=(nn.Conv2d, nn.Linear)):
+def phase_dtypes(model_types=(nn.Conv2d, nn.Linear), phase=None):
     """Records (phase, output dtype) of every conv / linear layer call, the phase being the stakes
-    function on the stack: PGD steps, importance, training steps, evaluation."""
-    seen, phase = [], ["setup"]
+    function on the stack: PGD steps, importance, training steps, evaluation (``phase[0]``: the
+    current one, for a caller that records more)."""
+    seen, phase = [], phase if phase is not None else ["setup"]
 
     def hook(module, args, out):
         if isinstance(module, model_types):
@@ -68,6 +71,9 @@ def test_every_phase_runs_in_the_configured_precision(precision, dtype, digits_m
 
 
 def test_fp16_trains_through_a_gradient_scaler(digits_model, digits_anchors, forget_set, fast_config, monkeypatch):
+    """fp16 training steps scale the loss (a GradScaler) and update with the gradients divided back:
+    three steps land where fp32's do (within fp16's rounding; an update with still-scaled gradients
+    would move 2**16 times too far), and the scaler did scale (it saw each step's gradients)."""
     scalers = []
     original = loop._prepare
 
@@ -77,10 +83,24 @@ def test_fp16_trains_through_a_gradient_scaler(digits_model, digits_anchors, for
         return run
 
     monkeypatch.setattr(loop, "_prepare", prepare)
-    res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, method="adv",
-                         config=fast_config(method="adv", precision="fp16", max_steps=3))
-    assert isinstance(scalers[0], torch.amp.GradScaler) and res.execution["precision"] == "fp16"
-    assert all(torch.isfinite(p).all() for p in res.deployed.parameters())
+    runs = {precision: stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, method="adv",
+                                      config=fast_config(method="adv", precision=precision, max_steps=3))
+            for precision in ("fp32", "fp16")}
+    scaler = scalers[1]
+    assert isinstance(scaler, torch.amp.GradScaler) and runs["fp16"].execution["precision"] == "fp16"
+    # a step whose scaled gradients overflowed halved the scale and was skipped: fp32 takes as many steps
+    skipped = round(math.log2(2.0 ** 16 / scaler.get_scale()))
+    assert 0 <= skipped < 3 and scaler._growth_tracker.item() == 3 - skipped
+    if skipped:
+        runs["fp32"] = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, method="adv",
+                                      config=fast_config(method="adv", precision="fp32", max_steps=3 - skipped))
+    moved = 0.0
+    for (name, p0), p16, p32 in zip(digits_model.named_parameters(), runs["fp16"].deployed.parameters(),
+                                    runs["fp32"].deployed.parameters()):
+        step32 = (p32 - p0).detach()
+        moved = max(moved, float(step32.abs().max()))
+        torch.testing.assert_close(p16 - p0, step32, rtol=0.05, atol=0.05 * float(step32.abs().max()) + 1e-6, msg=name)
+    assert moved > 1e-4   # the steps did move the weights
 
 
 def test_pretraining_runs_in_the_given_precision(digits):
@@ -319,15 +339,55 @@ def _pgd_case(device="cpu", n=6):
     return model, x0, target, eps
 
 
-def test_the_pgd_steps_make_no_host_sync():
-    """The 100-step loop on a card: no .item(), no bool(tensor), nothing that waits for the device."""
+def test_the_graph_replayed_pgd_steps_make_no_host_sync(monkeypatch):
+    """The 100-step loop as a card runs it: the graph-replay path (fixed batch shape, padding, static
+    buffers, a replay a step; a stand-in replays the eager step), the model's backward, and the
+    fused PGD step on its Triton path (the CPU interpreter here: the launch glue a card runs).
+    Nothing waits for the device: no .item(), no bool(tensor), no copy to the host, inside a
+    fused op's body either (tests.fused.test_host_sync.SyncCounter enters them)."""
+    import fused._launch as launch_mod
+    from fused._dispatch import triton_available_for
+    from tests.fused.test_host_sync import SyncCounter
+
+    if not triton_available_for(torch.device("cpu")):
+        pytest.skip("needs the Triton CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)")
+
+    class StandIn:
+        def __init__(self, pgd, x, x0, target, eps):
+            self.pgd = pgd
+            self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
+
+        def replay(self):
+            self.x.copy_(self.pgd.step(self.x, self.x0, self.target, self.eps))
+
+    launches = []
+    real_run = launch_mod.Launch.run
+
+    def counted(self, wrap=False):
+        launches.append(self.name)
+        return real_run(self, wrap)
+
+    monkeypatch.setattr(proxy_mod, "_CapturedSteps", StandIn)
+    monkeypatch.setattr(launch_mod.Launch, "run", counted)
+    model, x0, target, eps = _pgd_case(n=5)
+    pgd = proxy_mod._PGD(model, steps=4, step_size=0.1, backend=None, execution=Execution())
+    start = proxy_mod._random_start(x0, eps, torch.arange(5), 0)
+    pgd._replayed(start, x0, target, eps, size=8)   # warm-up and capture: outside the counted replays
+    launches.clear()
+    with SyncCounter() as counter:
+        out = pgd._replayed(start, x0, target, eps, size=8)
+    # the one sync: l2_pgd_step checks the radii of a CPU eps tensor (CPU only, by design: below)
+    where = {frames[-1].name for _, frames in counter.calls}
+    assert where <= {"_check_eps"}, counter.report()
+    assert launches == ["pgd.step"] * 4 and out.shape == x0.shape
+    from fused.pgd import _check_eps
+    from tests.fake_cuda import fake_cuda
+
     with fake_cuda():
-        model, x0, target, eps = _pgd_case("cuda")
-        pgd = proxy_mod._PGD(model, steps=5, step_size=0.1, backend=None, execution=Execution())
-        x = proxy_mod._random_start(x0, eps, torch.arange(len(x0)), 0)
-        with CountSyncs() as counter:
-            out = pgd.run_steps(x, x0, target, eps)
-        assert counter.calls == [] and out.shape == x0.shape
+        on_card = torch.full((5,), 1.0, device="cuda")
+        with SyncCounter() as counter:
+            _check_eps(on_card, 5, on_card.device)
+    assert counter.calls == [], counter.report()
 
 
 def test_graph_replay_plumbing_equals_the_eager_loop(monkeypatch):
@@ -356,26 +416,59 @@ def test_graph_replay_plumbing_equals_the_eager_loop(monkeypatch):
     assert len(pgd._graphs) == 1
 
 
-def test_out_of_memory_halves_the_pgd_batch(monkeypatch, digits_model, forget_set):
+@pytest.mark.parametrize("where", ["capture", "replay"])
+def test_out_of_memory_in_the_graph_path_halves_the_pgd_batch(where, monkeypatch, digits_model, forget_set):
+    """The PGD attacks on the card run out of memory inside the CUDA-graph path, where a card runs
+    out: while a batch's graph is warmed up and captured, or when a captured graph replays. The
+    attacks restart with half the batch until one fits, the graphs of the sizes that did not fit are
+    released (a graph holds its memory pool), and the proxies are those of a run that fitted at once.
+    On the fake card, with a stand-in capture that replays the eager step."""
     from stakes.proxy import generate_proxies
+    from tests.fake_cuda import fake_cuda
 
     x, y = forget_set
     kwargs = dict(num_classes=10, repetitions=2, steps=3, step_size=0.1, eps=1.0, seed=0, backend="reference",
                   progress=False)
-    direct = generate_proxies(digits_model, x, y, batch_size=4, **kwargs)
-    original = proxy_mod._PGD.__call__
+    made, released = [], []
 
-    def small_memory(self, x0, *a, **k):
-        if len(x0) > 4:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, x0, *a, **k)
+    class StandIn:   # runs out of memory for batches of more than 4 rows, at capture or at replay
+        def __init__(self, pgd, x, x0, target, eps):
+            self.pgd, made_rows = pgd, len(x)
+            self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
+            for _ in range(3):   # the warm-up steps, as the real capture runs them
+                self.x.copy_(pgd.step(self.x, self.x0, self.target, self.eps))
+            if where == "capture" and made_rows > 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, capture)")
+            made.append(made_rows)
 
-    monkeypatch.setattr(proxy_mod._PGD, "__call__", small_memory)
-    report = {}
-    with pytest.warns(UserWarning, match="retrying with batches of 4"):
-        backed_off = generate_proxies(digits_model, x, y, batch_size=16, report=report, **kwargs)
+        def replay(self):
+            if where == "replay" and len(self.x) > 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, replay)")
+            self.x.copy_(self.pgd.step(self.x, self.x0, self.target, self.eps))
+
+    original_release = proxy_mod._PGD.release
+
+    def release(self):
+        released.append(sorted(shape[0] for shape, _ in self._graphs))
+        original_release(self)
+
+    monkeypatch.setattr(proxy_mod, "_CapturedSteps", StandIn)
+    monkeypatch.setattr(proxy_mod._PGD, "release", release)
+    with fake_cuda():
+        exe = Execution(cuda_graphs=True, device_type="cuda")
+        model = copy.deepcopy(digits_model).to("cuda")
+        xc, yc = x.to("cuda"), y.to("cuda")
+        direct = generate_proxies(model, xc, yc, batch_size=4, execution=exe, **kwargs)
+        made.clear()
+        report = {}
+        with pytest.warns(UserWarning, match="retrying with batches of 4"):
+            backed_off = generate_proxies(model, xc, yc, batch_size=16, report=report, execution=exe, **kwargs)
     assert report["batch_size"] == 4
-    torch.testing.assert_close(backed_off.x, direct.x)
+    if where == "replay":   # the 16- and 8-row graphs were captured, failed at replay and were released
+        assert made[:2] == [16, 8] and set(made[2:]) == {4} and released == [[16], [8]]
+    else:   # the captures of 16 and 8 rows failed: nothing to release, no graph of theirs kept
+        assert set(made) == {4} and released == [[], []]
+    torch.testing.assert_close(backed_off.x.cpu(), direct.x.cpu())
     assert backed_off.success_rate == direct.success_rate
 
 
