@@ -9,7 +9,11 @@ in the method's :class:`MethodConfig` subclass (``stakes.methods``), with its ow
 serves a whole grid of methods.
 
 ``paper``  — the values and recipe of METHOD.md §3-9 (CIFAR-10 numbers; PGD radius 3.0 pixels in
-             [0, 1] space, so scale ``eps`` for other image sizes or let it calibrate).
+             [0, 1] space, so scale ``eps`` for other image sizes or let it calibrate), in stakes'
+             own control flow.
+``authors``— the authors' released CIFAR-10 script as it runs (METHOD.md §9a): the paper's values
+             and every behaviour of their control flow, each a named switch (data order, stop rule,
+             projector mode, importance at step 2, advertorch's PGD on their L2UL model, ...).
 ``stable`` — the default: METHOD.md §12's measured stabilisers (the PGD radius is calibrated on
              the forget set to a target attack success rate, gradients are clipped, and the SR term
              is a proximal (implicit) step, which cannot diverge whatever lr·λ·I is) and the fixes
@@ -20,8 +24,8 @@ serves a whole grid of methods.
 :func:`preset` here builds the shared options of a preset; ``stakes.preset(name, method=...)``
 (:mod:`stakes.methods`) adds the method's own preset values and routes a method's options.
 
-Quirks of the reference code (skip the SR term on the first two steps of every epoch, keep
-BatchNorm in train mode while unlearning) are options that default to off.
+The behaviours of the reference code (METHOD.md §9a) are options that default to stakes' own
+choice; ``authors`` turns them all on, and README "Presets" lists them.
 """
 
 from __future__ import annotations
@@ -35,9 +39,14 @@ from typing import ClassVar, Optional
 
 import torch
 
-PRESETS = ("stable", "paper")
+PRESETS = ("stable", "paper", "authors")
 DELETION_KINDS = ("ascent", "bounded", "margin")
 LOSS_WEIGHTINGS = ("batch_fraction", "equal")
+STOP_CHECKS = ("epoch", "step")
+PGD_STARTS = ("ball", "box_sphere")
+PGD_ORDERS = ("project_clamp", "clamp_project")
+PROXY_TARGETS = ("uniform", "collision_half")
+PROXY_ORDERS = ("repetition", "forget_batch")
 
 
 def _check_number(owner: str, name: str, v, *, allow_zero: bool = False, integer: bool = False) -> None:
@@ -108,6 +117,16 @@ class UnlearnConfig(_Options):
     eps: Optional[float] = None      # None -> calibrate to `target_success` (§12)
     target_success: float = 0.9
     pgd_batch_size: int = 1024       # repetitions are batched into batches this large [ours]
+    # How the attacks run (§9a.7: the authors' are advertorch's L2PGDAttack on the model their script
+    # holds at that point); stakes' choices first:
+    pgd_start: str = "ball"          # "ball": uniform direction × uniform radius in the ε-ball; "box_sphere":
+                                     # uniform in [0, 1]^D minus x, scaled onto the ε-ball (the sphere, for images), clamped
+    pgd_order: str = "project_clamp"  # a step projects onto the ε-ball then clamps to [0, 1]; "clamp_project" the reverse
+    proxy_targets: str = "uniform"   # "uniform": y + U{1..C−1} mod C; "collision_half": ⌊U·C⌋, a draw of y replaced by C//2
+    proxy_order: str = "repetition"  # "repetition": R passes over the k images; "forget_batch": per forget batch, its R passes
+    pgd_weight_grads: bool = False   # each PGD backward also computes the attacked model's weight gradients (cost only)
+    proxy_model: str = "pretrained"  # the attacked model: the pretrained one, or the model the named method unlearned first
+    proxy_model_options: dict = field(default_factory=dict)   # shared options of that first run (e.g. {"eps": 4.0})
 
     # Batches and optimisation (§8-9): StructureSGD for every method.
     forget_batch_size: int = 128
@@ -128,10 +147,20 @@ class UnlearnConfig(_Options):
     deletion_margin: float = 1.0     # "margin": mean_i relu(z_y − max_{j≠y} z_j + m)
     loss_weighting: str = "batch_fraction"  # "batch_fraction" (n_f/(n_f+n_a), §8) or "equal" (1 and 1) [ours]
 
-    # The stop rule and the reference code's quirks (off by default [ours]).
+    # The data order (§9a.2): shuffled each epoch [ours], or (False) in index order, the forget
+    # loader cycling on across epochs (the authors').
+    shuffle: bool = True
+
+    # The stop rule (§9, §9a.3): forget accuracy 0 % through the deployed model, checked at the end of
+    # an epoch ("epoch") or after every step ("step", mid-epoch), from epoch `stop_start_epoch` on
+    # (0-based: 0 checks from the first epoch's end / step, 1 from the second epoch).
+    stop_check: str = "epoch"
+    stop_start_epoch: int = 0
     stop_warmup_steps: int = 0       # no stop check before this many steps
-    skip_sr_first_steps: bool = False
-    bn_train_mode: bool = False
+    # The reference code's quirks (off by default [ours]).
+    skip_sr_first_steps: bool = False   # no SR term on the first two steps of every epoch (§9a.6)
+    bn_train_mode: bool = False         # the backbone's BatchNorm in training mode while unlearning (§9a.6)
+    projector_eval_after_check: bool = False   # the stop check leaves the projector in eval mode (§9a.4)
 
     # Bookkeeping.
     log_every: int = 5               # trajectory entry every this many steps
@@ -155,7 +184,8 @@ class UnlearnConfig(_Options):
 
     def validate(self) -> "UnlearnConfig":
         own = "config"
-        for name in ("proximal", "skip_sr_first_steps", "bn_train_mode", "progress", "deterministic"):
+        for name in ("proximal", "skip_sr_first_steps", "bn_train_mode", "progress", "deterministic", "shuffle",
+                     "projector_eval_after_check", "pgd_weight_grads"):
             _check_bool(own, name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"config.seed must be an integer, got {self.seed!r}")
@@ -176,6 +206,17 @@ class UnlearnConfig(_Options):
         for name in ("weight_decay", "lam", "deletion_margin"):
             _check_number(own, name, getattr(self, name), allow_zero=True)
         _check_number(own, "stop_warmup_steps", self.stop_warmup_steps, allow_zero=True, integer=True)
+        _check_number(own, "stop_start_epoch", self.stop_start_epoch, allow_zero=True, integer=True)
+        _check_choice(own, "stop_check", self.stop_check, STOP_CHECKS)
+        _check_choice(own, "pgd_start", self.pgd_start, PGD_STARTS)
+        _check_choice(own, "pgd_order", self.pgd_order, PGD_ORDERS)
+        _check_choice(own, "proxy_targets", self.proxy_targets, PROXY_TARGETS)
+        _check_choice(own, "proxy_order", self.proxy_order, PROXY_ORDERS)
+        if not isinstance(self.proxy_model, str) or not self.proxy_model:
+            raise ValueError(f"config.proxy_model must be 'pretrained' or a registered method's name, got "
+                             f"{self.proxy_model!r}")
+        if not isinstance(self.proxy_model_options, dict) or not all(isinstance(k, str) for k in self.proxy_model_options):
+            raise ValueError(f"config.proxy_model_options must be a dict {{option: value}}, got {self.proxy_model_options!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"config.momentum must be in [0, 1), got {self.momentum!r}")
         for name in ("eps", "grad_clip", "deletion_bound"):
@@ -240,9 +281,20 @@ class MethodConfig(_Options):
         return cls(**values)
 
 
+_PAPER = dict(eps=3.0, lr=0.005, lam=1.0, deletion="ascent", grad_clip=None, proximal=False)
 _PRESET_VALUES = {
-    # METHOD.md §3-9 as the reference code runs it (CIFAR-10 values).
-    "paper": dict(eps=3.0, lr=0.005, lam=1.0, deletion="ascent", grad_clip=None, proximal=False),
+    # METHOD.md §3-9: the paper's numbers and settings (CIFAR-10 values), in stakes' control flow.
+    "paper": dict(_PAPER),
+    # METHOD.md §9a: the authors' CIFAR-10 script as it runs — the paper's settings and every behaviour
+    # of their control flow: index-order data, the stop check after every step from the second epoch
+    # (at most 101 epochs), the projector left in eval mode by it, no SR on an epoch's first two steps,
+    # BatchNorm in training mode, advertorch's PGD (start, clamp then project, collision target, weight
+    # gradients) on the model their L2UL baseline unlearned first, per forget batch; cuDNN
+    # deterministic. StructGuard's own part (importance at step 2, ...) is its method preset.
+    "authors": dict(_PAPER, shuffle=False, stop_check="step", stop_start_epoch=1, max_epochs=101,
+                    projector_eval_after_check=True, skip_sr_first_steps=True, bn_train_mode=True,
+                    pgd_start="box_sphere", pgd_order="clamp_project", proxy_targets="collision_half",
+                    proxy_order="forget_batch", pgd_weight_grads=True, proxy_model="l2ul", deterministic=True),
     # METHOD.md §12's stabilisers (calibrated radius, clipping at 2, proximal SR step) plus the
     # measured fixes of §13 [ours]: the smallest deletion push that misclassifies (margin), weighted
     # equally with retention.
@@ -251,7 +303,7 @@ _PRESET_VALUES = {
 
 
 def preset(name: str = "stable", **overrides) -> UnlearnConfig:
-    """The shared options of preset ``name`` ("stable" or "paper"), with ``overrides``.
+    """The shared options of preset ``name`` ("stable", "paper" or "authors"), with ``overrides``.
 
     A method's own preset values (StructGuard's warm-started projector, the baselines' optimiser
     under ``paper``) and options come from ``stakes.preset(name, method=..., **options)``."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import warnings
 import weakref
 from dataclasses import dataclass, field, fields
@@ -253,6 +254,16 @@ def _cut(out, n: int, rows: int):
     if isinstance(out, (tuple, list)):
         parts = [_cut(o, n, rows) for o in out]
         return type(out)(*parts) if hasattr(out, "_fields") else type(out)(parts)   # a namedtuple takes fields
+    return out
+
+
+def eager_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose modules run their own eager forward: the copy of a compiled
+    module (``nn.Module.compile``) would keep calling the original's compiled forward, on the
+    original's weights."""
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        m._compiled_call_impl = None
     return out
 
 

@@ -214,11 +214,39 @@ def _user_model(spec: ModelSpec, data):
                          "torchvision:NAME or hf:LOCAL_DIR")
     model = build_user_arch(arch, data, model_args=spec.model_args, load_weights=payload is None)
     if payload is not None:
-        try:
-            model.load_state_dict(payload)
-        except RuntimeError as err:
-            raise ValueError(f"--model {path} does not fit --arch {arch}: {str(err).splitlines()[0]}") from None
+        if arch.startswith("authors:"):   # their wrappers' keys (model.…, 1.…) mapped to the network's
+            from stakes.authors import authors_state_dict
+
+            payload = authors_state_dict(payload)
+        misfit = state_dict_misfit(model, payload)
+        if misfit:
+            raise ValueError(f"--model {path} does not fit --arch {arch}: {misfit}")
+        model.load_state_dict(payload, strict=True)
     return model.eval(), {"source": path or arch, "arch": arch}
+
+
+def state_dict_misfit(model: torch.nn.Module, state: dict) -> Optional[str]:
+    """Why ``state`` does not load into ``model`` with ``strict=True`` (the first missing key, the
+    first unexpected one, the first shape that differs, with counts), or None when it does."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+
+    def first(keys, what):
+        more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+        return f"{what} {keys[0]!r}{more}"
+
+    parts = []
+    if missing:
+        parts.append(first(missing, "missing key"))
+    if unexpected:
+        parts.append(first(unexpected, "unexpected key"))
+    if shapes:
+        k = shapes[0]
+        more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        parts.append(f"shape of {k!r}: file {list(state[k].shape)}, model {list(own[k].shape)}{more}")
+    return "; ".join(parts) or None
 
 
 def build_user_arch(arch: str, data, *, model_args: Optional[dict] = None, load_weights: bool = False):
@@ -228,6 +256,17 @@ def build_user_arch(arch: str, data, *, model_args: Optional[dict] = None, load_
     family, _, name = arch.partition(":")
     kw = dict(model_args or {})
     c, h, _ = data.input_shape
+    if family == "authors" and name:
+        from stakes import authors
+
+        if name not in authors.ARCHS:
+            raise UsageError(f"--arch {arch}: the authors' networks are {', '.join('authors:' + n for n in authors.ARCHS)}")
+        if kw:
+            raise UsageError(f"--arch {arch} takes no --model-arg (got {sorted(kw)})")
+        try:
+            return authors.build(name, data.num_classes, in_channels=c)
+        except ValueError as err:
+            raise UsageError(f"--arch {arch}: {err}") from None
     if family == "timm" and name:
         import timm
 
@@ -261,7 +300,8 @@ def build_user_arch(arch: str, data, *, model_args: Optional[dict] = None, load_
         except (OSError, ValueError) as err:
             raise UsageError(f"--arch {arch}: {str(err).splitlines()[0]}") from None
         return model
-    raise UsageError(f"--arch must be timm:NAME, torchvision:NAME or hf:LOCAL_DIR, got {arch!r}")
+    raise UsageError(f"--arch must be timm:NAME, torchvision:NAME, hf:LOCAL_DIR or authors:NAME (the networks of "
+                     f"the authors' code, e.g. authors:cifar10_resnet18), got {arch!r}")
 
 
 def load_plugins(specs) -> list:

@@ -216,8 +216,11 @@ def _module_path(root: nn.Module, target: nn.Module) -> Optional[tuple]:
 
 
 def _kind(model) -> Optional[str]:
-    """"timm", "torchvision" or "transformers" from the classes the model is built from."""
+    """"timm", "torchvision", "transformers", or "authors" (the networks of the authors' code,
+    :mod:`stakes.authors`) from the classes the model is built from."""
     modules = [c.__module__ or "" for c in type(model).__mro__]
+    if type(model).__module__ == "stakes.authors":
+        return "authors"
     if any(m.startswith("transformers.") for m in modules):
         return "transformers"
     if any(m.startswith("timm.") for m in modules) or all(
@@ -255,6 +258,8 @@ def _head_of_block(model: nn.Module, kind: str) -> tuple:
 def _config_normalization(model, kind: str) -> Optional[dict]:
     """mean/std from the model's own configuration: timm's ``pretrained_cfg``, or the Hugging Face
     image-processor config (``preprocessor_config.json``) next to a model loaded from a local folder."""
+    if kind == "authors":   # their normalisation layer's fixed mean and std
+        return dict(model.input_normalization)
     if kind == "timm":
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         if cfg.get("mean") is not None and cfg.get("std") is not None:
@@ -389,6 +394,8 @@ def as_classifier(model: nn.Module, head: nn.Linear | None = None, *, normalizat
       (``fc``, ``classifier``, ``heads`` or ``head``) and the features everything before it;
     - a Hugging Face ``*ForImageClassification`` model (ViT, ConvNeXt, ResNet, Swin, …): called
       with ``pixel_values``, the head is the last ``nn.Linear`` of ``classifier``;
+    - a network of the authors' code (:mod:`stakes.authors`): the head is ``fc``, and
+      ``normalization="config"`` puts their fixed normalisation in front;
     - any other ResNet-shaped module (``conv1 … layer4, avgpool`` and a linear ``fc``).
 
     The split reproduces the model exactly (eval mode): with ``normalization=None``,

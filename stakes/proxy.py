@@ -24,43 +24,86 @@ import fused
 from stakes.execution import Execution, pad_rows, rows_independent
 
 
+@dataclass(frozen=True)
+class AttackSettings:
+    """How the targeted L2 PGD attacks run (the ``UnlearnConfig`` fields of the same names; METHOD.md
+    §3, and §9a.7 for the authors' advertorch attacks). The defaults are stakes' own choices."""
+
+    start: str = "ball"              # "ball": a uniform direction at a uniform fraction of ε; "box_sphere":
+                                     # uniform in [0, 1]^D minus x0, scaled into the ε-ball, clamped (advertorch)
+    order: str = "project_clamp"     # a step: project onto the ε-ball, then clamp to [0, 1]; "clamp_project":
+                                     # clamp, then project (advertorch), the gradient norm floored at 1e-6
+    targets: str = "uniform"         # "uniform": y + U{1..C−1} mod C; "collision_half": ⌊U·C⌋, a draw of y → C//2
+    proxy_order: str = "repetition"  # "repetition": R passes over the k images; "forget_batch": for each
+                                     # forget batch (``forget_batch``), its R passes
+    weight_grads: bool = False       # each backward also computes the attacked model's weight gradients
+    forget_batch: int = 128          # the forget loader's batch (proxy_order="forget_batch")
+
+    @classmethod
+    def from_config(cls, cfg) -> "AttackSettings":
+        return cls(start=cfg.pgd_start, order=cfg.pgd_order, targets=cfg.proxy_targets, proxy_order=cfg.proxy_order,
+                   weight_grads=cfg.pgd_weight_grads, forget_batch=cfg.forget_batch_size)
+
+
 @dataclass
 class ProxySet:
     """N_s = R·k proxy pairs (x̃, ỹ)."""
 
     x: torch.Tensor            # [N_s, C, H, W] in [0, 1]
-    y: torch.Tensor            # [N_s] target labels, never the true label
+    y: torch.Tensor            # [N_s] target labels (never the true label, except under the authors'
+                               # "collision_half" draw, where a class-C//2 image may keep its own)
     source: torch.Tensor       # [N_s] index of the forget image each proxy comes from
     eps: float                 # radius used
-    success_rate: float        # fraction of proxies the pretrained model classifies as ỹ
+    success_rate: float        # fraction of proxies the attacked model classifies as ỹ
+    attacked: Optional[dict] = None   # the run that unlearned the attacked model first (config.proxy_model)
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
     def summary(self) -> dict:
         """n, eps, success rate, and ``checksum`` (the sum of all proxy pixels, in float64) to compare
-        proxy sets of runs within rounding."""
-        return {"n": len(self), "eps": self.eps, "success_rate": self.success_rate,
-                "checksum": float(self.x.double().sum())}
+        proxy sets of runs within rounding; ``attacked_model``: the run that unlearned the attacked
+        model first, where it was not the pretrained one (``config.proxy_model``)."""
+        out = {"n": len(self), "eps": self.eps, "success_rate": self.success_rate,
+               "checksum": float(self.x.double().sum())}
+        if self.attacked is not None:
+            out["attacked_model"] = dict(self.attacked)
+        return out
 
 
 def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator, *,
-                   rows: Optional[slice] = None, total: Optional[int] = None) -> torch.Tensor:
-    """Uniform random labels ≠ y: y + U{1..C−1} mod C.
+                   rows: Optional[slice] = None, total: Optional[int] = None, kind: str = "uniform") -> torch.Tensor:
+    """Random target labels for ``y``, drawn on the host from ``generator``.
 
-    When ``y`` holds the rows ``rows`` of a batch of ``total`` labels split over ranks, the shifts
-    are drawn for the whole batch and those rows taken, so the labels do not depend on the split."""
+    ``kind="uniform"``: uniform over the labels ≠ y, y + U{1..C−1} mod C. ``kind="collision_half"``
+    (the authors' draw, METHOD.md §9a.7): ⌊U·C⌋ with U uniform in [0, 1), a draw equal to y replaced
+    by C//2 (so C//2 is drawn twice as often, and a class-C//2 image can keep its own label).
+
+    When ``y`` holds the rows ``rows`` of a batch of ``total`` labels split over ranks, the draws
+    are made for the whole batch and those rows taken, so the labels do not depend on the split."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 for targeted proxies, got {num_classes}")
     shape = y.shape if total is None else (total,)
+    if kind == "collision_half":
+        draw = (torch.rand(shape, generator=generator, device="cpu") * num_classes).long().clamp_(max=num_classes - 1)
+        if rows is not None:
+            draw = draw[rows]
+        draw = draw.to(y.device)
+        return torch.where(draw == y, torch.full_like(draw, num_classes // 2), draw)
+    if kind != "uniform":
+        raise ValueError(f"kind must be 'uniform' or 'collision_half', got {kind!r}")
     shift = torch.randint(1, num_classes, shape, generator=generator, device="cpu")
     if rows is not None:
         shift = shift[rows]
     return (y + shift.to(y.device)) % num_classes
 
 
-def _random_start(x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
-    """A random point inside each sample's ε-ball (uniform direction, uniform radius fraction).
+def _random_start(x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor, seed: int,
+                  kind: str = "ball") -> torch.Tensor:
+    """A random start for each sample's attack: ``kind="ball"``, a point inside its ε-ball (uniform
+    direction, uniform radius fraction); ``kind="box_sphere"`` (advertorch's, METHOD.md §9a.7), a
+    uniform point of [0, 1]^D minus x0, scaled by min(1, ε/‖·‖) (onto the sphere, for images), and
+    clamped to [0, 1].
 
     Sample ``index[i]`` draws from its own generator seeded by ``(seed, index[i])``, so a proxy does
     not depend on how the attack is cut into batches (``batch_size``), only on the seed and its place.
@@ -69,12 +112,38 @@ def _random_start(x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor, seed
     frac = torch.empty(x0.shape[0], dtype=torch.float32)
     for row, i in enumerate(index.tolist()):
         g = torch.Generator().manual_seed(((seed & 0x7FFFFFFF) << 32) | (int(i) & 0xFFFFFFFF))
-        noise[row] = torch.randn(x0.shape[1:], generator=g)
-        frac[row] = torch.rand((), generator=g)
-    noise, frac = noise.to(device=x0.device, dtype=x0.dtype), frac.to(x0.device)
+        if kind == "box_sphere":
+            noise[row] = torch.rand(x0.shape[1:], generator=g)
+        else:
+            noise[row] = torch.randn(x0.shape[1:], generator=g)
+            frac[row] = torch.rand((), generator=g)
+    noise = noise.to(device=x0.device, dtype=x0.dtype)
+    view = (-1, *([1] * (x0.dim() - 1)))
+    if kind == "box_sphere":
+        delta = noise - x0
+        norms = delta.flatten(1).norm(dim=1)
+        scale = torch.minimum(eps / norms, torch.ones_like(norms)).view(view)
+        return (x0 + delta * scale).clamp(0.0, 1.0)
+    frac = frac.to(x0.device)
     norms = noise.flatten(1).norm(dim=1).clamp_min(1e-12)
-    scale = (eps * frac / norms).view(-1, *([1] * (x0.dim() - 1)))
+    scale = (eps * frac / norms).view(view)
     return (x0 + noise * scale).clamp(0.0, 1.0)
+
+
+def clamp_then_project(x: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, *, step_size: float,
+                       eps: torch.Tensor) -> torch.Tensor:
+    """advertorch's targeted L2 step (METHOD.md §9a.7): x ← clamp(x − α·g/max(‖g‖, 1e-6), 0, 1), then
+    δ = x − x0 projected onto the ε-ball (δ·min(1, ε/‖δ‖)); the result x0 + δ stays in [0, 1] (a
+    convex combination of two points of the box). The fused step projects, then clamps."""
+    b = x.shape[0]
+    view = (b, *([1] * (x.dim() - 1)))
+    g = grad.float()
+    gnorm = g.reshape(b, -1).norm(dim=1).clamp_min(1e-6).view(view)
+    moved = (x.float() - step_size * g / gnorm).clamp(0.0, 1.0)
+    delta = moved - x0.float()
+    dnorm = delta.reshape(b, -1).norm(dim=1)
+    scale = torch.minimum(eps.float() / dnorm, torch.ones_like(dnorm)).view(view)
+    return (x0.float() + delta * scale).to(x.dtype)
 
 
 class _PGD:
@@ -85,9 +154,10 @@ class _PGD:
     inside the steps either way."""
 
     def __init__(self, model: nn.Module, *, steps: int, step_size: float, backend: Optional[str],
-                 execution: Optional[Execution] = None):
+                 execution: Optional[Execution] = None, attack: Optional[AttackSettings] = None):
         self.model, self.steps, self.step_size, self.backend = model, steps, step_size, backend
         self.execution = execution or Execution()
+        self.attack = attack or AttackSettings()
         self._graphs: dict = {}
 
     def __call__(self, x0: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, *, index: torch.Tensor,
@@ -96,7 +166,7 @@ class _PGD:
         samples' places, which key their random starts)."""
         exe = self.execution
         x0 = exe.inputs(x0)
-        x = exe.inputs(_random_start(x0, eps, index, seed))
+        x = exe.inputs(_random_start(x0, eps, index, seed, self.attack.start))
         if exe.cuda_graphs and x0.is_cuda:
             return self._replayed(x, x0, target, eps, pad_to or len(x0))
         return self.run_steps(x, x0, target, eps)
@@ -111,7 +181,13 @@ class _PGD:
         x = x.detach().requires_grad_(True)
         with self.execution.autocast():
             loss = F.cross_entropy(self.model(x), target, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
+        if self.attack.weight_grads:   # advertorch's loss.backward(): the weights' gradients too (cost only)
+            loss.backward()
+            grad = x.grad
+        else:
+            (grad,) = torch.autograd.grad(loss, x)
+        if self.attack.order == "clamp_project":
+            return clamp_then_project(x.detach(), x0, grad, step_size=self.step_size, eps=eps)
         return fused.l2_pgd_step(x.detach(), x0, grad, step_size=self.step_size, eps=eps, targeted=True,
                                  backend=self.backend)
 
@@ -207,8 +283,9 @@ def _success(model: nn.Module, x: torch.Tensor, target: torch.Tensor, batch_size
     return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=x.device)
 
 
-def _eval_mode(model: nn.Module):
-    """Context: model in eval mode with frozen parameters; restores both after."""
+def _eval_mode(model: nn.Module, weight_grads: bool = False):
+    """Context: model in eval mode with frozen parameters (``weight_grads``: parameters that require
+    gradients, as advertorch attacks a model, their gradients dropped on exit); restores both after."""
 
     class _Ctx:
         def __enter__(self_):
@@ -216,12 +293,14 @@ def _eval_mode(model: nn.Module):
             self_.flags = [p.requires_grad for p in model.parameters()]
             model.eval()
             for p in model.parameters():
-                p.requires_grad_(False)
+                p.requires_grad_(weight_grads)
 
         def __exit__(self_, *exc):
             model.train(self_.training)
             for p, f in zip(model.parameters(), self_.flags):
                 p.requires_grad_(f)
+                if weight_grads:
+                    p.grad = None
 
     return _Ctx()
 
@@ -237,7 +316,8 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
                      grid: Optional[list[float]] = None, max_images: int = 64, repetitions: int = 2,
                      batch_size: int = 1024, seed: int = 0, backend: Optional[str] = None,
                      progress: bool = False, distributed=None,
-                     execution: Optional[Execution] = None) -> tuple[float, float]:
+                     execution: Optional[Execution] = None,
+                     attack: Optional[AttackSettings] = None) -> tuple[float, float]:
     """Smallest radius of ``grid`` whose targeted PGD success rate on the forget set reaches
     ``target_success``; returns ``(eps, achieved_success)``. If no radius reaches it, the largest
     radius is returned with its success rate (the caller reports it).
@@ -250,9 +330,12 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     in a group every probe's attacks are split over the ranks (:func:`stakes.distributed.shard_range`,
     batches of ⌈batch_size / W⌉) and the hits are all-reduced, so every rank takes the same
     decisions and returns the single-process result. ``execution``: the run's precision, memory
-    format and CUDA graphs (:class:`stakes.execution.Execution`; default fp32 eager).
+    format and CUDA graphs (:class:`stakes.execution.Execution`; default fp32 eager). ``attack``:
+    how the attacks run (:class:`AttackSettings`; default stakes' own).
     """
     from stakes.distributed import all_reduce_, resolve
+
+    attack = attack or AttackSettings()
 
     ctx = resolve(distributed)
     _check_inputs(model, x, y, num_classes)
@@ -267,12 +350,12 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
         keep = torch.randperm(x.shape[0], generator=g)[:max_images].to(x.device)
         x, y = x[keep], y[keep]
     x0 = x.repeat(repetitions, *([1] * (x.dim() - 1)))
-    target = random_targets(y.repeat(repetitions), num_classes, g)
+    target = random_targets(y.repeat(repetitions), num_classes, g, kind=attack.targets)
     rates: dict = {}
     index = torch.arange(len(x0))
 
     mine = ctx.batches(len(x0), batch_size)   # this rank's attacks (all of them on one process)
-    pgd = _PGD(model, steps=steps, step_size=step_size, backend=backend, execution=execution)
+    pgd = _PGD(model, steps=steps, step_size=step_size, backend=backend, execution=execution, attack=attack)
     size = max((sl.stop - sl.start for sl in mine), default=1)
 
     def success_at(i: int) -> float:
@@ -287,7 +370,7 @@ def calibrate_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
             rates[i] = float(hits / len(x0))
         return rates[i]
 
-    with _eval_mode(model):
+    with _eval_mode(model, attack.weight_grads):
         lo, hi = 0, len(grid) - 1
         bar = tqdm(total=max(1, math.ceil(math.log2(len(grid) + 1))), desc="calibrate radius",
                    disable=not progress or not ctx.is_main, leave=False)
@@ -309,7 +392,7 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
                      repetitions: int = 20, steps: int = 100, step_size: float = 0.1, eps: float = 3.0,
                      batch_size: int = 1024, seed: int = 0, backend: Optional[str] = None,
                      progress: bool = True, distributed=None, execution: Optional[Execution] = None,
-                     report: Optional[dict] = None) -> ProxySet:
+                     report: Optional[dict] = None, attack: Optional[AttackSettings] = None) -> ProxySet:
     """The proxy set of METHOD.md §3: R targeted PGD examples per forget image, batched.
 
     Deterministic for a given ``seed`` (on one device) and independent of ``batch_size`` up to
@@ -324,9 +407,13 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
 
     ``execution``: the run's precision, memory format and CUDA graphs (default fp32 eager). On a
     CUDA out-of-memory error the attacks restart with half the batch size (down to 1); the size
-    that fitted goes into ``report["batch_size"]`` when a ``report`` dict is given.
+    that fitted goes into ``report["batch_size"]`` when a ``report`` dict is given. ``attack``: how
+    the attacks run (:class:`AttackSettings`: the start, the step's clamp/project order, the target
+    draw, the proxies' order, weight gradients; default stakes' own).
     """
     from stakes.distributed import all_gather_rows, resolve
+
+    attack = attack or AttackSettings()
 
     ctx = resolve(distributed)
     _check_inputs(model, x, y, num_classes)
@@ -339,8 +426,12 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     g = torch.Generator().manual_seed(seed)
     k = x.shape[0]
-    source = torch.arange(k, device=x.device).repeat(repetitions)       # [R·k]: repetition-major
-    target = random_targets(y[source], num_classes, g)
+    if attack.proxy_order == "forget_batch":   # the authors' order: each forget batch, its R passes
+        fb = attack.forget_batch
+        source = torch.cat([torch.arange(i, min(i + fb, k)).repeat(repetitions) for i in range(0, k, fb)]).to(x.device)
+    else:
+        source = torch.arange(k, device=x.device).repeat(repetitions)       # [R·k]: repetition-major
+    target = random_targets(y[source], num_classes, g, kind=attack.targets)
     n = len(source)
     if ctx.world_size > n:
         raise ValueError(f"world size {ctx.world_size} > {n} (forget image, repetition) pairs to attack")
@@ -349,7 +440,7 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     out = torch.empty((mine.stop - lo, *x.shape[1:]), dtype=x.dtype, device=x.device)
     hits = torch.empty(out.shape[0], dtype=torch.bool, device=x.device)
     places = torch.arange(n)
-    pgd = _PGD(model, steps=steps, step_size=step_size, backend=backend, execution=execution)
+    pgd = _PGD(model, steps=steps, step_size=step_size, backend=backend, execution=execution, attack=attack)
     desc = f"proxies (R={repetitions}, k={k}, eps={eps:.3g})" + (f", {ctx.world_size} ranks" if ctx.enabled else "")
 
     def attack_all(size: int) -> None:
@@ -362,7 +453,7 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
             out[dst] = pgd(x0, target[sl], e, index=places[sl], seed=seed, pad_to=longest)
             hits[dst] = _success(model, out[dst], target[sl], size, execution)
 
-    with _eval_mode(model):
+    with _eval_mode(model, attack.weight_grads):
         fitted = _with_backoff(attack_all, batch_size, x.device, release=pgd.release)
     if report is not None:
         report["batch_size"] = fitted

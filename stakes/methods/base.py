@@ -31,6 +31,9 @@ from stakes.config import MethodConfig, UnlearnConfig
 
 # The paper's baselines use their own optimiser settings under the `paper` preset (METHOD.md §10).
 PAPER_BASELINE_VALUES = dict(lr=0.001, momentum=0.9, weight_decay=1e-4, eps=4.0)
+# ... and under `authors` also the authors' loop for them: the stop check after every step from the
+# first epoch (their Adv and L2UL loops have no first-epoch exemption).
+AUTHORS_BASELINE_VALUES = dict(PAPER_BASELINE_VALUES, stop_start_epoch=0)
 
 
 @dataclass
@@ -94,6 +97,8 @@ class UnlearningMethod:
             with its presets (``PRESETS``); ``--set NAME.option=value`` on the command line.
         paper_preset: shared config values this method gets under ``preset("paper")`` (the
             baselines: the paper's baseline optimiser).
+        authors_preset: shared config values this method gets under ``preset("authors")`` (the
+            baselines: the paper's baseline optimiser and the authors' loop for them).
         ablation_names: the ablations :meth:`ablation` builds (``stakes compare --ablate NAME``).
         needs_anchors: refuse to run without anchors.
         uses_proxies: trains on the proxy set (a comparison charges the proxies' time to it).
@@ -109,6 +114,7 @@ class UnlearningMethod:
     name: Optional[str] = None          # set by register_method
     config_class: type = MethodConfig
     paper_preset: dict = PAPER_BASELINE_VALUES
+    authors_preset: dict = AUTHORS_BASELINE_VALUES
     ablation_names: tuple = ()
     needs_anchors: bool = False
     uses_proxies: bool = True
@@ -177,6 +183,11 @@ class UnlearningMethod:
     def importance(self, ctx) -> Optional[dict]:
         """Per-parameter importance I for the SR term (dict parameter → tensor), or None."""
         return None
+
+    def importance_step(self, ctx) -> int:
+        """When :meth:`importance` runs: 0 before the first step (the default), or s > 0 during step
+        s, after that step's forward and before its backward (the SR term applies from then on)."""
+        return 0
 
     def grad_masks(self, ctx) -> Optional[dict]:
         """Per-parameter gradient masks (dict parameter → tensor), or None."""
@@ -312,7 +323,7 @@ def _load_builtins() -> None:
 
 
 def preset(name: str = "stable", method="structguard", **overrides) -> UnlearnConfig:
-    """The config of preset ``name`` ("stable" or "paper") for ``method`` (a registered name or an
+    """The config of preset ``name`` ("stable", "paper" or "authors") for ``method`` (a registered name or an
     :class:`UnlearningMethod`), with ``overrides``.
 
     Under ``paper`` each method adds its own ``paper_preset`` shared values (the baselines: the
@@ -322,7 +333,7 @@ def preset(name: str = "stable", method="structguard", **overrides) -> UnlearnCo
     """
     m = method if isinstance(method, UnlearningMethod) else get_method(method)
     shared, own = route_options(overrides, [m])
-    values = {**(m.paper_preset if name == "paper" else {}), **shared}
+    values = {**{"paper": m.paper_preset, "authors": m.authors_preset}.get(name, {}), **shared}
     cfg = config_.preset(name, **values)
     if own.get(m.key):
         cfg = cfg.with_method_options(m.key, **own[m.key])

@@ -62,6 +62,7 @@ class UnlearnContext:
         self.epoch = 0
         self._strategy = strategy
         self._optimizer = None
+        self._projector_left_eval = False   # a stop check left the projector in eval mode (§9a.4)
 
     # ------------------------------------------------------------------ shared loss pieces
     def loss_weights(self, batch: Batch) -> tuple:
@@ -105,10 +106,13 @@ class UnlearnContext:
 
     def train_mode(self) -> None:
         """The modes of a training step: the deployed model in training mode, the backbone's
-        BatchNorm statistics frozen unless ``config.bn_train_mode``."""
+        BatchNorm statistics frozen unless ``config.bn_train_mode``; the projector in eval mode once
+        a stop check left it there (``config.projector_eval_after_check``, the authors' loop)."""
         self.deployed.train()
         if not self.config.bn_train_mode:   # backbone BatchNorm statistics stay as pretrained [ours]
             self.features.eval()
+        if self._projector_left_eval and self.projector is not None:
+            self.projector.eval()
 
     @property
     def param_groups(self) -> list:

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from fused.optim import StructureSGD
 from stakes import distributed as dist_
 from stakes.config import UnlearnConfig, deterministic_algorithms
-from stakes.execution import Compiler, Execution
+from stakes.execution import Compiler, Execution, eager_copy
 from stakes.methods.base import Batch, UnlearningMethod, get_method, preset
 from stakes.methods.checkpoint import Checkpointer, recipe
 from stakes.methods.context import UnlearnContext
@@ -44,7 +45,7 @@ from stakes.methods.finite import NonFiniteError, NonFiniteWatch, check_finite_p
 from stakes.methods.parts import DeployedModel, Projector, random_projection
 from stakes.methods.strategy import SingleProcess, strategy_for
 from stakes.metrics import accuracy
-from stakes.proxy import ProxySet, calibrate_radius, generate_proxies
+from stakes.proxy import AttackSettings, ProxySet, calibrate_radius, generate_proxies
 
 __all__ = ["DeployedModel", "NonFiniteError", "Projector", "UnlearnResult", "build_proxies", "fit",
            "random_projection", "unlearn"]
@@ -91,23 +92,67 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
     ctx = dist_.resolve(distributed)
     device = torch.device(cfg.device)
     clf = _as_parts(model)
+    attacked, t_first = None, _clock(device)
+    if cfg.proxy_model != "pretrained":   # the model a named method unlearned first is attacked (§9a.7)
+        clf, attacked = _first_unlearned(clf, forget_x, forget_y, cfg, ctx)
     compiler = None
     if execution is None:
         execution = Execution.resolve(cfg, clf)
         if execution.channels_last or execution.compile != "off":   # never on the caller's copy
-            clf = execution.prepare(copy.deepcopy(clf).to(device))
+            clf = execution.prepare(eager_copy(clf).to(device))
             compiler = execution.compiler()
             compiler.add("orig.features", clf.features)
     if any(p.device != device for p in clf.parameters()):
-        clf = copy.deepcopy(clf).to(device)   # PGD runs where the config says, never on the caller's copy
+        clf = eager_copy(clf).to(device)   # PGD runs where the config says, never on the caller's copy
     forget_x, forget_y = forget_x.to(device), forget_y.to(device)
     with compiler.settings() if compiler is not None else contextlib.nullcontext():
-        return _attack(clf, forget_x, forget_y, cfg, ctx, device, execution)
+        proxies, timings = _attack(clf, forget_x, forget_y, cfg, ctx, device, execution)
+    if attacked is not None:
+        proxies.attacked = attacked
+        timings["proxy_model_s"] = attacked["wall_time_s"]
+    return proxies, timings
+
+
+def first_run_config(cfg: UnlearnConfig) -> UnlearnConfig:
+    """The config of the run whose model ``cfg.proxy_model`` names (the method that unlearns first,
+    METHOD.md §9a.7): the run's shared options under the same preset, except the ones that method's
+    own preset values set (a baseline's optimiser and radius under ``paper`` / ``authors``), its
+    proxies made against the pretrained model, then ``cfg.proxy_model_options`` over all."""
+    from stakes.config import PRESETS
+
+    method = get_method(cfg.proxy_model)
+    own = {"paper": method.paper_preset, "authors": method.authors_preset}.get(cfg.preset, {})
+    skip = set(own) | {"preset", "proxy_model", "proxy_model_options", "method_options"}
+    values = {f: getattr(cfg, f) for f in UnlearnConfig.field_names() if f not in skip}
+    values.update(proxy_model="pretrained", proxy_model_options={})
+    UnlearnConfig._refuse_unknown(cfg.proxy_model_options)
+    if cfg.preset in PRESETS:
+        first = preset(cfg.preset, method=method, **values)
+    else:
+        first = UnlearnConfig(**values)
+    first = first.replace(**cfg.proxy_model_options)
+    if first.proxy_model != "pretrained":
+        raise ValueError("config.proxy_model_options cannot name another proxy_model: the first run's proxies are "
+                         "made against the pretrained model")
+    return first
+
+
+def _first_unlearned(clf, forget_x, forget_y, cfg: UnlearnConfig, ctx) -> tuple:
+    """The model ``cfg.proxy_model`` unlearned first (through :func:`unlearn`, its own proxies made
+    against the pretrained model) and what that run was."""
+    first_cfg = first_run_config(cfg)
+    res = unlearn(eager_copy(clf), (forget_x, forget_y), method=cfg.proxy_model, config=first_cfg,
+                  distributed=ctx if ctx.enabled else False)
+    info = {"method": cfg.proxy_model, "steps": res.steps, "stopped": res.stopped,
+            "forget_accuracy": res.metrics.get("forget_accuracy"), "eps": (res.proxies or {}).get("eps"),
+            "wall_time_s": res.wall_time_s}
+    return res.deployed.as_classifier(), info
 
 
 def _attack(clf, forget_x, forget_y, cfg: UnlearnConfig, ctx, device, execution: Execution) -> tuple:
     """:func:`build_proxies` once the attacked model is ready: the radius, then the proxies."""
     n_classes = clf.head.out_features
+    attack = AttackSettings.from_config(cfg)
     t0 = _clock(device)
     eps, calibrated = cfg.eps, None
     if eps is None:   # calibrated once, each probe's attacks split over the ranks; rank 0's result broadcast
@@ -115,14 +160,15 @@ def _attack(clf, forget_x, forget_y, cfg: UnlearnConfig, ctx, device, execution:
                                            target_success=cfg.target_success, steps=cfg.pgd_steps,
                                            step_size=cfg.pgd_step_size, batch_size=cfg.pgd_batch_size,
                                            seed=cfg.seed, backend=cfg.backend, progress=cfg.progress,
-                                           distributed=ctx, execution=execution)
+                                           distributed=ctx, execution=execution, attack=attack)
         eps, calibrated = dist_.broadcast_object((eps, calibrated), ctx)
     t1 = _clock(device)
     report: dict = {}
     proxies = generate_proxies(clf, forget_x, forget_y, num_classes=n_classes, repetitions=cfg.repetitions,
                                steps=cfg.pgd_steps, step_size=cfg.pgd_step_size, eps=eps,
                                batch_size=cfg.pgd_batch_size, seed=cfg.seed, backend=cfg.backend,
-                               progress=cfg.progress, distributed=ctx, execution=execution, report=report)
+                               progress=cfg.progress, distributed=ctx, execution=execution, report=report,
+                               attack=attack)
     timings = {"calibration_s": t1 - t0 if calibrated is not None else 0.0, "proxies_s": _clock(device) - t1,
                "pgd_batch_size": report.get("batch_size", cfg.pgd_batch_size)}
     return proxies, timings
@@ -215,6 +261,8 @@ class _Run:
     compiler: Compiler                # config.compile: the compiled modules, their graphs and fallbacks
     scaler: Optional[object] = None   # fp16: the gradient scaler of the training steps
     opt: Optional[StructureSGD] = None
+    importance_at: int = 0            # > 0: the importance is computed during this step of the first epoch
+    sr_skipped: bool = False          # the last step left the SR term out (skip_sr_first_steps)
     history: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
@@ -259,10 +307,10 @@ def _prepare(model, forget_set, method: UnlearningMethod, anchors, cfg: UnlearnC
     fx, fy = _check_forget_set(forget_set, clf.head.out_features, device)
     fx = execution.inputs(fx)   # the forget images in the models' memory format before any model meets them
     # the frozen original, and the copy that is unlearned (the caller's model is never modified)
-    orig = execution.prepare(copy.deepcopy(clf).to(device)).eval()
+    orig = execution.prepare(eager_copy(clf).to(device)).eval()
     for p in orig.parameters():
         p.requires_grad_(False)
-    work = execution.prepare(copy.deepcopy(clf).to(device))
+    work = execution.prepare(eager_copy(clf).to(device))
     for p in work.parameters():
         p.requires_grad_(True)
     eval_sets = {name: tuple(t.to(device) for t in _capped_eval_set(name, pair, cfg))
@@ -333,19 +381,40 @@ def _check_launch(run: _Run) -> None:
 
 
 def _build_optimizer(run: _Run) -> StructureSGD:
-    """The optimiser with the method's importance (SR term) and gradient masks, timed."""
+    """The optimiser with the method's importance (SR term) and gradient masks, timed. An importance
+    the method computes during a later step (:meth:`UnlearningMethod.importance_step`) is left to
+    :func:`_late_importance`."""
     ctx, method = run.ctx, run.method
     opt = StructureSGD(method.param_groups(ctx), **method.optimizer_options(ctx))
+    run.importance_at = method.importance_step(ctx)
     t0 = _clock(ctx.device)
     with run.execution.autocast():   # the hooks' model work; their gradients stay fp32 (the parameters')
-        importance = method.importance(ctx)
+        importance = method.importance(ctx) if run.importance_at == 0 else None
         masks = method.grad_masks(ctx)
     if importance is not None:
         opt.set_importance(importance)
     if masks is not None:
         opt.set_grad_masks(masks)
     run.timings["importance_s"] = _clock(ctx.device) - t0
+    if run.importance_at > math.ceil(len(ctx.proxies) / ctx.config.proxy_batch_size):
+        warnings.warn(f"{ctx.method}: the importance is computed during step {run.importance_at} of the first epoch "
+                      f"(importance_step), but an epoch has {math.ceil(len(ctx.proxies) / ctx.config.proxy_batch_size)}"
+                      " step(s): it is never computed and the SR term stays off (as in the authors' script)",
+                      stacklevel=3)
     return opt
+
+
+def _late_importance(run: _Run) -> None:
+    """The importance during step ``run.importance_at`` of the first epoch, after that step's forward
+    and before its backward (the authors' order, METHOD.md §9a.5); the SR term applies from then on."""
+    ctx = run.ctx
+    t0 = _clock(ctx.device)
+    with run.execution.autocast():
+        importance = run.method.importance(ctx)
+    if importance is not None:
+        run.opt.set_importance(importance)
+    run.importance_at = 0
+    run.timings["importance_s"] = run.timings.get("importance_s", 0.0) + _clock(ctx.device) - t0
 
 
 def _fingerprint(run: _Run) -> dict:
@@ -363,6 +432,7 @@ def _state(run: _Run) -> dict:
         "features": ctx.features.state_dict(), "head": ctx.head.state_dict(),
         "projector": None if ctx.projector is None else ctx.projector.state_dict(),
         "projector_frozen_bn": None if ctx.projector is None else ctx.projector.frozen_bn,
+        "projector_left_eval": ctx._projector_left_eval,
         "optimizer": run.opt.state_dict(), "history": run.history, "timings": run.timings,
         "scaler": None if run.scaler is None else run.scaler.state_dict(),
         "rng": torch.get_rng_state(),
@@ -380,6 +450,7 @@ def _restore(run: _Run, state: dict) -> None:
         ctx.projector.load_state_dict(state["projector"])
         ctx.projector.frozen_bn = bool(state.get("projector_frozen_bn"))
         ctx.projector.train(ctx.projector.training)
+    ctx._projector_left_eval = bool(state.get("projector_left_eval", False))
     ctx.proxies = _checked_proxies(run.checkpointer.load_proxies(), ctx)
     run.opt = StructureSGD(run.method.param_groups(ctx), **run.method.optimizer_options(ctx))
     run.opt.load_state_dict(state["optimizer"])
@@ -434,7 +505,10 @@ def _log(run: _Run, losses: dict) -> dict:
 def _batches(run: _Run):
     """One epoch's steps: shuffled proxy batches zipped with a cycled, reshuffled forget loader
     (one generator per epoch, so a resumed run draws exactly what an uninterrupted one would);
-    each process's shard of them."""
+    each process's shard of them. ``config.shuffle=False``: :func:`_batches_in_order`."""
+    if not run.ctx.config.shuffle:
+        yield from _batches_in_order(run)
+        return
     ctx, cfg, strategy = run.ctx, run.ctx.config, run.strategy
     n_s, k, size = len(ctx.proxies), len(ctx.forget_y), cfg.proxy_batch_size
     nf = min(cfg.forget_batch_size, k)
@@ -466,12 +540,39 @@ def _batches(run: _Run):
                     forget_offset=0 if mine is None else mine.start)
 
 
+def _batches_in_order(run: _Run):
+    """One epoch's steps in index order (the authors' unshuffled loaders, METHOD.md §9a.2): the proxy
+    batches in proxy order, zipped with the forget loader's batches in index order (the last one
+    partial), which cycles on across epochs: step t of the run takes forget batch t mod ⌈k/B_f⌉."""
+    ctx, cfg, strategy = run.ctx, run.ctx.config, run.strategy
+    n_s, k, size = len(ctx.proxies), len(ctx.forget_y), cfg.proxy_batch_size
+    fb = cfg.forget_batch_size
+    n_fb = -(-k // fb)
+    first = ctx.step   # the run's step count at the epoch's start (a resumed run starts at an epoch's start)
+    for i in range(0, n_s, size):
+        n_a = min(size, n_s - i)
+        rows = strategy.rows(n_a)
+        ia = slice(i + rows.start, i + rows.stop)
+        b = (first + i // size) % n_fb
+        f0, nf = b * fb, min(fb, k - b * fb)
+        mine = strategy.forget_shard(nf)   # None: every process computes the forget batch whole
+        jf = slice(f0, f0 + nf) if mine is None else slice(f0 + mine.start, f0 + mine.stop)
+        yield Batch(ctx.forget_x[jf], ctx.forget_y[jf], ctx.proxies.x[ia], ctx.proxies.y[ia], index=i // size,
+                    proxy_total=n_a, forget_total=None if mine is None else nf,
+                    forget_offset=0 if mine is None else mine.start)
+
+
 def _train_step(run: _Run, batch: Batch) -> tuple:
     """Loss terms, backward, the method's gradient hook, clipping and the fused update; returns the
     terms' contributions and the loss as device tensors (no host synchronisation)."""
     ctx, cfg, opt = run.ctx, run.ctx.config, run.opt
     opt.zero_grad(set_to_none=True)
+    late = run.importance_at and ctx.epoch == 0 and batch.index == run.importance_at - 1
+    if late and run.strategy.dist.enabled:   # DDP allows no second forward before a step's backward: the
+        _late_importance(run)                 # same parameters, BatchNorm statistics updated in another order
     loss, terms, contributions = run.strategy.loss(batch)
+    if late and not run.strategy.dist.enabled:
+        _late_importance(run)
     run.watch.record(ctx.step, terms, loss)
     scaler = run.scaler
     (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -492,12 +593,14 @@ def _train_step(run: _Run, batch: Batch) -> tuple:
         opt.step()
     for grp, lam in zip(opt.param_groups, saved):
         grp["lam"] = lam
+    run.sr_skipped = skip_sr
     return contributions, loss
 
 
 def fit(run: _Run) -> tuple:
-    """Train until the forget set is misclassified (checked after every epoch, METHOD.md §9) or the
-    epoch / step budget ends; returns ``(why it stopped, seconds in the loop)``."""
+    """Train until the forget set is misclassified (checked after every epoch, or every step with
+    ``stop_check="step"``, from epoch ``stop_start_epoch`` on: METHOD.md §9, §9a.3) or the epoch /
+    step budget ends; returns ``(why it stopped, seconds in the loop)``."""
     ctx, cfg, strategy = run.ctx, run.ctx.config, run.strategy
     steps_per_epoch = max(1, math.ceil(len(ctx.proxies) / cfg.proxy_batch_size))
     total = min(cfg.max_epochs * steps_per_epoch, cfg.max_steps or math.inf)
@@ -511,6 +614,7 @@ def fit(run: _Run) -> tuple:
     if not run.history:
         _log(run, {})
     while ctx.epoch < cfg.max_epochs and ctx.step < total:
+        cleared = False
         for batch in _batches(run):
             if ctx.step >= total:
                 break
@@ -521,21 +625,19 @@ def fit(run: _Run) -> tuple:
                 run.watch.check(f"trajectory log at step {ctx.step}", ctx.step)
                 terms = strategy.logged_terms(terms)
                 loss = sum(terms.values()) if strategy.dist.enabled else loss
-                sr = run.opt.last_sr_loss
-                entry = _log(run, {**terms, "loss": loss, "sr": sr if sr is not None else 0.0})
+                sr = run.opt.last_sr_loss   # ½ΣI(ψ−ψ0)² of the step; 0 where the step left the SR term out
+                entry = _log(run, {**terms, "loss": loss, "sr": sr if sr is not None and not run.sr_skipped else 0.0})
                 bar.set_postfix(forget=f"{entry['forget_accuracy']:.1f}",
                                 test=f"{entry.get('test_accuracy', float('nan')):.1f}")
+            if cfg.stop_check == "step" and _stop_due(run) and _forget_cleared(run):   # mid-epoch (§9a.3)
+                cleared = True
+                break
         ctx.epoch += 1
         run.watch.check(f"end of epoch {ctx.epoch}", ctx.step)
         check_finite_parameters(ctx, f"end of epoch {ctx.epoch}")
-        if ctx.step >= cfg.stop_warmup_steps:   # the stop rule, through the deployed model
-            ctx.deployed.eval()
-            with run.execution.autocast():
-                forget_acc = accuracy(ctx.deployed, ctx.forget_x, ctx.forget_y)
-            ctx.train_mode()
-            if forget_acc == 0.0:
-                stopped = "forget_accuracy_zero"
-                break
+        if cleared or (cfg.stop_check == "epoch" and _stop_due(run, ended=True) and _forget_cleared(run)):
+            stopped = "forget_accuracy_zero"
+            break
         run.timings["loop_s"] = before + _clock(ctx.device) - t0
         if run.checkpointer.path:
             check_finite_parameters(ctx, "before writing the checkpoint")
@@ -548,6 +650,28 @@ def fit(run: _Run) -> tuple:
     if not run.history or run.history[-1]["step"] != ctx.step:
         _log(run, {})
     return stopped, before + _clock(ctx.device) - t0
+
+
+def _stop_due(run: _Run, ended: bool = False) -> bool:
+    """Whether the stop rule is checked now: in epoch ``stop_start_epoch`` or later (``ended``: at the
+    end of the epoch just counted) and after ``stop_warmup_steps`` steps."""
+    ctx, cfg = run.ctx, run.ctx.config
+    epoch = ctx.epoch - 1 if ended else ctx.epoch
+    return epoch >= cfg.stop_start_epoch and ctx.step >= cfg.stop_warmup_steps
+
+
+def _forget_cleared(run: _Run) -> bool:
+    """The stop rule: every forget image misclassified by the deployed model, in eval mode. With
+    ``projector_eval_after_check`` the projector stays in eval mode afterwards (the authors' loop
+    puts only the backbone back in training mode, METHOD.md §9a.4)."""
+    ctx = run.ctx
+    ctx.deployed.eval()
+    with run.execution.autocast():
+        forget_acc = accuracy(ctx.deployed, ctx.forget_x, ctx.forget_y)
+    if ctx.config.projector_eval_after_check:
+        ctx._projector_left_eval = True
+    ctx.train_mode()
+    return forget_acc == 0.0
 
 
 def unlearn(model, forget_set, *, method="structguard", anchors: Optional[torch.Tensor] = None,

@@ -85,6 +85,25 @@ class DeployedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
 
+    def as_classifier(self):
+        """This model as a :class:`stakes.models.Classifier` (features: g, or p∘g with a projector; the
+        same modules, shared)."""
+        from stakes.models import Classifier
+
+        features = self.features if self.projector is None else _Embedding(self)
+        return Classifier(features, self.head)
+
+
+class _Embedding(nn.Module):
+    """p(g(x)) of a deployed model, as a module (its features with the projector)."""
+
+    def __init__(self, deployed: DeployedModel):
+        super().__init__()
+        self.features, self.projector = deployed.features, deployed.projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.features(x))[0]
+
 
 def random_projection(feature_dim: int, anchor_dim: int, seed: int) -> torch.Tensor:
     """R_p ∈ R^{d_f×d_a}: Gaussian with L2-normalised columns, fixed per run; identity if d_f == d_a."""
