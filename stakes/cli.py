@@ -89,7 +89,10 @@ def _summary_lines(rec: dict) -> list:
         f"stakes unlearn — {rec['method']} on {rec['dataset']}{' (synthetic)' if rec.get('synthetic') else ''}, "
         f"k = {rec['k']}, seed = {rec['seed']}, preset = {rec['config']['preset']}",
         f"  proxies: {px.get('n', 0)} at eps = {px.get('eps', float('nan')):.3f} "
-        f"(targeted attack success {100 * px.get('success_rate', float('nan')):.1f} %)",
+        f"(targeted attack success {100 * px.get('success_rate', float('nan')):.1f} %)"
+        + (f", attacking the model {px['attacked_model']['method']} unlearned first "
+           f"({px['attacked_model']['steps']} steps, stopped: {px['attacked_model']['stopped']})"
+           if px.get("attacked_model") else ""),
         f"  {'':22s}{'pretrained':>12s}{'unlearned':>12s}",
         f"  {'forget accuracy %':22s}{pre['forget_accuracy']:12.2f}{rec['forget_accuracy']:12.2f}",
         f"  {'retain accuracy %':22s}{pre['retain_accuracy']:12.2f}{rec['retain_accuracy']:12.2f}",
@@ -105,6 +108,10 @@ def _summary_lines(rec: dict) -> list:
     if ret:
         lines.append(f"  retrieval (test vs retained): recall@1 {ret['recall@1']:.1f} %, mAP {ret['mAP']:.1f} %; "
                      f"forgotten images retrieving their class {ret['forgotten_retrieval_rate']:.1f} %")
+    anchors = rec.get("anchors") or {}
+    if rec["config"].get("preset") == "authors" and anchors.get("encoder") == "minilm":
+        lines.append("  anchors: MiniLM (all-MiniLM-L6-v2, bundled); the authors encode their descriptions with CLIP "
+                     "ViT-B/32, whose weights are not here: --encoder open_clip --clip-checkpoint FILE uses them")
     info = rec.get("model") or {}
     if info.get("normalization"):
         norm = info["normalization"]
@@ -235,8 +242,9 @@ def _common_args(sp, model=True):
                              "--arch; default: pretrain and cache one for digits/shapes")
         sp.add_argument("--arch", default=None, metavar="FAMILY:NAME",
                         help="what a --model state dict belongs to: timm:NAME, torchvision:NAME (random-weight "
-                             "model built with the data set's classes) or hf:LOCAL_DIR (a save_pretrained folder; "
-                             "without --model its own weights); never downloads")
+                             "model built with the data set's classes), hf:LOCAL_DIR (a save_pretrained folder; "
+                             "without --model its own weights) or authors:NAME (the networks of the authors' code: "
+                             "authors:cifar10_resnet18|34|50, authors:cifar100_resnet18|34|50|101|152); never downloads")
         sp.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                         help="extra keyword for the --arch constructor, e.g. patch_size=4 (repeatable)")
         sp.add_argument("--mean", default=None, help="input mean per channel, comma-separated (with --std); "

@@ -289,12 +289,13 @@ _PRESET_VALUES = {
     # of their control flow: index-order data, the stop check after every step from the second epoch
     # (at most 101 epochs), the projector left in eval mode by it, no SR on an epoch's first two steps,
     # BatchNorm in training mode, advertorch's PGD (start, clamp then project, collision target, weight
-    # gradients) on the model their L2UL baseline unlearned first, per forget batch; cuDNN
-    # deterministic. StructGuard's own part (importance at step 2, ...) is its method preset.
+    # gradients) per forget batch; cuDNN deterministic. StructGuard's own part (the model its proxies
+    # attack: the one their L2UL baseline unlearned first; the importance at step 2, ...) is its
+    # method's preset.
     "authors": dict(_PAPER, shuffle=False, stop_check="step", stop_start_epoch=1, max_epochs=101,
                     projector_eval_after_check=True, skip_sr_first_steps=True, bn_train_mode=True,
                     pgd_start="box_sphere", pgd_order="clamp_project", proxy_targets="collision_half",
-                    proxy_order="forget_batch", pgd_weight_grads=True, proxy_model="l2ul", deterministic=True),
+                    proxy_order="forget_batch", pgd_weight_grads=True, deterministic=True),
     # METHOD.md §12's stabilisers (calibrated radius, clipping at 2, proximal SR step) plus the
     # measured fixes of §13 [ours]: the smallest deletion push that misclassifies (margin), weighted
     # equally with retention.

@@ -98,6 +98,16 @@ def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator
     return (y + shift.to(y.device)) % num_classes
 
 
+def start_seed(seed: int, index: int) -> int:
+    """The seed of proxy ``index``'s random start under run seed ``seed``: the two mixed (SplitMix64)
+    into the 32 bits a CPU generator keeps. (torch's CPU generator seeds its Mersenne Twister with the
+    seed's low 32 bits only: ``(seed << 32) | index``, used before, gave every run seed the same starts.)"""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(index) + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0xFFFFFFFF
+
+
 def _random_start(x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor, seed: int,
                   kind: str = "ball") -> torch.Tensor:
     """A random start for each sample's attack: ``kind="ball"``, a point inside its ε-ball (uniform
@@ -111,7 +121,7 @@ def _random_start(x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor, seed
     noise = torch.empty((x0.shape[0], *x0.shape[1:]), dtype=torch.float32)
     frac = torch.empty(x0.shape[0], dtype=torch.float32)
     for row, i in enumerate(index.tolist()):
-        g = torch.Generator().manual_seed(((seed & 0x7FFFFFFF) << 32) | (int(i) & 0xFFFFFFFF))
+        g = torch.Generator().manual_seed(start_seed(seed, int(i)))
         if kind == "box_sphere":
             noise[row] = torch.rand(x0.shape[1:], generator=g)
         else:

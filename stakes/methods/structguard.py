@@ -88,7 +88,9 @@ class StructGuard(UnlearningMethod):
     config_class = StructGuardConfig
     needs_anchors = True
     paper_preset: dict = {}   # the paper's own recipe is the `paper` preset itself
-    authors_preset: dict = {}   # ... and the authors' script the `authors` preset (its own part: PRESETS)
+    # ... and the authors' script the `authors` preset, whose StructGuard attacks the model their L2UL
+    # baseline unlearned first (its own options: PRESETS)
+    authors_preset: dict = {"proxy_model": "l2ul"}
     ablation_names = ("warm-start", "projector")
 
     def ablation(self, name: str, options: StructGuardConfig) -> Variant:

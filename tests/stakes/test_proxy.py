@@ -109,3 +109,127 @@ def test_unreachable_target_returns_the_largest_radius_and_its_rate():
     eps, rate = calibrate_radius(model, x, y, num_classes=4, target_success=1.0, steps=2, step_size=0.01,
                                  grid=[0.01, 0.02], seed=0, backend="reference")
     assert eps == 0.02 and rate < 1.0
+
+
+# ----------------------------------------------------------------------------- the authors' attacks (§9a.7)
+
+def _advertorch_start(x0, eps, u):
+    """advertorch's L2 rand_init, written out: δ = U(0, 1) − x0, δ·min(1, ε/‖δ‖), then x0 + δ clamped."""
+    delta = u - x0
+    norm = delta.flatten(1).norm(dim=1).view(-1, *([1] * (x0.dim() - 1)))
+    return (x0 + delta * torch.clamp(eps / norm, max=1.0)).clamp(0, 1)
+
+
+def _advertorch_step(x, x0, g, alpha, eps):
+    """advertorch's perturb_iterative for ord=2, one step: δ += α·g/max(‖g‖, 1e-6); δ = clamp(x0 + δ) − x0;
+    δ = δ·min(1, ε/‖δ‖) (targeted: g is the gradient of −loss, i.e. minus the loss gradient here)."""
+    view = (-1, *([1] * (x.dim() - 1)))
+    delta = x - x0
+    gn = g.flatten(1).norm(dim=1).clamp_min(1e-6).view(view)
+    delta = delta - alpha * g / gn
+    delta = (x0 + delta).clamp(0, 1) - x0
+    dn = delta.flatten(1).norm(dim=1).view(view)
+    return x0 + delta * torch.clamp(eps / dn, max=1.0)
+
+
+def test_the_authors_random_start_and_step_are_advertorchs():
+    from stakes.proxy import _random_start, clamp_then_project, start_seed
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 8, 8, generator=g)
+    eps = torch.tensor([0.4, 0.4, 1.0, 2.0, 30.0, 0.1])
+    start = _random_start(x0, eps, torch.arange(6), seed=3, kind="box_sphere")
+    u = torch.stack([torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(start_seed(3, i))) for i in range(6)])
+    torch.testing.assert_close(start, _advertorch_start(x0, eps.view(-1, 1, 1, 1), u))
+    radius = (start - x0).flatten(1).norm(dim=1)
+    assert torch.allclose(radius[:4], eps[:4], atol=1e-5)   # on the sphere (the box minus x0 is far wider)
+    grad = torch.randn(6, 1, 8, 8, generator=g)
+    step = clamp_then_project(start, x0, grad, step_size=0.3, eps=eps)
+    torch.testing.assert_close(step, _advertorch_step(start, x0, grad, 0.3, eps.view(-1, 1, 1, 1)))
+    assert step.min() >= 0 and step.max() <= 1   # the projection of a box point towards x0 stays in the box
+    zero = clamp_then_project(start, x0, torch.zeros_like(grad), step_size=0.3, eps=eps)
+    torch.testing.assert_close(zero, start)   # a zero gradient: no step, no NaN
+
+
+def test_the_authors_targets_replace_a_collision_by_half_the_classes():
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    y = torch.arange(10).repeat(300)
+    t = random_targets(y, 10, g1, kind="collision_half")
+    draw = (torch.rand(len(y), generator=g2) * 10).long()
+    assert torch.equal(t, torch.where(draw == y, torch.full_like(y, 5), draw))
+    assert (t[y == 5] == 5).any() and not (t[y != 5] == y[y != 5]).any()   # class 5 may keep its own label
+    share = (t[y != 5] == 5).float().mean()
+    assert 0.15 < share < 0.25   # C//2 drawn twice as often: 2/10
+    with pytest.raises(ValueError, match="kind"):
+        random_targets(y, 10, g1, kind="other")
+
+
+def test_the_authors_proxy_order_is_per_forget_batch():
+    from stakes.proxy import AttackSettings
+
+    model = _linear_model()
+    x, y = _forget(n=5)
+    attack = AttackSettings(proxy_order="forget_batch", forget_batch=2)
+    px = generate_proxies(model, x, y, num_classes=4, repetitions=2, steps=1, eps=1.0, progress=False, attack=attack)
+    assert px.source.tolist() == [0, 1, 0, 1, 2, 3, 2, 3, 4, 4]
+    plain = generate_proxies(model, x, y, num_classes=4, repetitions=2, steps=1, eps=1.0, progress=False)
+    assert plain.source.tolist() == [0, 1, 2, 3, 4] * 2
+
+
+def test_weight_gradients_during_pgd_change_nothing_but_the_work():
+    """advertorch backpropagates into a model whose weights require grad: each PGD step also computes
+    the weights' gradients (the authors' cost), the proxies are the same, and no gradient is left."""
+    from stakes.proxy import AttackSettings
+
+    model = _linear_model()
+    x, y = _forget(n=4)
+    seen = []
+    hook = model[1].weight.register_hook(lambda g: seen.append(g.shape))
+    with_grads = generate_proxies(model, x, y, num_classes=4, repetitions=2, steps=3, eps=1.0, progress=False,
+                                  attack=AttackSettings(weight_grads=True))
+    hook.remove()
+    plain = generate_proxies(model, x, y, num_classes=4, repetitions=2, steps=3, eps=1.0, progress=False)
+    assert len(seen) == 3 and torch.equal(with_grads.x, plain.x)
+    assert all(p.grad is None for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
+
+
+def test_the_attacked_model_is_the_one_a_named_method_unlearned_first(digits, digits_model):
+    """``proxy_model="l2ul"`` (the authors' StructGuard attacks their L2UL result): L2UL runs first
+    through stakes.unlearn, with its own preset values (the baselines' radius and optimiser under
+    `authors`) and its proxies against the pretrained model; the proxies attack its result."""
+    import stakes
+    from stakes.data import sample_forget_indices
+    from stakes.methods import build_proxies
+    from stakes.methods.loop import first_run_config
+
+    cfg = stakes.preset("authors", method="structguard", eps=0.4, repetitions=2, pgd_steps=5, max_epochs=2,
+                        progress=False, backend="reference", proxy_model_options={"eps": 0.6, "max_epochs": 1})
+    assert cfg.proxy_model == "l2ul"
+    first = first_run_config(cfg)
+    assert (first.proxy_model, first.eps, first.max_epochs, first.lr, first.momentum) == ("pretrained", 0.6, 1, 0.001, 0.9)
+    assert first.stop_start_epoch == 0 and first.pgd_start == "box_sphere" and first.preset == "authors"
+    idx = sample_forget_indices(digits.train_y, 6, 0)
+    fx, fy = digits.train_x[idx], digits.train_y[idx]
+    px, timings = build_proxies(digits_model, fx, fy, cfg)
+    attacked = px.summary()["attacked_model"]
+    assert attacked["method"] == "l2ul" and attacked["eps"] == 0.6 and attacked["steps"] > 0
+    assert timings["proxy_model_s"] > 0
+    direct, _ = build_proxies(digits_model, fx, fy, cfg.replace(proxy_model="pretrained"))
+    assert "attacked_model" not in direct.summary() and not torch.equal(direct.x, px.x)
+    with pytest.raises(ValueError, match="unknown config field"):
+        first_run_config(cfg.replace(proxy_model_options={"not_an_option": 1}))
+
+
+def test_the_random_starts_depend_on_the_seed():
+    """Each proxy's start is drawn from a generator keyed by (run seed, its index). torch's CPU
+    generator keeps 32 bits of a seed: ``(seed << 32) | index`` gave every run seed the same starts."""
+    from stakes.proxy import _random_start
+
+    x0 = torch.full((4, 1, 8, 8), 0.5)
+    eps = torch.full((4,), 1.0)
+    for kind in ("ball", "box_sphere"):
+        a = _random_start(x0, eps, torch.arange(4), seed=0, kind=kind)
+        b = _random_start(x0, eps, torch.arange(4), seed=1, kind=kind)
+        again = _random_start(x0[1:3], eps[1:3], torch.arange(1, 3), seed=0, kind=kind)
+        assert not torch.equal(a, b) and not torch.equal(a[0], a[1])   # seeds and places differ
+        assert torch.equal(again, a[1:3])   # the same seed and place: the same start, whatever the batch
