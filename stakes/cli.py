@@ -193,6 +193,8 @@ def run_spec(args) -> RunSpec:
     for name in ("precision", "compile"):   # --precision / --compile: shorthands of --set
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if getattr(args, "trajectory", None) is not None:   # --trajectory EVERY: a shorthand of --set log_every=EVERY
+        overrides["log_every"] = args.trajectory
     return RunSpec(preset=args.preset, overrides=overrides, device=args.device, progress=not args.no_progress)
 
 
@@ -321,6 +323,9 @@ def _add_run_commands(sub) -> None:
                                                            "the result is written)")
     sp.add_argument("--resume", action="store_true", help="resume an interrupted run from its checkpoint")
     sp.add_argument("--save-model", default=None, help="also save the deployed model here")
+    sp.add_argument("--trajectory", nargs="?", type=int, const=5, default=None, metavar="EVERY",
+                    help="log a trajectory into the result: the evaluation sets, drift and losses every EVERY steps "
+                         "(default 5); without it they are evaluated once, at the end")
     _dist_args(sp)
     _compile_arg(sp)
     sp.set_defaults(func=cmd_unlearn)

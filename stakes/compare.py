@@ -389,6 +389,8 @@ class MethodRun:
         if grid.pretrained is None:
             grid.pretrained = evaluate_model(grid.model, data, grid.forget_idx)
         cfg = make_config(job.run, self.method, seed=self.seed, grid=job.methods)
+        if cfg.log_every is None:   # the report's trajectories and matched-forgetting figures need one
+            cfg = cfg.replace(log_every=5)
         if self.options:
             cfg = cfg.with_method_options(get_method(self.method).key, **dict(self.options))
         key = (cfg.eps, cfg.repetitions, cfg.pgd_steps, cfg.pgd_step_size, cfg.target_success)

@@ -163,7 +163,9 @@ class UnlearnConfig(_Options):
     projector_eval_after_check: bool = False   # the stop check leaves the projector in eval mode (§9a.4)
 
     # Bookkeeping.
-    log_every: int = 5               # trajectory entry every this many steps
+    log_every: Optional[int] = None  # a trajectory entry (the evaluation sets, drift, losses) every this many
+                                     # steps; None: none, the evaluation sets once at the end (the stop rule
+                                     # checks the forget set at its own cadence whatever this is)
     eval_max_samples: Optional[int] = 2000  # cap on test / retain samples per trajectory entry
     backend: Optional[str] = None    # fused backend; None = automatic
     device: str = "cpu"
@@ -199,7 +201,7 @@ class UnlearnConfig(_Options):
             raise ValueError(f"config.device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
         _check_choice(own, "preset", self.preset, PRESETS + ("custom",))
         for name in ("repetitions", "pgd_steps", "pgd_batch_size", "forget_batch_size", "proxy_batch_size",
-                     "max_epochs", "log_every"):
+                     "max_epochs"):
             _check_number(own, name, getattr(self, name), integer=True)
         for name in ("pgd_step_size", "lr"):
             _check_number(own, name, getattr(self, name))
@@ -226,7 +228,7 @@ class UnlearnConfig(_Options):
             _check_number(own, "head_lr", self.head_lr, allow_zero=True)
         if not 0.0 < self.target_success <= 1.0:
             raise ValueError(f"config.target_success must be in (0, 1], got {self.target_success!r}")
-        for name in ("max_steps", "eval_max_samples"):
+        for name in ("max_steps", "eval_max_samples", "log_every"):
             if getattr(self, name) is not None:
                 _check_number(own, name, getattr(self, name), integer=True)
         _check_choice(own, "deletion", self.deletion, DELETION_KINDS)

@@ -55,6 +55,7 @@ class Batch:
     proxy_total: Optional[int] = None
     forget_total: Optional[int] = None
     forget_offset: int = 0
+    proxy_rows: object = None   # the proxies' rows in ctx.proxies (a slice or an index tensor), when known
 
     @property
     def n_forget(self) -> int:

@@ -26,7 +26,8 @@ from stakes.methods.base import Batch, ce_bounded, margin_deletion
 
 _PUBLIC = ("deployed", "features", "head", "projector", "orig", "num_classes", "device", "anchors", "rp",
            "config", "options", "method", "forget_x", "forget_y", "proxies", "retain_size", "step", "epoch",
-           "deletion", "loss_weights", "batch_gradient", "gradients", "orig_structure_input", "train_mode", "param_groups")
+           "deletion", "loss_weights", "batch_gradient", "gradients", "orig_structure_input", "proxy_structure_input",
+           "train_mode", "param_groups")
 
 
 class UnlearnContext:
@@ -36,7 +37,7 @@ class UnlearnContext:
     projector, else h∘g), ``features`` (g_ψ, trained), ``head`` (h_φ), ``projector`` (p_ω or None),
     ``orig`` (the frozen pretrained classifier, eval mode), ``num_classes``, ``device``.
     Anchors: ``anchors`` (unit rows [b, d_a], or None), ``rp`` (the fixed projection R_p,
-    [d_f, d_a]), :meth:`orig_structure_input`.
+    [d_f, d_a]), :meth:`orig_structure_input`, :meth:`proxy_structure_input` (the proxies', computed once).
     Options: ``config`` (the shared :class:`~stakes.config.UnlearnConfig`), ``options`` (the
     method's own :class:`~stakes.config.MethodConfig`), ``method`` (the method's name).
     Data: ``forget_x`` / ``forget_y`` (the whole forget set, on ``device``), ``proxies`` (the
@@ -63,6 +64,7 @@ class UnlearnContext:
         self._strategy = strategy
         self._optimizer = None
         self._projector_left_eval = False   # a stop check left the projector in eval mode (§9a.4)
+        self._proxy_v0 = None   # (the proxies' images, their v^ori): proxy_structure_input's cache
 
     # ------------------------------------------------------------------ shared loss pieces
     def loss_weights(self, batch: Batch) -> tuple:
@@ -87,6 +89,19 @@ class UnlearnContext:
         """v^ori before normalisation: g_ψ0(x)·R_p (METHOD.md §4; the structure ops normalise rows)."""
         with torch.no_grad():
             return self.orig.features(x) @ self.rp
+
+    def proxy_structure_input(self, batch: Batch) -> torch.Tensor:
+        """:meth:`orig_structure_input` of the batch's proxies. The frozen original and the proxies
+        never change, so it is computed once for the whole proxy set (at the first call, in chunks
+        of 512, in the precision of that call) and each step takes its rows: one forward of the
+        original per proxy a run instead of one per proxy a step. A batch whose rows are unknown is
+        computed as it comes."""
+        if batch.proxy_rows is None or self.proxies is None:
+            return self.orig_structure_input(batch.proxy_x)
+        if self._proxy_v0 is None or self._proxy_v0[0] is not self.proxies.x:
+            x = self.proxies.x
+            self._proxy_v0 = (x, torch.cat([self.orig_structure_input(x[i:i + 512]) for i in range(0, len(x), 512)]))
+        return self._proxy_v0[1][batch.proxy_rows]
 
     # ------------------------------------------------------------------ the run's machinery, as far as methods need it
     def batch_gradient(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

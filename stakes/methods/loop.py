@@ -537,7 +537,7 @@ def _batches(run: _Run):
             jf = jf[mine]
         yield Batch(ctx.forget_x[jf], ctx.forget_y[jf], ctx.proxies.x[ia], ctx.proxies.y[ia], index=i // size,
                     proxy_total=n_a, forget_total=None if mine is None else nf,
-                    forget_offset=0 if mine is None else mine.start)
+                    forget_offset=0 if mine is None else mine.start, proxy_rows=ia)
 
 
 def _batches_in_order(run: _Run):
@@ -559,7 +559,7 @@ def _batches_in_order(run: _Run):
         jf = slice(f0, f0 + nf) if mine is None else slice(f0 + mine.start, f0 + mine.stop)
         yield Batch(ctx.forget_x[jf], ctx.forget_y[jf], ctx.proxies.x[ia], ctx.proxies.y[ia], index=i // size,
                     proxy_total=n_a, forget_total=None if mine is None else nf,
-                    forget_offset=0 if mine is None else mine.start)
+                    forget_offset=0 if mine is None else mine.start, proxy_rows=ia)
 
 
 def _train_step(run: _Run, batch: Batch) -> tuple:
@@ -611,7 +611,7 @@ def fit(run: _Run) -> tuple:
     t0, before = _clock(ctx.device), run.timings.get("loop_s", 0.0)   # a resumed run carries its loop time
     run.watch.checked_step = ctx.step
     ctx.train_mode()
-    if not run.history:
+    if not run.history and cfg.log_every:   # a trajectory starts at step 0
         _log(run, {})
     while ctx.epoch < cfg.max_epochs and ctx.step < total:
         cleared = False
@@ -621,7 +621,7 @@ def fit(run: _Run) -> tuple:
             terms, loss = _train_step(run, batch)
             ctx.step += 1
             bar.update(1)
-            if ctx.step % cfg.log_every == 0:
+            if cfg.log_every and ctx.step % cfg.log_every == 0:
                 run.watch.check(f"trajectory log at step {ctx.step}", ctx.step)
                 terms = strategy.logged_terms(terms)
                 loss = sum(terms.values()) if strategy.dist.enabled else loss

@@ -44,6 +44,8 @@ class StructGuardConfig(MethodConfig):
                                          # train-mode copy of it (BatchNorm on the batch's statistics)
     importance_projector: str = "live"   # the run's projector, or "copy": a copy of it (its BatchNorm
                                          # statistics are then not updated by the pass)
+    importance_passes: str = "one"   # "one": each distinct batch once (the loader's repeats weighted by their
+                                     # visits; one reshuffled pass); "all": every visit computed (see importance)
     projector_z: str = "hidden"      # z for d_f ≠ d_a: the hidden layer before BatchNorm, or "hidden_relu":
                                      # after BatchNorm and ReLU, by a second pass through them (the authors'
                                      # CIFAR-100 script)
@@ -76,6 +78,7 @@ class StructGuardConfig(MethodConfig):
         _check_choice(own, "importance_reference", self.importance_reference, IMPORTANCE_REFERENCES)
         _check_choice(own, "importance_projector", self.importance_projector, IMPORTANCE_PROJECTORS)
         _check_choice(own, "projector_z", self.projector_z, PROJECTOR_ZS)
+        _check_choice(own, "importance_passes", self.importance_passes, ("one", "all"))
         _check_bool(own, "warm_start", self.warm_start)
         if not self.warm_start and self.projector_lr == 0:
             raise ValueError("structguard.projector_lr=0 needs warm_start=True: a cold projector that is never trained "
@@ -152,7 +155,7 @@ class StructGuard(UnlearningMethod):
         out, z = self.structure_input(ctx, batch.proxy_x)
         terms["retention"] = w_a * F.cross_entropy(ctx.head(out), batch.proxy_y)
         terms["alignment"] = opts.align_weight * fused.structure_alignment_loss(
-            z, ctx.orig_structure_input(batch.proxy_x), ctx.anchors, backend=backend)
+            z, ctx.proxy_structure_input(batch), ctx.anchors, backend=backend)
         w = ctx.head.weight
         terms["classifier_reg"] = opts.cr_weight * (0.99 * w.abs().sum() + 0.5 * 0.01 * w.pow(2).sum())
         return terms
@@ -186,34 +189,115 @@ class StructGuard(UnlearningMethod):
         ``importance_projector="copy"`` a copy of the projector (in its current mode) and with
         ``importance_reference="train_copy"`` a train-mode copy of the frozen original stand in
         for them (§9a.5).
+
+        ``importance_passes="one"`` (the default) computes each distinct batch once: the loader's
+        repeated batches once each, weighted by how often the estimator visits them (the same
+        value, to rounding; the BatchNorm statistics of a training-mode backbone get the updates of
+        every visit, in order, from each batch's statistics: the network is fixed during the pass);
+        the reshuffled estimator one pass over the proxies (N_tot ≥ N_s: each pass is a random
+        partition of the same proxies, so one pass has the expectation of their average; N_tot <
+        N_s: unchanged). ``"all"`` computes every visit.
         """
         cfg, opts = ctx.config, ctx.options
         params = list(ctx.features.parameters())
         imp = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        n_tot = max(opts.importance_samples or ctx.retain_size or len(ctx.proxies), 1)
-        seen = 0
-        g = torch.Generator().manual_seed(cfg.seed + 31)
+        n_s, size = len(ctx.proxies), cfg.proxy_batch_size
+        n_tot = max(opts.importance_samples or ctx.retain_size or n_s, 1)
         projector = eager_copy(ctx.projector) if opts.importance_projector == "copy" and ctx.projector is not None \
             else None
         reference = eager_copy(ctx.orig).train() if opts.importance_reference == "train_copy" else None
         ctx.train_mode()
         if projector is not None:   # the copy keeps the mode the live projector has now
             projector.train(ctx.projector.training)
-        n_s = len(ctx.proxies)
-        while seen < n_tot:
-            order = torch.randperm(n_s, generator=g).to(ctx.device) if opts.importance_order == "shuffled" else None
-            for i in range(0, n_s, cfg.proxy_batch_size):
-                if seen >= n_tot:
-                    break
-                rows = order[i:i + cfg.proxy_batch_size] if order is not None else slice(i, i + cfg.proxy_batch_size)
-                xb = ctx.proxies.x[rows]
-                # the global batch's gradient (all-reduced over ranks in a data-parallel run), then |·|
-                grads = ctx.batch_gradient(lambda part: self._importance_loss(ctx, part, projector, reference), xb, params)
-                fused.accumulate_importance(imp, list(grads), weight=len(xb) / n_tot, backend=cfg.backend)
-                seen += len(xb)
+        batches, visits, seen = importance_plan(n_s, size, n_tot, opts.importance_order, opts.importance_passes,
+                                                torch.Generator().manual_seed(cfg.seed + 31))
+        if len(visits) > len(batches) and _train_norms(ctx.features) and ctx._strategy.dist.enabled:
+            # the closed form of the repeated statistics needs this rank's batch: compute every visit
+            batches, visits = [batches[v] for v in visits], list(range(len(visits)))
+        stats = _RepeatedStatistics(ctx.features) if len(visits) > len(batches) else None
+        counts = [visits.count(b) for b in range(len(batches))]
+        for b, (rows, count) in enumerate(zip(batches, counts)):
+            xb = ctx.proxies.x[rows.to(ctx.device) if isinstance(rows, torch.Tensor) else rows]
+            if stats is not None:
+                stats.batch = b
+            # the global batch's gradient (all-reduced over ranks in a data-parallel run), then |·|
+            grads = ctx.batch_gradient(lambda part: self._importance_loss(ctx, part, projector, reference), xb, params)
+            fused.accumulate_importance(imp, list(grads), weight=count * len(xb) / n_tot, backend=cfg.backend)
+        if stats is not None:
+            stats.replay(visits)
         if seen != n_tot:  # the last batch overshot N_tot: divide by the samples actually seen
             torch._foreach_mul_(imp, n_tot / seen)
         return finish_importance(dict(zip(params, imp)), opts.importance, opts.importance_topq)
+
+
+def importance_plan(n_s: int, size: int, n_tot: int, order: str, passes: str, generator: torch.Generator) -> tuple:
+    """The importance pass's batches (the rows of each distinct batch: index tensors of a shuffle, or
+    slices of the loader's order), the estimator's visits in order (indices into the batches) and the
+    samples it sees: batches of ``size`` over ``n_s`` proxies, cycled until ``n_tot`` samples
+    (``passes="all"``), or each distinct batch once (``"one"``, see :meth:`StructGuard.importance`)."""
+    if order == "shuffled" and passes == "one":
+        n_tot = min(n_tot, n_s)   # one pass of the reshuffled estimator (unchanged when N_tot ≤ N_s)
+    batches, visits, seen = [], [], 0
+    while seen < n_tot:
+        perm = torch.randperm(n_s, generator=generator) if order == "shuffled" else None
+        for j, i in enumerate(range(0, n_s, size)):
+            if seen >= n_tot:
+                break
+            if perm is not None:
+                batches.append(perm[i:i + size])
+                visits.append(len(batches) - 1)
+            else:
+                if passes == "all" or len(batches) <= j:
+                    batches.append(slice(i, min(i + size, n_s)))
+                visits.append(j if passes == "one" else len(batches) - 1)
+            seen += min(size, n_s - i)
+    return batches, visits, seen
+
+
+def _train_norms(module: torch.nn.Module) -> list:
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and m.training and m.track_running_stats]
+
+
+class _RepeatedStatistics:
+    """The running statistics a training-mode backbone's BatchNorm layers would reach if every visit
+    of the importance pass ran a forward, from one forward per distinct batch: each batch's mean and
+    (unbiased) variance are recorded as it passes, and the running statistics are then rewound and
+    advanced through the visits in order (r ← (1 − m)·r + m·s, m the momentum, 1/n for a cumulative
+    average). Exact up to rounding: the network does not change during the pass."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.norms = _train_norms(module)
+        self.start = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                      for m in self.norms]
+        self.seen: dict = {}   # (norm, batch) → (mean, var)
+        self.batch = 0
+        self.hooks = [m.register_forward_pre_hook(self._record(i)) for i, m in enumerate(self.norms)]
+
+    def _record(self, i: int):
+        def hook(module, args):
+            key = (i, self.batch)
+            if key not in self.seen:
+                x = args[0].detach().float()
+                dims = [0, *range(2, x.dim())]
+                self.seen[key] = (x.mean(dims), x.var(dims, unbiased=True))
+        return hook
+
+    @torch.no_grad()
+    def replay(self, visits: list) -> None:
+        for h in self.hooks:
+            h.remove()
+        for i, (m, (mean0, var0, n0)) in enumerate(zip(self.norms, self.start)):
+            mean, var, n = mean0.clone(), var0.clone(), int(n0)
+            for b in visits:
+                n += 1
+                f = m.momentum if m.momentum is not None else 1.0 / n
+                bm, bv = self.seen[(i, b)]
+                mean.mul_(1 - f).add_(bm.to(mean.dtype), alpha=f)
+                var.mul_(1 - f).add_(bv.to(var.dtype), alpha=f)
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.fill_(n)
 
 
 register_method("structguard", StructGuard())
