@@ -125,6 +125,8 @@ class UnlearnConfig(_Options):
     proxy_targets: str = "uniform"   # "uniform": y + U{1..C−1} mod C; "collision_half": ⌊U·C⌋, a draw of y replaced by C//2
     proxy_order: str = "repetition"  # "repetition": R passes over the k images; "forget_batch": per forget batch, its R passes
     pgd_weight_grads: bool = False   # each PGD backward also computes the attacked model's weight gradients (cost only)
+    fold_batchnorm: bool = True      # the frozen original's BatchNorm folded into its convolutions for PGD and its
+                                     # structures (exact up to rounding) [ours]; False: as the authors run it
     proxy_model: str = "pretrained"  # the attacked model: the pretrained one, or the model the named method unlearned first
     proxy_model_options: dict = field(default_factory=dict)   # shared options of that first run (e.g. {"eps": 4.0})
 
@@ -187,7 +189,7 @@ class UnlearnConfig(_Options):
     def validate(self) -> "UnlearnConfig":
         own = "config"
         for name in ("proximal", "skip_sr_first_steps", "bn_train_mode", "progress", "deterministic", "shuffle",
-                     "projector_eval_after_check", "pgd_weight_grads"):
+                     "projector_eval_after_check", "pgd_weight_grads", "fold_batchnorm"):
             _check_bool(own, name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"config.seed must be an integer, got {self.seed!r}")
@@ -297,7 +299,7 @@ _PRESET_VALUES = {
     "authors": dict(_PAPER, shuffle=False, stop_check="step", stop_start_epoch=1, max_epochs=101,
                     projector_eval_after_check=True, skip_sr_first_steps=True, bn_train_mode=True,
                     pgd_start="box_sphere", pgd_order="clamp_project", proxy_targets="collision_half",
-                    proxy_order="forget_batch", pgd_weight_grads=True, deterministic=True),
+                    proxy_order="forget_batch", pgd_weight_grads=True, deterministic=True, fold_batchnorm=False),
     # METHOD.md §12's stabilisers (calibrated radius, clipping at 2, proximal SR step) plus the
     # measured fixes of §13 [ours]: the smallest deletion push that misclassifies (margin), weighted
     # equally with retention.

@@ -72,6 +72,11 @@ class Execution:
                    cuda_graphs=bool(graphs), device_type=device.type)
 
     # ------------------------------------------------------------------ precision
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The dtype autocast computes in (None for fp32)."""
+        return _DTYPES.get(self.precision)
+
     def autocast(self):
         """The autocast context of the model work (a no-op for fp32)."""
         if self.precision == "fp32":
@@ -265,6 +270,32 @@ def eager_copy(module: nn.Module) -> nn.Module:
     for m in out.modules():
         m._compiled_call_impl = None
     return out
+
+
+def frozen_copy(module: nn.Module, *, fold: bool = True, dtype: Optional[torch.dtype] = None) -> tuple:
+    """An eval-mode copy of a frozen network for its inference-only work (PGD on the original, the
+    original's structures), and whether its BatchNorm was folded: with ``fold`` every BatchNorm that
+    follows a convolution or linear layer folded into it (``torch.fx``'s ``fuse``: W' = W·γ/σ,
+    b' = (b − μ)·γ/σ + β, exact up to rounding; one pass over the activations instead of two), and
+    with ``dtype`` (the run's autocast dtype) the convolution and linear weights cast once, where
+    autocast would cast them on every call (the same values). A network ``torch.fx`` cannot trace is
+    copied unfolded. Parameters do not require gradients."""
+    out = eager_copy(module).eval()
+    folded = False
+    if fold and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in out.modules()):
+        try:
+            from torch.fx.experimental.optimization import fuse
+
+            out, folded = fuse(out, inplace=True), True
+        except Exception:   # not traceable by torch.fx (data-dependent control flow, ...): unfolded
+            pass
+    if dtype is not None and dtype != torch.float32:
+        for m in out.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                m.to(dtype)
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out, folded
 
 
 # ----------------------------------------------------------------------------- torch.compile

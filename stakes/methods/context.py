@@ -50,7 +50,7 @@ class UnlearnContext:
     def __init__(self, *, method: str, config: UnlearnConfig, options: MethodConfig, orig: nn.Module,
                  features: nn.Module, head: nn.Linear, projector: Optional[nn.Module], deployed: nn.Module,
                  anchors: Optional[torch.Tensor], rp: torch.Tensor, forget_x: torch.Tensor, forget_y: torch.Tensor,
-                 retain_size: Optional[int], device: torch.device, strategy):
+                 retain_size: Optional[int], device: torch.device, strategy, frozen: Optional[nn.Module] = None):
         self.method, self.config, self.options = method, config, options
         self.orig, self.features, self.head, self.projector, self.deployed = orig, features, head, projector, deployed
         self.num_classes = head.out_features
@@ -65,6 +65,7 @@ class UnlearnContext:
         self._optimizer = None
         self._projector_left_eval = False   # a stop check left the projector in eval mode (§9a.4)
         self._proxy_v0 = None   # (the proxies' images, their v^ori): proxy_structure_input's cache
+        self._frozen = frozen if frozen is not None else orig   # the original as its inference-only work runs it
 
     # ------------------------------------------------------------------ shared loss pieces
     def loss_weights(self, batch: Batch) -> tuple:
@@ -86,9 +87,10 @@ class UnlearnContext:
         return -F.cross_entropy(logits, y)
 
     def orig_structure_input(self, x: torch.Tensor) -> torch.Tensor:
-        """v^ori before normalisation: g_ψ0(x)·R_p (METHOD.md §4; the structure ops normalise rows)."""
+        """v^ori before normalisation: g_ψ0(x)·R_p (METHOD.md §4; the structure ops normalise rows),
+        through the frozen original's inference copy (BatchNorm folded, ``config.fold_batchnorm``)."""
         with torch.no_grad():
-            return self.orig.features(x) @ self.rp
+            return self._frozen.features(x) @ self.rp
 
     def proxy_structure_input(self, batch: Batch) -> torch.Tensor:
         """:meth:`orig_structure_input` of the batch's proxies. The frozen original and the proxies

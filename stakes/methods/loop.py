@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from fused.optim import StructureSGD
 from stakes import distributed as dist_
 from stakes.config import UnlearnConfig, deterministic_algorithms
-from stakes.execution import Compiler, Execution, eager_copy
+from stakes.execution import Compiler, Execution, eager_copy, frozen_copy
 from stakes.methods.base import Batch, UnlearningMethod, get_method, preset
 from stakes.methods.checkpoint import Checkpointer, recipe
 from stakes.methods.context import UnlearnContext
@@ -77,7 +77,8 @@ class UnlearnResult:
 
 
 def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tensor,
-                  cfg: UnlearnConfig, *, distributed=None, execution: Optional[Execution] = None) -> tuple[ProxySet, dict]:
+                  cfg: UnlearnConfig, *, distributed=None, execution: Optional[Execution] = None,
+                  attacked: Optional[nn.Module] = None) -> tuple[ProxySet, dict]:
     """The proxy set of a run with config ``cfg`` (radius calibrated when ``cfg.eps`` is None).
 
     Exposed so that a comparison can build it once per (k, seed) and share it between methods.
@@ -87,30 +88,46 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
     in a group the ranks share the calibration's attacks (rank 0's radius is broadcast) and the
     pairs' (:func:`stakes.proxy.calibrate_radius`, :func:`stakes.proxy.generate_proxies`); every
     rank returns the same set. ``execution``: the run's execution policy (default: resolved from
-    ``cfg`` for this model, which is then copied, laid out and, with ``cfg.compile``, compiled).
+    ``cfg`` for this model). The attacks run on a frozen copy of the model (:func:`frozen_classifier`:
+    BatchNorm folded with ``cfg.fold_batchnorm``, laid out, weights in the autocast dtype, compiled
+    with ``cfg.compile``), or on ``attacked``, a run's own such copy. With ``cfg.proxy_model`` naming
+    a method, that method unlearns ``model`` first and its result is attacked.
     """
     ctx = dist_.resolve(distributed)
     device = torch.device(cfg.device)
     clf = _as_parts(model)
-    attacked, t_first = None, _clock(device)
+    first = None
     if cfg.proxy_model != "pretrained":   # the model a named method unlearned first is attacked (§9a.7)
-        clf, attacked = _first_unlearned(clf, forget_x, forget_y, cfg, ctx)
-    compiler = None
+        clf, first = _first_unlearned(clf, forget_x, forget_y, cfg, ctx)
+        attacked = None
     if execution is None:
         execution = Execution.resolve(cfg, clf)
-        if execution.channels_last or execution.compile != "off":   # never on the caller's copy
-            clf = execution.prepare(eager_copy(clf).to(device))
-            compiler = execution.compiler()
-            compiler.add("orig.features", clf.features)
-    if any(p.device != device for p in clf.parameters()):
-        clf = eager_copy(clf).to(device)   # PGD runs where the config says, never on the caller's copy
+    compiler = None
+    if attacked is None:   # never the caller's copy
+        attacked = frozen_classifier(clf.to(device) if first is not None else clf, execution, cfg, device)
+        compiler = execution.compiler()
+        compiler.add("orig.features", attacked.features)
     forget_x, forget_y = forget_x.to(device), forget_y.to(device)
     with compiler.settings() if compiler is not None else contextlib.nullcontext():
-        proxies, timings = _attack(clf, forget_x, forget_y, cfg, ctx, device, execution)
-    if attacked is not None:
-        proxies.attacked = attacked
-        timings["proxy_model_s"] = attacked["wall_time_s"]
+        proxies, timings = _attack(attacked, forget_x, forget_y, cfg, ctx, device, execution)
+    if first is not None:
+        proxies.attacked = first
+        timings["proxy_model_s"] = first["wall_time_s"]
     return proxies, timings
+
+
+def frozen_classifier(clf, execution: Execution, cfg: UnlearnConfig, device) -> nn.Module:
+    """The frozen original as its inference-only work uses it (PGD, its structures): an eval-mode
+    copy on ``device`` in the run's memory format, its BatchNorm folded into the convolutions with
+    ``cfg.fold_batchnorm`` and its convolution and linear weights in the autocast dtype
+    (:func:`stakes.execution.frozen_copy`); ``.folded`` says whether a BatchNorm was folded."""
+    from stakes.models import Classifier
+
+    features, folded = frozen_copy(clf.features, fold=cfg.fold_batchnorm, dtype=execution.autocast_dtype)
+    head, _ = frozen_copy(clf.head, fold=False, dtype=execution.autocast_dtype)
+    out = execution.prepare(Classifier(features, head).to(device)).eval()
+    out.folded = folded
+    return out
 
 
 def first_run_config(cfg: UnlearnConfig) -> UnlearnConfig:
@@ -310,6 +327,7 @@ def _prepare(model, forget_set, method: UnlearningMethod, anchors, cfg: UnlearnC
     orig = execution.prepare(eager_copy(clf).to(device)).eval()
     for p in orig.parameters():
         p.requires_grad_(False)
+    frozen = frozen_classifier(orig, execution, cfg, device)   # PGD's and the structures' original
     work = execution.prepare(eager_copy(clf).to(device))
     for p in work.parameters():
         p.requires_grad_(True)
@@ -321,7 +339,7 @@ def _prepare(model, forget_set, method: UnlearningMethod, anchors, cfg: UnlearnC
     ctx = UnlearnContext(method=method.key, config=cfg, options=options, orig=orig, features=work.features,
                          head=work.head, projector=None, deployed=DeployedModel(work.features, work.head), anchors=a_hat,
                          rp=random_projection(feature_dim, anchor_dim, cfg.seed).to(device), forget_x=fx,
-                         forget_y=fy, retain_size=retain_size, device=device, strategy=strategy)
+                         forget_y=fy, retain_size=retain_size, device=device, strategy=strategy, frozen=frozen)
     method.check(ctx)
     if method.needs_projector(ctx):
         hidden = max(anchor_dim, feature_dim) if getattr(options, "warm_start", False) else anchor_dim
@@ -346,10 +364,10 @@ def _compile(run: _Run) -> None:
     ctx, exe, compiler = run.ctx, run.execution, run.compiler
     if not compiler.enabled:
         return
-    compiler.add("orig.features", ctx.orig.features)
+    compiler.add("orig.features", ctx._frozen.features)
     compiler.add("features", ctx.features)
     with _fixed_batches(run):   # compiled at the training batch shape
-        _trial(ctx.orig, ctx.forget_x[:1], exe)
+        _trial(ctx._frozen, ctx.forget_x[:1], exe)
         _trial(ctx.deployed, ctx.forget_x[:1], exe)
 
 
@@ -735,8 +753,8 @@ def _execute(run: _Run, start: float, *, resume: bool, keep_checkpoint: bool) ->
     if state is not None:
         _restore(run, state)
     elif ctx.proxies is None:
-        ctx.proxies, timings = build_proxies(ctx.orig, ctx.forget_x, ctx.forget_y, cfg,
-                                             distributed=run.strategy.dist, execution=run.execution)
+        ctx.proxies, timings = build_proxies(ctx.orig, ctx.forget_x, ctx.forget_y, cfg, distributed=run.strategy.dist,
+                                             execution=run.execution, attacked=ctx._frozen)
         run.timings.update(timings)
     # the proxies in the models' memory format, once, before the importance or any step meets them
     ctx.proxies = dataclasses.replace(ctx.proxies, x=run.execution.inputs(ctx.proxies.x))
