@@ -98,24 +98,40 @@ def main(argv=None) -> int:
                         help=f"folder with results.json (default {_DEFAULT_OUT}: where `run` writes by default)")
     plot_p.add_argument("--out", default=None, help="folder for the PNGs (default: the input folder)")
 
-    whole = sub.add_parser("whole-run", help="the authors' recipe vs stakes' defaults on the same work, per phase; "
-                                             "write whole_run.json/.csv")
+    whole = sub.add_parser("whole-run", help="the authors' script as it runs vs stakes' defaults, per phase; write "
+                                             "whole_run.json/.csv")
     whole.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    whole.add_argument("--quick", action="store_true",
-                       help="the reduced CPU size (k=16, R=2, 3 PGD steps, 2 steps, 64 importance samples, 32 test "
-                            "images); the default is the issue's size (k=256, R=20, 100 PGD steps, |D_r| importance "
-                            "samples, 3 epochs, 2,000 test images)")
+    whole.add_argument("--size", choices=("full", "representative", "quick"), default=None,
+                       help="full (the default: the issue's size, k=256, R=20, 100 PGD steps, N_tot = |D_r| = "
+                            "49,744, 3 epochs, the 10,000-image test set); representative (a CPU size whose phase "
+                            "shares match the full run's: k=8, R=20, 100 PGD steps, N_tot and the test set scaled "
+                            "with N_s); quick (a reduced smoke size)")
+    whole.add_argument("--quick", action="store_true", help="the same as --size quick")
     for name, what in (("k", "forget images"), ("repetitions", "R"), ("pgd-steps", "PGD steps a proxy"),
                        ("steps", "optimisation steps (default: the size's number of epochs)"),
                        ("importance-samples", "N_tot (default with --k: 50,000 - k)"),
-                       ("test-size", "test images an evaluation")):
+                       ("test-size", "test images of the final evaluation"),
+                       ("retain-size", "D_r images of the final evaluation (default: N_tot)")):
         whole.add_argument(f"--{name}", type=_positive_int, default=None, help=what)
+    whole.add_argument("--networks", type=_csv_list(("authors", "resnet18")), default=None,
+                       help="rows, the first the headline: authors (their CIFAR-10 ResNet-18, max-pool stem), "
+                            "resnet18 (stakes' own, no max-pool). Default: authors,resnet18 at the full size, "
+                            "authors otherwise")
+    whole.add_argument("--recipes", type=_csv_list(("authors", "stakes")), default=None,
+                       help="run only these recipes (default both; one recipe gives no ratio)")
+    whole.add_argument("--kernels-only", action="store_true",
+                       help="every tensor resident on the device for both recipes: no DataLoader, no PIL/ToTensor, "
+                            "no host copies (the default runs the authors' data path as theirs)")
+    whole.add_argument("--launch-blocking-row", action="store_true",
+                       help="on a card, also run the authors' recipe in a child process under CUDA_LAUNCH_BLOCKING=1 "
+                            "(their published command's setting): a row shown, never a headline")
     whole.add_argument("--seed", type=int, default=0)
     whole.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     whole.add_argument("--no-warmup", action="store_true", help="skip the tiny warm-up run of each recipe")
     whole.add_argument("--repeats", type=_positive_int, default=1,
-                       help="run both recipes this many times, interleaved, and keep each phase's fastest time "
-                            "(for a shared CPU: contention only slows a run down)")
+                       help="run both recipes this many times, interleaved (authors, stakes, authors, ...), and keep "
+                            "each phase's fastest time and the fastest whole (for a shared CPU: contention only "
+                            "slows a run down; every run is kept in the JSON)")
     whole.add_argument("--out", default=None, help=f"output folder (default {_DEFAULT_OUT}, outside the source tree)")
 
     args = parser.parse_args(argv)

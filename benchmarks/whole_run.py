@@ -1,58 +1,99 @@
-"""``python -m benchmarks whole-run``: the authors' recipe against stakes' defaults on the same work,
-one whole unlearning run each, in one process, per phase (issue 17, item 5; PERFORMANCE.md
-"Where a whole run's time goes").
+"""``python -m benchmarks whole-run``: the authors' released StructGuard script, as it runs, against
+stakes' defaults, one whole unlearning run each, in one process, per phase (issue 17 item 5, issue 24
+Deliver 1; PERFORMANCE.md "Where a whole run's time goes"; METHOD.md §9a).
 
-The two recipes, on the same model (CIFAR-10 ResNet-18 of ``stakes.models``, random weights), the
-same random images in [0, 1] and labels, the same random unit anchors [10, 512], the same PGD
-radius (3.0, fixed: no calibration on either side):
+The same inputs for both: one network with random weights, random images (uint8, as CIFAR-10 holds
+them) and labels for the forget set, the retained training set D_r and the test set, random unit
+anchors [10, 512], the PGD radius 3.0 (fixed: no calibration on either side).
 
-* ``authors`` — METHOD.md §3-9 as the authors' released loop runs it, written here in plain eager
-  PyTorch, fp32 (on a CUDA card cuDNN's default TF32 for fp32 convolutions applies, as it does for
-  them; matrix products stay fp32, torch's default), data resident on the device (a conservative
-  choice: their loaders copy every batch from the host):
+* ``authors`` — ``main_unlearn_cifar10.py``'s StructGuard part as it runs (METHOD.md §3-9a), written
+  here in plain eager PyTorch from its behaviour (no code of theirs is copied), fp32 (on a card cuDNN's
+  default TF32 for fp32 convolutions applies, as for them; matrix products plain fp32):
 
-  - proxies: for every repetition r = 1..R, for every batch of (at most) 128 forget images, a fresh
-    random target ỹ ≠ y and random start inside the ε-ball, then ``pgd_steps`` steps of the plain
-    per-sample step/projection of §3 (g ← ∇ₓCE(f(x), ỹ); x ← x − α·g/‖g‖; δ ← Π_ε(x − x₀);
-    x ← clamp(x₀ + δ, 0, 1): about 15 eager launches a step);
-  - importance (§6): |∂L_align/∂ψ| over proxy batches of 128, reshuffled and cycled until N_tot
-    samples, L_align in eager PyTorch (§4-5) through the cold, randomly initialised projector (§7)
-    against the frozen original, accumulated tensor by tensor;
-  - optimisation steps (§8-9): batches 128 forget (cycled) + 128 proxies (an epoch of shuffled
-    proxies), L = L_del + L_ret + L_align + λ·L_reg + 0.001·L_CR with the paper's batch-fraction
-    weights, L_reg = ½ Σ I(ψ − ψ₀)² built tensor by tensor and differentiated by autograd, plain
-    ``torch.optim.SGD`` (lr 0.005 backbone + head, 0.009 projector, no momentum), BatchNorm in
-    train mode and no L_reg on the first two steps of every epoch (the reference code's quirks),
-    and ``loss.item()`` every step (their logging: one host synchronisation a step);
-  - evaluation: forget and test accuracy through the deployed h∘p∘g, batches of 128, one
-    ``.item()`` a batch, on the schedule stakes logs (step 0 and every epoch).
+  - **their network**: the model's features and head with their normalisation layer (the mean and
+    std repeated to the batch's shape, permuted, subtracted and divided: four full-size tensors a
+    forward) in place of stakes' one;
+  - **their data path** (``loaders=True``, the default): images held on the host as uint8 HWC arrays
+    and converted per batch by a ``torch.utils.data.DataLoader`` (PIL ``Image.fromarray`` +
+    ``ToTensor``, ``num_workers=0``, unshuffled, batches of 128), every batch copied to the card
+    with a blocking ``.to(device)`` (the proxy, retained and test loaders pinned, as their CUDA
+    kwargs do; the forget loader not); the forget loader cycled with ``itertools.cycle`` (which keeps
+    the first pass's batches); the proxies copied back to the host after each attack and served by a
+    loader over per-image numpy arrays. ``loaders=False`` (``--kernels-only``) keeps every tensor on
+    the device instead, for a comparison of the device work alone. On the CPU the loaders still
+    convert every image (PIL and ToTensor are host work on any device); the copies are no-ops and
+    nothing is pinned;
+  - **proxies** (advertorch's ``L2PGDAttack``: ``rand_init=True``, ``targeted=True``, clip [0, 1],
+    ``CrossEntropyLoss(reduction="sum")``): for each forget batch of 128 (the forget loader), R
+    repetitions, each a fresh target ⌊U·C⌋ with a collision replaced by C//2 (drawn on the host and
+    copied), a start uniform in [0, 1]^D minus x projected onto the ε-ball and clamped, then
+    ``pgd_steps`` steps of ``loss.backward()`` on the attacked model **whose parameters require
+    grad** (every step also computes the weight gradients and accumulates them into ``.grad``, never
+    zeroed), δ ← δ + α·g/max(‖g‖, 1e-6), clamp to [0, 1], then project onto the ε-ball;
+    ``.detach().cpu().numpy()`` after each attack;
+  - **optimisation**: an epoch zips the unshuffled proxy loader with the cycled forget loader;
+    ``model.train()`` before each step (BatchNorm on batch statistics, running statistics updated),
+    ``model.eval()`` after it; L = L_del + L_ret + L_align + λ·L_reg + 0.001·L_CR with the batch
+    fractions, L_align against the frozen original (eval mode) recomputed every step, L_reg built
+    tensor by tensor over every parameter (the head's zero importance included) and differentiated by
+    autograd, **skipped on the first two steps of every epoch**, ``torch.optim.SGD`` (lr 0.005 backbone
+    + head, 0.009 projector); the proxy batch copied to the card twice a step (their two ``.to``);
+  - **importance at step 2** (the epoch's ``i == 1``, after its forward and before its backward):
+    over the **unshuffled proxy loader cycled until ≥ N_tot samples** (the same ⌈N_s/128⌉ batches
+    repeated), through a deep copy of the projector in its current mode and against a copy of the
+    pretrained model made before unlearning, **in train mode** (BatchNorm on batch statistics);
+    ``model.zero_grad()`` then ``loss.backward()`` a batch (the projector copy's gradients accumulate),
+    ``I += |grad|·B`` tensor by tensor, divided by the samples seen;
+  - **stop check**: none in the first epoch; from the second epoch on, forget accuracy through
+    h∘p∘g (eval mode; it leaves the projector in eval mode for the rest of the run, the loop sets
+    only the backbone back to train) **after every step**: the forget loader iterated afresh (PIL
+    again), the loss and one ``.item()`` a batch. The benchmark fixes the step count, so the check
+    runs but never stops the run;
+  - **final evaluation**: the forget set, D_r and the test set through h∘p∘g, their loaders;
+  - ``torch.backends.cudnn.deterministic = True`` and ``benchmark = False`` while it runs (restored
+    after).
 
 * ``stakes`` — ``stakes.unlearn(model, (fx, fy), method="structguard", anchors=A,
   config=stakes.preset("stable", method="structguard", eps=3.0, repetitions=R, pgd_steps=P,
-  max_steps=S, stop_warmup_steps=10**9, importance_samples=N, log_every=steps_per_epoch,
-  progress=False, device=...), eval_sets={"test": (tx, ty)})``: stakes' defaults (the stable preset;
-  the execution policy — precision, channels_last, compile, CUDA graphs — left automatic), timed
-  by ``result.timings``. The resolved policy is recorded (``result.execution``).
+  max_steps=S, stop_warmup_steps=10**9, importance_samples=N_tot, log_every=steps_per_epoch,
+  eval_max_samples=None, progress=False, device=...), eval_sets={"retain": D_r, "test": test})``:
+  stakes' defaults (the stable preset; the execution policy — precision, channels_last, compile,
+  CUDA graphs — left automatic, recorded from ``result.execution``), timed by ``result.timings``.
+  Its data: the same uint8 host arrays converted to float tensors on the device once (timed, in its
+  whole time as ``data_s``; not with ``loaders=False``). The stop rule is off (the benchmark fixes the
+  step count); stakes' rule checks at epoch ends, and its trajectory entry there evaluates the same
+  forget accuracy. ``eval_max_samples=None``: stakes evaluates the whole of D_r and the test set (its
+  default caps a trajectory set at 2,000 images), so the final metrics are on the same sets.
 
-The same work on both sides, counted as the runs go and compared (``work``; a difference is an
-error): proxies × PGD steps, importance samples, optimisation steps, evaluations and evaluated
-images. How the work is batched differs by design (the authors: PGD batches of 128, one
-repetition at a time; stakes: all repetitions batched), and the per-sample work of some phases
-differs by method (stakes' stable preset warm-starts the projector, so its importance needs no
-original-model forward; stakes checks each proxy's success with one more forward, and computes the
-test set's original structure once for its drift metric): those are part of what is compared.
+**Work.** Counted as the runs go, both sides (``work``):
 
-Phases: ``proxies``, ``importance``, ``steps`` (the optimisation loop without its evaluations),
-``evaluation``; ``whole`` is each recipe's wall time from its model copies to its result, and the
-ratio is authors / stakes (> 1: stakes faster). Before the timed runs each recipe runs once at a
-tiny size (warm-up: cuDNN / oneDNN plans, Triton compilation from a cold cache; its time is
-recorded, not counted). Results: ``benchmarks/results/<device>/whole_run.json`` and ``.csv``,
-rewritten after each recipe (a killed run keeps what finished). Exit status 1 when a recipe fails
-or the work differs.
+* the same by design (a difference fails the run): proxies, PGD image-steps, optimisation steps, and
+  the final evaluation's sets and sizes (forget, D_r, test);
+* different by design (counted, reported side by side, never an error): PGD image-steps that also
+  computed weight gradients (the authors': all), importance samples and batches (the authors' cycled
+  loader; stakes' own estimator, as ``result.timings`` reports it when it does, else its rule),
+  stop checks (the authors' every step from the second epoch; stakes' epoch ends), evaluations and
+  evaluated images (their stop checks and final evaluation; stakes' trajectory entries).
 
-Sizes: the issue's size on a GPU (k = 256, R = 20, 100 PGD steps, |D_r| = 50,000 − k importance
-samples, 3 epochs of steps, a 2,000-image test set: stakes' evaluation cap); ``--quick`` a reduced
-size for the CPU, said as such in the results (``size.label``).
+Phases: ``proxies``, ``importance``, ``steps`` (the optimisation loop without its evaluations and, for
+the authors, without the importance pass inside step 2), ``evaluation`` (stop checks, trajectory
+entries, final evaluation); ``whole`` is each recipe's wall time from its model copies to its result,
+and the ratio is authors / stakes (> 1: stakes faster). Before the timed runs each recipe runs once at
+a tiny size (warm-up; recorded, not counted). ``repeats`` > 1 runs the recipes that many times,
+interleaved (authors, stakes, authors, stakes, ...), and keeps each phase's fastest time and the
+fastest whole (contention only slows a run down; every run is kept under ``runs``).
+
+Rows: the authors' network (``stakes.authors.build("cifar10_resnet18")``: 3×3 stride-1 stem **and its
+max-pool**) is the headline; stakes' CIFAR ResNet-18 (``stakes.models.build_model("resnet18")``, no
+max-pool, 4× the FLOPs) a second row. On a card, ``--launch-blocking-row`` adds the authors' recipe run
+in a child process under ``CUDA_LAUNCH_BLOCKING=1`` (the published command's setting): shown, never a
+headline. Results: ``whole_run.json`` and ``.csv`` in the output folder, rewritten after each run.
+Exit status 1 when a recipe fails or the work that must be the same differs.
+
+Sizes (``Work``): ``full`` (the issue's: k = 256, R = 20, 100 PGD steps, N_tot = |D_r| = 49,744,
+3 epochs, a 10,000-image test set), ``representative`` (a CPU size whose phase shares match the full
+run's: the real R and PGD steps at k = 8, N_tot / N_s and the evaluated sets scaled with N_s as in the
+full run), ``quick`` (a reduced smoke size).
 """
 
 from __future__ import annotations
@@ -60,13 +101,18 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import itertools
+import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,10 +120,13 @@ import torch.nn.functional as F
 from benchmarks import measure
 
 PHASES = ("proxies", "importance", "steps", "evaluation")
-WORK_KEYS = ("proxies", "pgd_image_steps", "importance_samples", "optimisation_steps", "evaluations",
-             "evaluated_images")
+SAME_KEYS = ("proxies", "pgd_image_steps", "optimisation_steps", "final_evaluation")
+DESIGN_KEYS = ("pgd_weight_grad_image_steps", "importance_samples", "importance_batches", "step_forget_rows",
+               "stop_checks", "evaluations", "evaluated_images")
+WORK_KEYS = SAME_KEYS + DESIGN_KEYS
 NUM_CLASSES = 10
 CIFAR_TRAIN = 50_000
+CIFAR_TEST = 10_000
 EXECUTION_FIELDS = ("precision", "channels_last", "compile", "cuda_graphs")
 
 
@@ -86,19 +135,21 @@ EXECUTION_FIELDS = ("precision", "channels_last", "compile", "cuda_graphs")
 
 @dataclass(frozen=True)
 class Work:
-    """The size of one whole run (the same for both recipes)."""
+    """The size of one whole run (the same inputs for both recipes)."""
 
     k: int                      # forget images
     repetitions: int            # R
     pgd_steps: int
     steps: int                  # optimisation steps
-    importance_samples: int     # N_tot
-    test_size: int              # test images per evaluation
+    importance_samples: int     # N_tot (their num_samples = |D_r|)
+    test_size: int              # test images of the final evaluation
     batch: int = 128            # forget / proxy / PGD / importance / evaluation batch of the authors
     eps: float = 3.0
     step_size: float = 0.1
     anchor_dim: int = 512
     label: str = "custom"
+    retain_size: Optional[int] = None   # D_r images of the final evaluation (None: importance_samples)
+    stop_start_epoch: int = 1   # the authors' stop check from this epoch on (0-based)
 
     def __post_init__(self):
         for name in ("k", "repetitions", "pgd_steps", "steps", "importance_samples", "test_size", "batch",
@@ -106,6 +157,9 @@ class Work:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.retain_size is not None and (isinstance(self.retain_size, bool) or not isinstance(self.retain_size, int)
+                                             or self.retain_size < 1):
+            raise ValueError(f"retain_size must be a positive integer or None, got {self.retain_size!r}")
 
     @property
     def n_proxies(self) -> int:
@@ -119,22 +173,54 @@ class Work:
     def forget_batch(self) -> int:
         return min(self.batch, self.k)
 
-    def evaluations(self) -> int:
-        """Step 0, every ``steps_per_epoch`` steps, and the last step if it is not one of those."""
-        spe = self.steps_per_epoch
-        return 1 + self.steps // spe + (1 if self.steps % spe else 0)
+    @property
+    def retain(self) -> int:
+        return self.retain_size if self.retain_size is not None else self.importance_samples
 
-    def expected(self) -> Dict[str, int]:
-        """The work both recipes must do (``work`` in the results)."""
+    def forget_batches_in_order(self) -> List[int]:
+        """The sizes of the unshuffled forget loader's batches (the last one partial)."""
+        return [min(self.batch, self.k - i) for i in range(0, self.k, self.batch)]
+
+    def authors_step_forget_rows(self) -> int:
+        """Their cycled forget loader: step t takes batch t mod ⌈k/B⌉, the last one partial."""
+        sizes = self.forget_batches_in_order()
+        return sum(sizes[t % len(sizes)] for t in range(self.steps))
+
+    def authors_stop_checks(self) -> int:
+        """Their check runs after every step of epoch ``stop_start_epoch`` and later."""
+        return max(0, self.steps - self.stop_start_epoch * self.steps_per_epoch)
+
+    def final_evaluation(self) -> Dict[str, int]:
+        return {"forget": self.k, "retain": self.retain, "test": self.test_size}
+
+    def stakes_log_steps(self) -> List[int]:
+        """The steps of stakes' trajectory entries with ``log_every = steps_per_epoch``: step 0, every
+        epoch end, and the last step if it is not one."""
+        spe = self.steps_per_epoch
+        out = [0] + list(range(spe, self.steps + 1, spe))
+        return out if out[-1] == self.steps else out + [self.steps]
+
+    def expected_authors(self) -> Dict[str, object]:
+        """The work the authors' recipe does (``work.authors`` in the results)."""
+        checks = self.authors_stop_checks()
+        imp = importance_batches(self.n_proxies, self.batch, self.importance_samples)
+        final = self.final_evaluation()
         return {"proxies": self.n_proxies, "pgd_image_steps": self.n_proxies * self.pgd_steps,
-                "importance_samples": sum(importance_batches(self.n_proxies, self.batch, self.importance_samples)),
-                "optimisation_steps": self.steps, "evaluations": self.evaluations(),
-                "evaluated_images": self.evaluations() * (self.k + self.test_size)}
+                "pgd_weight_grad_image_steps": self.n_proxies * self.pgd_steps,
+                "importance_samples": sum(imp), "importance_batches": len(imp),
+                "optimisation_steps": self.steps, "step_forget_rows": self.authors_step_forget_rows(),
+                "stop_checks": checks, "evaluations": checks + 1,
+                "evaluated_images": checks * self.k + sum(final.values()), "final_evaluation": final}
+
+    def expected(self) -> Dict[str, object]:
+        """The work both recipes must do alike (``SAME_KEYS``)."""
+        a = self.expected_authors()
+        return {key: a[key] for key in SAME_KEYS}
 
 
 def importance_batches(n_proxies: int, batch: int, n_tot: int) -> List[int]:
-    """The batch sizes of the importance pass: shuffled proxy batches of ``batch``, cycled until at
-    least ``n_tot`` samples (METHOD.md §6; stakes' StructGuard.importance follows the same rule)."""
+    """The batch sizes of the authors' importance pass: the unshuffled proxy loader (batches of
+    ``batch``, the last one partial) cycled until at least ``n_tot`` samples (METHOD.md §6, §9a.5)."""
     sizes, seen = [], 0
     while seen < n_tot:
         for i in range(0, n_proxies, batch):
@@ -147,50 +233,134 @@ def importance_batches(n_proxies: int, batch: int, n_tot: int) -> List[int]:
 
 
 def full_work(k: int = 256) -> Work:
-    """The issue's size: CIFAR-10, k forget images, R = 20, 100 PGD steps, |D_r| = 50,000 − k,
-    3 epochs of steps, 2,000 test images (stakes' ``eval_max_samples``)."""
-    w = Work(k=k, repetitions=20, pgd_steps=100, steps=1, importance_samples=CIFAR_TRAIN - k, test_size=2000,
+    """The issue's size: CIFAR-10, k forget images, R = 20, 100 PGD steps, N_tot = |D_r| = 50,000 − k
+    (their ``num_samples``; D_r is evaluated whole at the end), 3 epochs of steps, the 10,000-image
+    test set."""
+    w = Work(k=k, repetitions=20, pgd_steps=100, steps=1, importance_samples=CIFAR_TRAIN - k, test_size=CIFAR_TEST,
              label="full" if k == 256 else f"full but k = {k}")
     return replace(w, steps=3 * w.steps_per_epoch)
 
 
-QUICK = Work(k=16, repetitions=2, pgd_steps=3, steps=2, importance_samples=64, test_size=32,
-             label="reduced (CPU --quick): k = 16, R = 2, 3 PGD steps, 2 steps (2 epochs), 64 importance samples, "
-                   "32 test images")
-WARMUP = Work(k=4, repetitions=1, pgd_steps=1, steps=1, importance_samples=4, test_size=4, label="warm-up")
+def representative_work(k: int = 8) -> Work:
+    """A CPU size whose phase shares match the full run's: the real R = 20 and 100 PGD steps at a
+    small k, 3 epochs of steps, and N_tot = |D_r| and the test set scaled with N_s = R·k as in the
+    full run (N_tot / N_s = 49,744 / 5,120, test / N_s = 10,000 / 5,120)."""
+    full = full_work()
+    n_s = 20 * k
+    n_tot = round(n_s * full.importance_samples / full.n_proxies)
+    w = Work(k=k, repetitions=20, pgd_steps=100, steps=1, importance_samples=n_tot,
+             test_size=round(n_s * full.test_size / full.n_proxies),
+             label=f"representative (CPU): k = {k}, R = 20, 100 PGD steps, 3 epochs, N_tot and the test set "
+                   f"scaled with N_s as in the full run")
+    return replace(w, steps=3 * w.steps_per_epoch)
 
 
-# ----------------------------------------------------------------------------- inputs
+def phase_passes(work: Work) -> Dict[str, float]:
+    """The authors' recipe's work per phase in forward-pass equivalents of one image (a forward 1, a
+    backward to the input 1, one to the input and the weights 2): what ``representative`` matches."""
+    nf, spe = work.forget_batch, work.steps_per_epoch
+    proxy_rows = sum(min(work.batch, work.n_proxies - (s % spe) * work.batch) for s in range(work.steps))
+    imp = sum(importance_batches(work.n_proxies, work.batch, work.importance_samples))
+    return {"proxies": work.n_proxies * work.pgd_steps * 3.0,          # forward + backward to input and weights
+            "importance": imp * (3.0 + 1.0),                            # live forward+backward, reference forward
+            "steps": work.steps * nf * 3.0 + proxy_rows * (3.0 + 1.0),  # forget and proxy rows, original forward
+            "evaluation": float(work.authors_stop_checks() * work.k + sum(work.final_evaluation().values()))}
 
 
-@dataclass
-class Inputs:
-    model: nn.Module            # a stakes Classifier (features, head)
-    fx: torch.Tensor
-    fy: torch.Tensor
-    tx: torch.Tensor
-    ty: torch.Tensor
-    anchors: torch.Tensor       # [num_classes, anchor_dim], unit rows
+def phase_shares(work: Work) -> Dict[str, float]:
+    p = phase_passes(work)
+    total = sum(p.values())
+    return {k: v / total for k, v in p.items()}
 
 
-def default_model() -> nn.Module:
+QUICK = Work(k=16, repetitions=2, pgd_steps=3, steps=3, importance_samples=64, test_size=32, retain_size=48, batch=16,
+             label="reduced (CPU --quick): k = 16, R = 2, 3 PGD steps, batches of 16, 3 steps (2 an epoch), 64 "
+                   "importance samples, 48 retained and 32 test images")
+WARMUP = Work(k=4, repetitions=2, pgd_steps=1, steps=3, importance_samples=8, test_size=4, retain_size=4, batch=4,
+              label="warm-up")
+SIZES = {"full": full_work, "representative": representative_work, "quick": lambda: QUICK}
+
+
+# ----------------------------------------------------------------------------- networks and inputs
+
+
+def authors_network() -> nn.Module:
+    """The authors' CIFAR-10 ResNet-18 (max-pool stem) as a stakes Classifier, random weights."""
+    from stakes.authors import build
+    from stakes.models import as_classifier
+
+    return as_classifier(build("cifar10_resnet18", num_classes=NUM_CLASSES))
+
+
+def stakes_resnet18() -> nn.Module:
+    """stakes' own CIFAR ResNet-18 (no max-pool), random weights."""
     from stakes.models import build_model
 
     return build_model("resnet18", NUM_CLASSES, in_channels=3, image_size=32)
 
 
+NETWORKS = {
+    "authors": ("CIFAR-10 ResNet-18 of the authors' code (stakes.authors.build('cifar10_resnet18')): 3x3 stride-1 "
+                "stem and max-pool, random weights", authors_network),
+    "resnet18": ("stakes' CIFAR ResNet-18 (stakes.models.build_model('resnet18')): no max-pool, 4x the FLOPs, "
+                 "random weights", stakes_resnet18),
+}
+
+
+def default_model() -> nn.Module:
+    return authors_network()
+
+
+@dataclass
+class Inputs:
+    """The same inputs for both recipes: the model, the anchors, and the images as CIFAR-10 holds
+    them (uint8 [N, H, W, C] numpy arrays on the host, int64 labels), plus the same images as float
+    tensors on the device (x / 255, NCHW) for the kernels-only comparison."""
+
+    model: nn.Module            # a stakes Classifier (features, head)
+    anchors: torch.Tensor       # [num_classes, anchor_dim], unit rows, on the device
+    host: Dict[str, Tuple[np.ndarray, np.ndarray]]   # "forget" / "retain" / "test" -> (uint8 NHWC, labels)
+    device: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+    # the forget set on the device (the older interface)
+    @property
+    def fx(self):
+        return self.device["forget"][0]
+
+    @property
+    def fy(self):
+        return self.device["forget"][1]
+
+    @property
+    def tx(self):
+        return self.device["test"][0]
+
+    @property
+    def ty(self):
+        return self.device["test"][1]
+
+
+def to_device(images: np.ndarray, labels: np.ndarray, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [N, H, W, C] → float [N, C, H, W] in [0, 1] on ``device`` (x / 255: ToTensor's arithmetic)."""
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+    return x, torch.from_numpy(labels).to(device)
+
+
 def make_inputs(work: Work, device: torch.device, *, seed: int = 0,
                 model_builder: Optional[Callable[[], nn.Module]] = None, image_shape=(3, 32, 32)) -> Inputs:
-    """Random weights, random CIFAR-shaped images in [0, 1], random labels, random unit anchors."""
+    """Random weights, random uint8 images and labels, random unit anchors."""
     torch.manual_seed(seed)
     model = (model_builder or default_model)().to(device).eval()
+    rng = np.random.default_rng(seed)
+    c, h, w = image_shape
+    host = {}
+    for name, n in (("forget", work.k), ("retain", work.retain), ("test", work.test_size)):
+        host[name] = (rng.integers(0, 256, size=(n, h, w, c), dtype=np.uint8),
+                      rng.integers(0, NUM_CLASSES, size=n, dtype=np.int64))
     g = torch.Generator().manual_seed(seed)
-    fx = torch.rand(work.k, *image_shape, generator=g)
-    fy = torch.randint(0, NUM_CLASSES, (work.k,), generator=g)
-    tx = torch.rand(work.test_size, *image_shape, generator=g)
-    ty = torch.randint(0, NUM_CLASSES, (work.test_size,), generator=g)
     anchors = F.normalize(torch.randn(NUM_CLASSES, work.anchor_dim, generator=g), dim=1)
-    return Inputs(model, fx.to(device), fy.to(device), tx.to(device), ty.to(device), anchors.to(device))
+    dev = {name: to_device(x, y, device) for name, (x, y) in host.items()}
+    return Inputs(model, anchors.to(device), host, dev)
 
 
 def _sync(device: torch.device) -> None:
@@ -198,12 +368,126 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ----------------------------------------------------------------------------- the authors' data path
+
+
+def _to_tensor(pic) -> torch.Tensor:
+    """torchvision's ``ToTensor`` of a PIL image (its own function when torchvision is installed)."""
+    try:
+        from torchvision.transforms.functional import to_tensor
+    except ImportError:   # the same arithmetic: HWC uint8 → CHW float / 255
+        arr = np.array(pic, np.uint8, copy=True)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255)
+    return to_tensor(pic)
+
+
+class HostImages(torch.utils.data.Dataset):
+    """A CIFAR-10-like dataset: uint8 HWC images held on the host, each item a PIL image through ToTensor."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.data, self.targets = images, [int(v) for v in labels]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = self.data[i]
+        return _to_tensor(Image.fromarray(img if img.shape[2] != 1 else img[:, :, 0])), self.targets[i]
+
+
+class JointDataset(torch.utils.data.Dataset):
+    """Their proxy dataset: a list of per-image numpy arrays and a list of labels."""
+
+    def __init__(self, inputs: list, labels: list):
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def __getitem__(self, i):
+        return self.inputs[i], self.labels[i]
+
+
+class DeviceBatches:
+    """The kernels-only stand-in for a loader: unshuffled batches sliced from tensors already on the device."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int):
+        self.x, self.y, self.batch = x, y, batch
+        self.dataset = y
+
+    def __len__(self):
+        return math.ceil(len(self.y) / self.batch)
+
+    def __iter__(self):
+        for i in range(0, len(self.y), self.batch):
+            yield self.x[i:i + self.batch], self.y[i:i + self.batch]
+
+
+def pin_memory(device: torch.device) -> bool:
+    """Their CUDA kwargs pin the proxy, retained and test loaders (``pin_memory=True``); nothing on the CPU."""
+    return device.type == "cuda"
+
+
+class Timed:
+    """An iterable whose ``__next__`` time (the host's loading: conversion, collation, pinning) is summed."""
+
+    def __init__(self, it, clock: dict):
+        self.it, self.clock = it, clock
+
+    def __iter__(self):
+        inner = iter(self.it)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(inner)
+            except StopIteration:
+                self.clock["host_loading_s"] += time.perf_counter() - t0
+                return
+            self.clock["host_loading_s"] += time.perf_counter() - t0
+            yield item
+
+    def __len__(self):
+        return len(self.it)
+
+
 # ----------------------------------------------------------------------------- the authors' recipe
 
 
+class AuthorsNormalize(nn.Module):
+    """Their normalisation layer as it computes: mean and std repeated to [B, H, W, C], permuted to
+    NCHW, then (x − mean) / std."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("means", torch.as_tensor(mean, dtype=torch.float32).flatten().clone())
+        self.register_buffer("sds", torch.as_tensor(std, dtype=torch.float32).flatten().clone())
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        means = self.means.repeat((b, h, w, 1)).permute(0, 3, 1, 2)
+        sds = self.sds.repeat((b, h, w, 1)).permute(0, 3, 1, 2)
+        return (x - means) / sds
+
+
+def with_authors_normalisation(module: nn.Module) -> nn.Module:
+    """``module`` with every stakes ``Normalize`` replaced by :class:`AuthorsNormalize` (same values)."""
+    from stakes.models import Normalize
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, Normalize):
+            setattr(module, name, AuthorsNormalize(child.mean, child.std))
+        else:
+            with_authors_normalisation(child)
+    return module
+
+
 class AuthorsProjector(nn.Module):
-    """p_ω (METHOD.md §7): Linear(d_f, d_a) → BatchNorm1d → ReLU → Linear(d_a, d_f), random init;
-    returns (output, z): z is the output when d_f = d_a, else the hidden layer of width d_a."""
+    """p_ω (METHOD.md §7, their ProjectionMLP): Linear(d_f, d_a) → BatchNorm1d → ReLU → Linear(d_a, d_f),
+    random init; returns (output, z): z is the output when d_f = d_a, else the hidden layer."""
 
     def __init__(self, d_f: int, d_a: int):
         super().__init__()
@@ -216,235 +500,321 @@ class AuthorsProjector(nn.Module):
         return out, (out if self.same else hidden)
 
 
-def eager_alignment_loss(v_unl: torch.Tensor, v_ori: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """L_align = 1 − mean_i cos(S_i^ori, S_i^unl), S = normalize(V)·Aᵀ (METHOD.md §4-5), eager."""
-    s = F.normalize(v_unl, dim=1) @ anchors.t()
-    s0 = F.normalize(v_ori, dim=1) @ anchors.t()
-    return 1.0 - F.cosine_similarity(s, s0, dim=1).mean()
-
-
 def authors_projection(d_f: int, d_a: int, seed: int) -> torch.Tensor:
-    """R_p (§4): identity when d_f = d_a, else Gaussian with unit columns."""
+    """R_p (§4): identity when d_f = d_a (their CIFAR-10 script: no projection), else Gaussian, unit columns."""
     if d_f == d_a:
         return torch.eye(d_f)
     r = torch.randn(d_f, d_a, generator=torch.Generator().manual_seed(seed + 7))
     return r / r.norm(dim=0, keepdim=True)
 
 
-def authors_pgd_step(model: nn.Module, xa: torch.Tensor, x0: torch.Tensor, target: torch.Tensor, eps: float,
-                     alpha: float) -> torch.Tensor:
-    """One PGD step of §3, eager: g = ∇ₓCE(f(x), ỹ); x ← x − α·g/‖g‖; δ = Π_ε(x − x₀); x ← clamp(x₀ + δ)."""
-    view = (-1,) + (1,) * (x0.dim() - 1)
-    xa.requires_grad_(True)
-    (g,) = torch.autograd.grad(F.cross_entropy(model(xa), target), xa)
-    xa = xa.detach() - alpha * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
-    delta = xa - x0
-    delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-30)).clamp(max=1.0).view(view)
-    return (x0 + delta).clamp(0, 1)
+def eager_alignment_loss(v_unl: torch.Tensor, v_ori: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """L_align = 1 − mean_i cos(S_i^ori, S_i^unl), S = normalize(V)·Aᵀ (METHOD.md §4-5), eager."""
+    s = F.normalize(v_unl, dim=1).float() @ anchors.t()
+    s0 = F.normalize(v_ori, dim=1).float() @ anchors.t()
+    return 1.0 - F.cosine_similarity(s0, s, dim=1).mean()
 
 
-def authors_pgd(model: nn.Module, fx: torch.Tensor, fy: torch.Tensor, work: Work, counts: dict,
-                seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Proxies (METHOD.md §3): one repetition and one batch of 128 at a time, eager step/projection."""
-    gen = torch.Generator().manual_seed(seed)
-    eps, alpha = work.eps, work.step_size
+def _l2_norms(x: torch.Tensor) -> torch.Tensor:
+    """advertorch's per-sample norm: |x|^2 summed over the sample, then the square root."""
+    return x.abs().pow(2).view(x.shape[0], -1).sum(dim=1).pow(0.5)
+
+
+def _batch_mul(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """advertorch's batch_multiply: (x.transpose(0, -1) * v).transpose(0, -1).contiguous()."""
+    return (x.transpose(0, -1) * v).transpose(0, -1).contiguous()
+
+
+def _clamp_by_l2(x: torch.Tensor, eps: float) -> torch.Tensor:
+    factor = torch.min(eps / _l2_norms(x), torch.ones(x.shape[0], device=x.device))
+    return _batch_mul(factor, x)
+
+
+def authors_pgd_step(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, target: torch.Tensor, eps: float,
+                     alpha: float) -> None:
+    """One step of advertorch's perturb_iterative (ord 2, targeted: the loss negated), in place on
+    ``delta`` (a leaf that requires grad): summed CE, ``loss.backward()`` (the model's parameters
+    require grad: their gradients are computed and accumulated too), δ ← δ + α·g/max(‖g‖, 1e-6),
+    clamp x + δ to [0, 1], then project δ onto the ε-ball; δ's gradient zeroed."""
+    loss = -F.cross_entropy(model(x + delta), target, reduction="sum")
+    loss.backward()
+    g = delta.grad.data
+    norm = torch.max(_l2_norms(g), torch.ones(g.shape[0], device=g.device) * 1e-6)
+    g = _batch_mul(1.0 / norm, g)
+    delta.data = delta.data + _batch_mul(torch.full((g.shape[0],), alpha, device=g.device), g)
+    delta.data = (x.data + delta.data).clamp(0.0, 1.0) - x.data
+    delta.data = _clamp_by_l2(delta.data, eps)
+    delta.grad.data.zero_()
+
+
+def authors_perturb(model: nn.Module, x: torch.Tensor, target: torch.Tensor, work: Work, counts: dict) -> torch.Tensor:
+    """advertorch's ``L2PGDAttack.perturb(x, target)`` with ``rand_init=True``, clip [0, 1]."""
+    x = x.detach().clone()
+    target = target.detach().clone()
+    delta = torch.zeros_like(x)
+    delta.uniform_(0.0, 1.0)                    # rand_init_delta, ord 2: U[clip_min, clip_max] − x, onto the ε-ball
+    delta = _clamp_by_l2(delta - x, work.eps)
+    delta = (x + delta).clamp(0.0, 1.0) - x
+    delta = nn.Parameter(delta)
+    weight_grads = any(p.requires_grad for p in model.parameters())
+    for _ in range(work.pgd_steps):
+        authors_pgd_step(model, x, delta, target, work.eps, work.step_size)
+        counts["pgd_image_steps"] += x.shape[0]
+        counts["pgd_weight_grad_image_steps"] += x.shape[0] if weight_grads else 0
+        counts["pgd_batches"] += 1
+    return (x + delta.data).clamp(0.0, 1.0)
+
+
+def authors_targets(y: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """⌊U·C⌋ drawn on the host and copied; a draw equal to the true label replaced by C//2."""
+    t = (torch.rand(y.shape[0]).to(device) * NUM_CLASSES).to(torch.long)
+    return torch.where(t == y, (torch.rand(y.shape[0]).long().to(device) * NUM_CLASSES + NUM_CLASSES) // 2, t)
+
+
+def authors_proxies(attacked: nn.Module, forget_loader, work: Work, device: torch.device, counts: dict,
+                    loaders: bool):
+    """adv_attack: for each forget batch, R attacks; each result back to the host as per-image numpy
+    arrays (``loaders``) or kept on the device."""
+    attacked.eval()
     xs, ys = [], []
-    model.eval()
-    for _ in range(work.repetitions):
-        for i in range(0, work.k, work.batch):
-            x0, y0 = fx[i:i + work.batch], fy[i:i + work.batch]
-            view = (-1,) + (1,) * (x0.dim() - 1)
-            target = (y0 + torch.randint(1, NUM_CLASSES, y0.shape, generator=gen).to(y0.device)) % NUM_CLASSES
-            noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-            radius = eps * torch.rand(x0.shape[0], generator=gen).to(x0.device)
-            xa = (x0 + noise * (radius / noise.flatten(1).norm(dim=1)).view(view)).clamp(0, 1)
-            for _ in range(work.pgd_steps):
-                xa = authors_pgd_step(model, xa, x0, target, eps, alpha)
-                counts["pgd_image_steps"] += x0.shape[0]
-                counts["pgd_batches"] += 1
-            xs.append(xa.detach())
-            ys.append(target)
-    counts["proxies"] = sum(len(y) for y in ys)
-    return torch.cat(xs), torch.cat(ys)
+    for x, y in forget_loader:
+        x, y = x.to(device), y.to(device)
+        for _ in range(work.repetitions):
+            target = authors_targets(y, device)
+            adv = authors_perturb(attacked, x, target, work, counts)
+            if loaders:
+                xs.extend(list(adv.detach().cpu().numpy()))
+                ys.extend(list(target.cpu().numpy()))
+            else:
+                xs.append(adv.detach())
+                ys.append(target)
+    counts["proxies"] = len(xs) if loaders else sum(len(t) for t in ys)
+    return xs, ys
 
 
 class _Authors:
-    """The authors' unlearning state: the frozen original, the unlearned copy and its projector."""
+    """The authors' unlearning state: their model (features + head with their normalisation), the
+    frozen original, the copy for the importance, the projector and the reference parameters."""
 
     def __init__(self, model: nn.Module, anchors: torch.Tensor, device: torch.device, seed: int):
-        self.orig = copy.deepcopy(model).to(device).eval()
-        for p in self.orig.parameters():
-            p.requires_grad_(False)
-        self.work = copy.deepcopy(model).to(device)
+        base = with_authors_normalisation(copy.deepcopy(model)).to(device)
+        self.work = copy.deepcopy(base).train()
         for p in self.work.parameters():
             p.requires_grad_(True)
         self.features, self.head = self.work.features, self.work.head
+        self.orig = copy.deepcopy(base).eval()          # original_model: eval, no gradients
+        for p in self.orig.parameters():
+            p.requires_grad_(False)
+        self.imp_ref = copy.deepcopy(self.work)         # model_for_importance: a copy made before unlearning
         d_f, d_a = self.head.in_features, anchors.shape[1]
         torch.manual_seed(seed + 1)
         self.proj = AuthorsProjector(d_f, d_a).to(device)
         self.rp = authors_projection(d_f, d_a, seed).to(device)
         self.anchors = anchors
-        self.psi = list(self.features.parameters())
-        self.psi0 = [p.detach().clone() for p in self.psi]
-
-    def train(self):
-        self.work.train()
-        self.proj.train()
-
-    def structure_loss(self, xb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            v0 = self.orig.features(xb) @ self.rp
-        return eager_alignment_loss(z, v0, self.anchors)
+        self.params = list(self.work.named_parameters())          # every parameter, the head's included
+        self.params0 = {n: p.detach().clone() for n, p in self.params}
 
     def deployed(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.proj(self.features(x))[0])
 
-
-def authors_importance_batch(st: _Authors, xb: torch.Tensor, imp: List[torch.Tensor], weight: float) -> None:
-    """I += weight·|∂L_align(xb)/∂ψ|, tensor by tensor (§6), eager."""
-    _, z = st.proj(st.features(xb))
-    loss = st.structure_loss(xb, z)
-    grads = torch.autograd.grad(loss, st.psi, allow_unused=True)
-    for acc, gr in zip(imp, grads):
-        if gr is not None:
-            acc.add_(gr.abs(), alpha=weight)
+    def structure(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model.features(x) @ self.rp
 
 
-def authors_importance(st: _Authors, px: torch.Tensor, work: Work, counts: dict, seed: int = 0) -> List[torch.Tensor]:
-    """I_p = (1/N_tot) Σ_B |B|·|∂L_align(B)/∂ψ_p| over proxy batches cycled to N_tot (§6), eager."""
-    imp = [torch.zeros_like(p) for p in st.psi]
-    n_tot = work.importance_samples
-    g = torch.Generator().manual_seed(seed + 31)
-    st.train()
-    seen = 0
-    while seen < n_tot:
-        order = torch.randperm(len(px), generator=g).to(px.device)
-        for i in range(0, len(order), work.batch):
-            if seen >= n_tot:
-                break
-            xb = px[order[i:i + work.batch]]
-            authors_importance_batch(st, xb, imp, len(xb) / n_tot)
-            seen += len(xb)
-            counts["importance_batches"] += 1
-    counts["importance_samples"] = seen
-    return imp
+def authors_importance_batch(st: _Authors, proj: nn.Module, xb: torch.Tensor, imp: Dict[str, torch.Tensor]) -> None:
+    """One batch of estimate_structure_aware_importance: the live model (train mode) through the
+    projector copy, the pretrained copy (train mode, no grad), ``model.zero_grad()``, ``loss.backward()``,
+    ``I += |grad|·B`` tensor by tensor."""
+    _, z = proj(st.features(xb))
+    loss = eager_alignment_loss(z, st.structure(xb, st.imp_ref), st.anchors)
+    st.work.zero_grad()
+    loss.backward()
+    for n, p in st.params:
+        if p.grad is not None:
+            imp[n] += p.grad.abs() * xb.shape[0]
 
 
-def authors_eval_batch(st: _Authors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Correct predictions of the deployed h∘p∘g on one batch (a 0-d tensor; the caller's ``.item()``)."""
-    return (st.deployed(x).argmax(1) == y).sum()
+def authors_importance(st: _Authors, adv_loader, work: Work, device: torch.device, counts: dict) -> Dict[str, torch.Tensor]:
+    """I_p = (1/N) Σ_B |B|·|∂L_align(B)/∂ψ_p| over the unshuffled proxy loader cycled until ≥ N_tot."""
+    proj = copy.deepcopy(st.proj)          # their copy.deepcopy(projection_mlp), in its current mode
+    st.work.train()
+    imp = {n: torch.zeros_like(p) for n, p in st.params}
+    total = 0
+    it = iter(adv_loader)
+    while total < work.importance_samples:
+        try:
+            xb, _ = next(it)
+        except StopIteration:
+            it = iter(adv_loader)
+            xb, _ = next(it)
+        xb = xb.to(device)
+        total += xb.shape[0]
+        authors_importance_batch(st, proj, xb, imp)
+        counts["importance_batches"] += 1
+    counts["importance_samples"] = total
+    return {n: v / total for n, v in imp.items()}
 
 
-def authors_evaluate(st: _Authors, sets, batch: int, counts: dict) -> Dict[str, float]:
-    """Accuracy of each set through the deployed h∘p∘g, batches of ``batch``, one ``.item()`` a batch."""
+def authors_eval_batch(st: _Authors, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """test_ours on one batch: the loss and the correct predictions of h∘p∘g (0-d tensors)."""
+    out = st.deployed(x)
+    pred = out.argmax(dim=1, keepdim=True)
+    return F.cross_entropy(out, y), pred.eq(y.view_as(pred)).sum()
+
+
+def authors_evaluate(st: _Authors, loader, device: torch.device, counts: dict) -> float:
+    """test_ours: backbone and projector to eval mode (the loop puts only the backbone back), one
+    ``.item()`` a batch; accuracy in percent."""
     st.work.eval()
     st.proj.eval()
-    out = {}
+    correct, loss, n = 0, 0.0, 0
     with torch.no_grad():
-        for name, (x, y) in sets.items():
-            correct = 0
-            for i in range(0, len(x), batch):
-                correct += authors_eval_batch(st, x[i:i + batch], y[i:i + batch]).item()
-            out[name] = 100.0 * correct / len(x)
-            counts["evaluated_images"] += len(x)
-    counts["evaluations"] += 1
-    st.train()
-    return out
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            batch_loss, hits = authors_eval_batch(st, x, y)
+            loss += batch_loss
+            correct += hits.item()
+            n += y.shape[0]
+    counts["evaluated_images"] += n
+    return 100.0 * correct / max(n, 1)
 
 
 def authors_optimizer(st: _Authors, foreach: Optional[bool] = None) -> torch.optim.SGD:
-    """Plain SGD (§9): lr 0.005 backbone + head, 0.009 projector, no momentum, torch's defaults
-    otherwise (``foreach`` on CUDA)."""
-    return torch.optim.SGD([{"params": list(st.features.parameters()) + list(st.head.parameters()), "lr": 0.005},
-                            {"params": list(st.proj.parameters()), "lr": 0.009}], lr=0.005, momentum=0.0,
-                           foreach=foreach)
+    """Plain SGD (§9): lr 0.005 backbone + head, 0.009 projector, no momentum, torch's defaults."""
+    return torch.optim.SGD([{"params": list(st.work.parameters()), "lr": 0.005},
+                            {"params": list(st.proj.parameters()), "lr": 0.009}], lr=0.005, foreach=foreach)
 
 
-def authors_train_step(st: _Authors, opt: torch.optim.Optimizer, xf: torch.Tensor, yf: torch.Tensor,
-                       xa: torch.Tensor, ya: torch.Tensor, imp: List[torch.Tensor], *, with_reg: bool) -> torch.Tensor:
-    """One optimisation step of §8-9, eager: the losses, L_reg tensor by tensor through autograd,
-    ``loss.backward()``, ``opt.step()``; returns the loss (the caller's ``.item()``)."""
-    n_f, n_a = len(yf), len(ya)
-    opt.zero_grad()
-    l_del = -F.cross_entropy(st.head(st.features(xf)), yf) * n_f / (n_f + n_a)
-    out, z = st.proj(st.features(xa))
-    l_ret = F.cross_entropy(st.head(out), ya) * n_a / (n_f + n_a)
-    l_align = st.structure_loss(xa, z)
+def authors_step_forward(st: _Authors, xf, yf, xa_first, xa_second, ya):
+    """A step's forward up to the terms that need no importance: L_del + L_ret + L_align + 0.001·L_CR.
+    ``xa_first`` / ``xa_second``: the proxy batch as their two ``.to(device)`` give it (the trained
+    model's and the original's)."""
+    n_f, n_a = yf.shape[0], ya.shape[0]
+    output = st.head(st.features(xf))
+    emb, z = st.proj(st.features(xa_first))
+    out_adv = st.head(emb)
+    l_del = -F.cross_entropy(output, yf) * (n_f / (n_a + n_f))
+    l_ret = F.cross_entropy(out_adv, ya) * (n_a / (n_a + n_f))
+    l_align = eager_alignment_loss(z, st.structure(xa_second, st.orig), st.anchors)
     w = st.head.weight
-    l_cr = 0.99 * w.abs().sum() + 0.5 * 0.01 * w.pow(2).sum()
-    loss = l_del + l_ret + l_align + 0.001 * l_cr
-    if with_reg:
-        l_reg = 0.0
-        for p, p0, i_p in zip(st.psi, st.psi0, imp):
-            l_reg = l_reg + (i_p * (p - p0).pow(2)).sum()
-        loss = loss + 1.0 * 0.5 * l_reg
-    loss.backward()
-    opt.step()
-    return loss
+    l_cr = 0.99 * torch.norm(w, p=1) + 0.5 * (1.0 - 0.99) * torch.norm(w, p="fro") ** 2
+    return l_del + l_ret + l_align + 0.001 * l_cr
 
 
-def authors_recipe(inp: Inputs, work: Work, device: torch.device, seed: int = 0) -> dict:
-    """The authors' whole run; returns ``{"phases_s", "whole_s", "counts", "history"}``."""
-    counts = {"proxies": 0, "pgd_image_steps": 0, "pgd_batches": 0, "importance_samples": 0, "importance_batches": 0,
-              "optimisation_steps": 0, "evaluations": 0, "evaluated_images": 0}
+def authors_reg(st: _Authors, imp: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """L_reg = Σ_p sum(I_p (p − p0)²)/2 over every named parameter, built tensor by tensor."""
+    reg = 0
+    for n, p in st.params:
+        reg = reg + torch.sum(imp[n] * (p - st.params0[n]).pow(2)) / 2
+    return reg
+
+
+def authors_recipe(inp: Inputs, work: Work, device: torch.device, seed: int = 0, *, loaders: bool = True) -> dict:
+    """The authors' whole run; returns ``{"phases_s", "whole_s", "counts", "history", ...}``."""
+    counts = {"proxies": 0, "pgd_image_steps": 0, "pgd_weight_grad_image_steps": 0, "pgd_batches": 0,
+              "importance_samples": 0, "importance_batches": 0, "optimisation_steps": 0, "step_forget_rows": 0,
+              "stop_checks": 0,
+              "evaluations": 0, "evaluated_images": 0, "final_evaluation": {}}
+    clock = {"host_loading_s": 0.0}
     phases = {p: 0.0 for p in PHASES}
-    _sync(device)
-    t_start = time.perf_counter()
-    st = _Authors(inp.model, inp.anchors, device, seed)
-
-    t0 = time.perf_counter()
-    px, py = authors_pgd(st.orig, inp.fx, inp.fy, work, counts, seed)
-    _sync(device)
-    phases["proxies"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    imp = authors_importance(st, px, work, counts, seed)
-    _sync(device)
-    phases["importance"] = time.perf_counter() - t0
-
-    opt = authors_optimizer(st)
-    sets = {"forget": (inp.fx, inp.fy), "test": (inp.tx, inp.ty)}
-    history, losses = [], []
-    spe, k, nf = work.steps_per_epoch, work.k, work.forget_batch
-
-    def evaluate(step):
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
         _sync(device)
-        t = time.perf_counter()
-        history.append({"step": step, **authors_evaluate(st, sets, work.batch, counts)})
-        _sync(device)
-        phases["evaluation"] += time.perf_counter() - t
+        t_start = time.perf_counter()
+        torch.manual_seed(seed)
+        st = _Authors(inp.model, inp.anchors, device, seed)
+        pin = pin_memory(device)
 
-    t_loop = time.perf_counter()
-    evaluate(0)
-    st.train()
-    step, epoch = 0, 0
-    while step < work.steps:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(len(px), generator=g).to(device)
-        f_order, f_pos = torch.randperm(k, generator=g).to(device), 0
-        for b, i in enumerate(range(0, len(px), work.batch)):
-            if step >= work.steps:
-                break
-            ia = order[i:i + work.batch]
-            if f_pos + nf > k:
-                f_order, f_pos = torch.randperm(k, generator=g).to(device), 0
-            jf = f_order[f_pos:f_pos + nf]
-            f_pos += nf
-            # the reference code skips L_reg on the first two steps of every epoch
-            loss = authors_train_step(st, opt, inp.fx[jf], inp.fy[jf], px[ia], py[ia], imp, with_reg=b >= 2)
-            losses.append(loss.item())   # their per-step logging: a host synchronisation every step
-            step += 1
-            counts["optimisation_steps"] += 1
-            if step % spe == 0:
-                evaluate(step)
-        epoch += 1
-    if history[-1]["step"] != step:
-        evaluate(step)
-    _sync(device)
-    phases["steps"] = time.perf_counter() - t_loop - phases["evaluation"]
-    whole = time.perf_counter() - t_start
+        def loader(name, batch_pin):
+            if not loaders:
+                x, y = inp.device[name]
+                return DeviceBatches(x, y, work.batch)
+            x, y = inp.host[name]
+            return Timed(torch.utils.data.DataLoader(HostImages(x, y), batch_size=work.batch, shuffle=False,
+                                                     num_workers=0, pin_memory=batch_pin), clock)
+
+        forget_loader = loader("forget", False)     # their naiive_unlearn_kwargs: batch 128 only
+        retain_loader = loader("retain", pin)
+        test_loader = loader("test", pin)
+
+        # proxies: advertorch against the model their script holds (here: the pretrained weights, same cost)
+        t0 = time.perf_counter()
+        attacked = copy.deepcopy(st.work)
+        xs, ys = authors_proxies(attacked, forget_loader, work, device, counts, loaders)
+        del attacked
+        if loaders:
+            adv_loader = Timed(torch.utils.data.DataLoader(JointDataset(xs, ys), batch_size=work.batch, shuffle=False,
+                                                           num_workers=0, pin_memory=pin), clock)
+        else:
+            adv_loader = DeviceBatches(torch.cat(xs), torch.cat(ys), work.batch)
+        _sync(device)
+        phases["proxies"] = time.perf_counter() - t0
+
+        opt = authors_optimizer(st)
+        history: List[dict] = []
+        forget_cycle = itertools.cycle(forget_loader)
+        imp: Optional[Dict[str, torch.Tensor]] = None
+        t_loop = time.perf_counter()
+        step, epoch = 0, 0
+        while step < work.steps:
+            st.work.train()
+            for i, ((xa, ya), (xf, yf)) in enumerate(zip(adv_loader, forget_cycle)):
+                if step >= work.steps:
+                    break
+                st.work.train()
+                opt.zero_grad()
+                loss = authors_step_forward(st, xf.to(device), yf.to(device), xa.to(device), xa.to(device),
+                                            ya.to(device))
+                if i == 1 and imp is None:      # their importance, inside the first epoch's second step
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    imp = authors_importance(st, adv_loader, work, device, counts)
+                    opt.zero_grad(set_to_none=True)
+                    _sync(device)
+                    phases["importance"] = time.perf_counter() - t0
+                if i > 1:
+                    loss = loss + 1.0 * authors_reg(st, imp)
+                loss.backward()
+                opt.step()
+                st.work.eval()
+                step += 1
+                counts["optimisation_steps"] += 1
+                counts["step_forget_rows"] += yf.shape[0]
+                if epoch >= work.stop_start_epoch:   # their stop check after every step (never stops here)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    acc = authors_evaluate(st, forget_loader, device, counts)
+                    counts["stop_checks"] += 1
+                    counts["evaluations"] += 1
+                    history.append({"step": step, "forget_accuracy": acc})
+                    _sync(device)
+                    phases["evaluation"] += time.perf_counter() - t0
+            epoch += 1
+        if imp is None:   # their importance runs at an epoch's second step: an epoch of one step never reaches it
+            raise ValueError(f"the authors' recipe computes its importance at the first epoch's second step: this work "
+                             f"has {work.steps_per_epoch} step(s) an epoch and {work.steps} in all")
+        _sync(device)
+        loop_s = time.perf_counter() - t_loop
+        phases["steps"] = loop_s - phases["evaluation"] - phases["importance"]
+
+        t0 = time.perf_counter()
+        final = {"step": step}
+        for name, ld in (("forget", forget_loader), ("retain", retain_loader), ("test", test_loader)):
+            final[f"{name}_accuracy"] = authors_evaluate(st, ld, device, counts)
+            counts["final_evaluation"][name] = len(inp.host[name][1])
+        counts["evaluations"] += 1
+        history.append(final)
+        _sync(device)
+        phases["evaluation"] += time.perf_counter() - t0
+        whole = time.perf_counter() - t_start
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+    grads_left = sum(1 for p in st.work.parameters() if p.grad is not None)
     return {"phases_s": phases, "whole_s": whole, "other_s": whole - sum(phases.values()), "counts": counts,
-            "history": history, "final_loss": losses[-1] if losses else None}
+            "history": history, "host_loading_s": clock["host_loading_s"], "loaders": loaders,
+            "cudnn_during_run": {"deterministic": True, "benchmark": False}, "parameters_with_grad_at_end": grads_left}
 
 
 # ----------------------------------------------------------------------------- stakes' defaults
@@ -457,8 +827,8 @@ def stakes_has_execution_policy() -> bool:
 
 
 def stakes_config(work: Work, device: torch.device, seed: int = 0, **overrides):
-    """stakes' defaults for this work: the stable preset, a fixed radius, no stop, log every epoch
-    (``overrides``: for the model's composition check only, never for the benchmark)."""
+    """stakes' defaults for this work: the stable preset, a fixed radius, no stop, a trajectory entry
+    every epoch, the evaluation sets whole (``overrides``: for the model's composition check only)."""
     import stakes
 
     # batches of 128 are stakes' default too; a test's smaller work sets both sides' batches
@@ -466,38 +836,85 @@ def stakes_config(work: Work, device: torch.device, seed: int = 0, **overrides):
     return stakes.preset("stable", method="structguard", eps=work.eps, repetitions=work.repetitions,
                          pgd_steps=work.pgd_steps, max_steps=work.steps, stop_warmup_steps=10**9,
                          importance_samples=work.importance_samples, log_every=work.steps_per_epoch,
-                         progress=False, device=str(device), seed=seed, **batches, **overrides)
+                         eval_max_samples=None, progress=False, device=str(device), seed=seed, **batches,
+                         **overrides)
 
 
-def stakes_recipe(inp: Inputs, work: Work, device: torch.device, seed: int = 0, **overrides) -> dict:
+def stakes_importance_batches(n: int, size: int, n_tot: int, method_config: dict, config: dict) -> List[int]:
+    """The rows of each batch stakes' importance pass computes, from its own plan for its options
+    (``importance_order``, ``importance_passes``: each distinct batch once by default), else the
+    cycled rule of :func:`importance_batches` (a stakes without the plan)."""
+    try:
+        from stakes.methods.structguard import importance_plan
+    except ImportError:
+        return importance_batches(n, size, n_tot)
+    order = method_config.get("importance_order", "shuffled")
+    passes = method_config.get("importance_passes", "all")
+    batches, _, _ = importance_plan(n, size, n_tot, order, passes, torch.Generator().manual_seed(int(config["seed"]) + 31))
+    return [len(b) if isinstance(b, torch.Tensor) else len(range(n)[b]) for b in batches]
+
+
+def stakes_counts(res, work: Work, sizes: Dict[str, int]) -> Dict[str, object]:
+    """The work stakes did, from its result: proxies and PGD from ``result.proxies`` and its config,
+    the importance as ``result.timings`` reports it (``importance_samples`` / ``importance_batches``)
+    or else from its rule, the evaluations from its trajectory (each entry: the forget set and every
+    set whose accuracy it holds)."""
+    t = dict(res.timings)
+    n = int(res.proxies["n"])
+    pgd_steps = int(res.config["pgd_steps"])
+    pgd_batch = int(t.get("pgd_batch_size") or res.config["pgd_batch_size"])
+    n_tot = res.method_config.get("importance_samples") or work.importance_samples
+    rule = stakes_importance_batches(n, int(res.config["proxy_batch_size"]), n_tot, res.method_config, res.config)
+    entries = list(res.history)
+    spe = work.steps_per_epoch
+    evaluated = 0
+    for e in entries:
+        evaluated += sizes["forget"] + sum(size for name, size in sizes.items()
+                                           if name != "forget" and f"{name}_accuracy" in e)
+    last = entries[-1] if entries else {}
+    final = {"forget": sizes["forget"], **{name: size for name, size in sizes.items()
+                                           if name != "forget" and f"{name}_accuracy" in last}}
+    return {"proxies": n, "pgd_image_steps": n * pgd_steps,
+            "pgd_weight_grad_image_steps": n * pgd_steps if res.config.get("pgd_weight_grads") else 0,
+            "pgd_batches": math.ceil(n / pgd_batch) * pgd_steps,
+            "importance_samples": int(t["importance_samples"]) if "importance_samples" in t else sum(rule),
+            "importance_batches": int(t["importance_batches"]) if "importance_batches" in t else len(rule),
+            "importance_source": "result.timings" if "importance_samples" in t else
+            "stakes' own plan (stakes.methods.structguard.importance_plan) for its options",
+            "optimisation_steps": int(res.steps),
+            "step_forget_rows": int(res.steps) * min(work.batch, sizes["forget"]) if res.config.get("shuffle", True)
+            else sum(work.forget_batches_in_order()[t % len(work.forget_batches_in_order())] for t in range(res.steps)),
+            "stop_checks": sum(1 for e in entries if 0 < e["step"] < res.steps and e["step"] % spe == 0),
+            "evaluations": len(entries), "evaluated_images": evaluated, "final_evaluation": final,
+            "drift_reference_images": sizes.get("test", 0) if any("structure_drift" in e for e in entries) else 0}
+
+
+def stakes_recipe(inp: Inputs, work: Work, device: torch.device, seed: int = 0, *, loaders: bool = True,
+                  **overrides) -> dict:
     """stakes.unlearn with its defaults; returns ``{"phases_s", "whole_s", "counts", "execution", ...}``."""
     import stakes
 
     cfg = stakes_config(work, device, seed, **overrides)
-    if cfg.eval_max_samples is not None and work.test_size > cfg.eval_max_samples:
-        raise ValueError(f"test_size {work.test_size} > stakes' eval_max_samples {cfg.eval_max_samples}: stakes would "
-                         f"evaluate a subset, not the same work")
     if cfg.proxy_batch_size != work.batch or cfg.forget_batch_size != work.batch:
         raise ValueError(f"stakes' batches ({cfg.forget_batch_size} + {cfg.proxy_batch_size}) differ from the "
                          f"authors' {work.batch}")
     _sync(device)
-    t0 = time.perf_counter()
-    res = stakes.unlearn(inp.model, (inp.fx, inp.fy), method="structguard", anchors=inp.anchors, config=cfg,
-                         eval_sets={"test": (inp.tx, inp.ty)})
+    t_start = time.perf_counter()
+    if loaders:   # the same host arrays, converted on the device once (what a stakes user does with CIFAR-10)
+        data = {name: to_device(x, y, device) for name, (x, y) in inp.host.items()}
+        _sync(device)
+    else:
+        data = inp.device
+    data_s = time.perf_counter() - t_start
+    res = stakes.unlearn(inp.model, data["forget"], method="structguard", anchors=inp.anchors, config=cfg,
+                         eval_sets={"retain": data["retain"], "test": data["test"]})
     _sync(device)
-    whole = time.perf_counter() - t0
+    whole = time.perf_counter() - t_start
     t = dict(res.timings)
     phases = {"proxies": t.get("calibration_s", 0.0) + t["proxies_s"], "importance": t["importance_s"],
               "steps": t["loop_s"] - t.get("eval_s", 0.0), "evaluation": t.get("eval_s", 0.0)}
-    n = int(res.proxies["n"])
-    n_tot = res.method_config.get("importance_samples") or work.importance_samples
-    evaluations = len(res.history)
-    counts = {"proxies": n, "pgd_image_steps": n * int(res.config["pgd_steps"]),
-              "pgd_batches": math.ceil(n / res.config["pgd_batch_size"]) * int(res.config["pgd_steps"]),
-              "importance_samples": sum(importance_batches(n, res.config["proxy_batch_size"], n_tot)),
-              "importance_batches": len(importance_batches(n, res.config["proxy_batch_size"], n_tot)),
-              "optimisation_steps": int(res.steps), "evaluations": evaluations,
-              "evaluated_images": evaluations * (len(inp.fy) + len(inp.ty))}
+    sizes = {name: len(y) for name, (_, y) in data.items()}
+    counts = stakes_counts(res, work, sizes)
     execution = getattr(res, "execution", None)
     if execution is None:
         execution = {"available": False,
@@ -505,11 +922,11 @@ def stakes_recipe(inp: Inputs, work: Work, device: torch.device, seed: int = 0, 
                              "compile / cuda_graphs): fp32, eager, no CUDA graphs"}
     else:
         execution = {"available": True, **dict(execution)}
-    return {"phases_s": phases, "whole_s": whole, "other_s": whole - sum(phases.values()), "counts": counts,
-            "execution": execution, "timings": t, "wall_time_s": res.wall_time_s, "steps": res.steps,
-            "stopped": res.stopped, "eps": res.proxies.get("eps"), "success_rate": res.proxies.get("success_rate"),
-            "history": [{k: v for k, v in e.items() if k in ("step", "forget_accuracy", "test_accuracy")}
-                        for e in res.history],
+    return {"phases_s": phases, "whole_s": whole, "other_s": whole - sum(phases.values()), "data_s": data_s,
+            "counts": counts, "execution": execution, "timings": t, "wall_time_s": res.wall_time_s,
+            "steps": res.steps, "stopped": res.stopped, "eps": res.proxies.get("eps"),
+            "success_rate": res.proxies.get("success_rate"), "loaders": loaders,
+            "history": [{k: v for k, v in e.items() if k == "step" or k.endswith("_accuracy")} for e in res.history],
             "config": {k: res.config[k] for k in ("preset", "eps", "repetitions", "pgd_steps", "pgd_batch_size",
                                                   "proxy_batch_size", "forget_batch_size", "max_steps",
                                                   "log_every", "eval_max_samples", "backend", "device",
@@ -523,16 +940,39 @@ RECIPES = {"authors": authors_recipe, "stakes": stakes_recipe}
 # ----------------------------------------------------------------------------- the comparison
 
 
-def compare_work(counts: Dict[str, Dict[str, int]], expected: Dict[str, int]) -> List[str]:
-    """Each difference between the recipes' counted work and the expected work, as a sentence."""
+def compare_work(counts: Dict[str, dict], work: Work) -> Tuple[List[str], Dict[str, dict]]:
+    """(problems, by_design): each difference in the work that must be the same (and the authors'
+    work against what their recipe must do), as a sentence; and the work that differs by design,
+    side by side."""
     problems = []
-    for key in WORK_KEYS:
-        seen = {name: c.get(key) for name, c in counts.items()}
-        if len(set(seen.values())) != 1:
-            problems.append(f"{key} differs: " + ", ".join(f"{n} {v}" for n, v in seen.items()))
-        elif next(iter(seen.values())) != expected[key]:
-            problems.append(f"{key}: both {next(iter(seen.values()))}, expected {expected[key]}")
-    return problems
+    if "authors" in counts:
+        exp = work.expected_authors()
+        for key in WORK_KEYS:
+            if counts["authors"].get(key) != exp[key]:
+                problems.append(f"authors' {key}: {counts['authors'].get(key)}, their recipe does {exp[key]}")
+    names = list(counts)
+    if len(names) > 1:
+        for key in SAME_KEYS:
+            seen = {n: counts[n].get(key) for n in names}
+            if any(v != seen[names[0]] for v in seen.values()):
+                problems.append(f"{key} differs: " + ", ".join(f"{n} {v}" for n, v in seen.items()))
+    by_design = {key: {n: counts[n].get(key) for n in names} for key in DESIGN_KEYS}
+    return problems, by_design
+
+
+DESIGN_NOTES = {
+    "pgd_weight_grad_image_steps": "advertorch's backward on a model whose parameters require grad computes the "
+                                   "weight gradients at every PGD step; stakes' attack computes the input gradient only",
+    "importance_samples": "the authors' estimator cycles the unshuffled proxy loader to N_tot samples (the same "
+                          "batches repeated); stakes counts its own estimator's work",
+    "importance_batches": "as importance_samples",
+    "step_forget_rows": "the authors' unshuffled forget loader cycles its batches, the last one partial when k is "
+                        "not a multiple of the batch; stakes reshuffles and takes full batches",
+    "stop_checks": "the authors check after every step from the second epoch; stakes' rule checks at epoch ends "
+                   "(its trajectory entry there; the benchmark fixes the step count, so neither stops)",
+    "evaluations": "the authors: their stop checks and the final evaluation; stakes: its trajectory entries",
+    "evaluated_images": "the images of those evaluations",
+}
 
 
 def ratios(authors: dict, ours: dict) -> Dict[str, Optional[float]]:
@@ -547,20 +987,22 @@ def ratios(authors: dict, ours: dict) -> Dict[str, Optional[float]]:
 
 def cuda_flags() -> dict:
     return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
             "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 class _KeepFlags:
-    """Restores torch's backend flags after stakes ran (so nothing stakes sets reaches the authors' run)."""
+    """Restores torch's backend flags after a recipe ran (nothing one recipe sets reaches the other)."""
 
     def __enter__(self):
         self.flags = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
-                      torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+                      torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+                      torch.get_float32_matmul_precision())
 
     def __exit__(self, *exc):
-        (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
-         prec) = self.flags
+        (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+         torch.backends.cuda.matmul.allow_tf32, prec) = self.flags
         torch.set_float32_matmul_precision(prec)
 
 
@@ -569,42 +1011,18 @@ def _error(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {first}"[:400]
 
 
-def run_whole(work: Work, device: torch.device, *, seed: int = 0, warmup: bool = True,
-              model_builder: Optional[Callable[[], nn.Module]] = None, image_shape=(3, 32, 32),
-              on_update: Optional[Callable[[dict], None]] = None, recipes=RECIPES, repeats: int = 1) -> dict:
-    """Both recipes on the same work; the report (see the module docstring). ``repeats`` > 1 runs
-    them that many times, interleaved, and keeps each phase's fastest time (every run is in
-    ``runs``). ``on_update`` is called with the report so far after each run (partial results)."""
-    meta = measure.run_metadata(device)
-    meta["load_avg_1_5_15"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    meta["cpu_count"] = os.cpu_count()
-    report = {
-        "benchmark": "whole-run",
-        "kind": "measurement: both recipes run in this process on this device",
-        "metadata": meta,
-        "size": {**asdict(work), "n_proxies": work.n_proxies, "steps_per_epoch": work.steps_per_epoch,
-                 "forget_batch": work.forget_batch,
-                 "model": "CIFAR-10 ResNet-18 (stakes.models.build_model('resnet18', 10, in_channels=3, image_size=32)), "
-                          "random weights" if model_builder is None else "custom model",
-                 "data": f"random images {list(image_shape)} in [0, 1], random labels, random unit anchors "
-                         f"[{NUM_CLASSES}, {work.anchor_dim}]"},
-        "work": {"expected": work.expected()},
-        "recipes": {},
-        "stakes_execution_policy_in_config": None,
-        "warmup_s": {},
-        "status": "running",
-    }
-    try:
-        report["stakes_execution_policy_in_config"] = stakes_has_execution_policy()
-    except Exception as exc:   # stakes fails to import: the stakes recipe will report it
-        report["stakes_execution_policy_in_config"] = _error(exc)
-    inputs = make_inputs(work, device, seed=seed, model_builder=model_builder, image_shape=image_shape)
-    small = make_inputs(WARMUP, device, seed=seed + 1, model_builder=model_builder, image_shape=image_shape) \
-        if warmup else None
-    report["repeats"] = repeats
+def run_row(name: str, description: str, builder: Callable[[], nn.Module], work: Work, device: torch.device, *,
+            seed: int, warmup: bool, image_shape, recipes, repeats: int, loaders: bool,
+            on_update: Optional[Callable[[], None]] = None) -> dict:
+    """Both recipes on one network (one row of the report), ``repeats`` times interleaved."""
+    row = {"network": name, "model": description, "recipes": {}, "warmup_s": {}, "repeats": repeats,
+           "work": {"expected_same": work.expected(), "expected_authors": work.expected_authors()},
+           "status": "running"}
+    inputs = make_inputs(work, device, seed=seed, model_builder=builder, image_shape=image_shape)
+    small = make_inputs(WARMUP, device, seed=seed + 1, model_builder=builder, image_shape=image_shape) if warmup else None
     for rep in range(repeats):   # interleaved, so that a change of load hits both recipes alike
-        for name, fn in recipes.items():
-            rec = report["recipes"].setdefault(name, {"runs": []})
+        for rname, fn in recipes.items():
+            rec = row["recipes"].setdefault(rname, {"runs": []})
             if str(rec.get("status", "ok")).startswith("error"):
                 continue
             with _KeepFlags():
@@ -612,16 +1030,16 @@ def run_whole(work: Work, device: torch.device, *, seed: int = 0, warmup: bool =
                 try:
                     if warmup and rep == 0:
                         t0 = time.perf_counter()
-                        fn(small, WARMUP, device, seed)
+                        fn(small, WARMUP, device, seed, loaders=loaders)
                         _sync(device)
-                        report["warmup_s"][name] = time.perf_counter() - t0
-                    run = fn(inputs, work, device, seed)
+                        row["warmup_s"][rname] = time.perf_counter() - t0
+                    run = fn(inputs, work, device, seed, loaders=loaders)
                 except Exception as exc:   # recorded, and the run exits non-zero
                     rec["status"] = _error(exc)
                     continue
             run["cuda_flags_at_start"] = flags
             rec["runs"].append({k: run[k] for k in ("phases_s", "whole_s", "other_s")})
-            if rec["runs"][0] is not rec["runs"][-1] and run["counts"] != rec["counts"]:
+            if len(rec["runs"]) > 1 and run["counts"] != rec["counts"]:
                 rec["status"] = f"error: repeat {rep} did other work than the first: {run['counts']} vs {rec['counts']}"
                 continue
             rec.update({k: v for k, v in run.items() if k not in ("phases_s", "whole_s", "other_s")})
@@ -630,17 +1048,77 @@ def run_whole(work: Work, device: torch.device, *, seed: int = 0, warmup: bool =
             rec["whole_s"] = min(r["whole_s"] for r in rec["runs"])
             rec["status"] = "ok"
             if on_update:
-                on_update(report)
-    ok = all(r.get("status") == "ok" for r in report["recipes"].values())
-    problems = [f"{n}: {r['status']}" for n, r in report["recipes"].items() if r.get("status") != "ok"]
-    if ok:
-        counts = {n: r["counts"] for n, r in report["recipes"].items()}
-        report["work"].update({n: c for n, c in counts.items()})
-        diff = compare_work(counts, work.expected())
-        report["work"]["same"] = not diff
-        report["work"]["differences"] = diff
+                on_update()
+    problems = [f"{n}: {r['status']}" for n, r in row["recipes"].items() if r.get("status") != "ok"]
+    if not problems:
+        counts = {n: r["counts"] for n, r in row["recipes"].items()}
+        diff, by_design = compare_work(counts, work)
+        row["work"].update({"counted": counts, "same": not diff, "differences": diff,
+                            "differs_by_design": {k: {**v, "why": DESIGN_NOTES[k]} for k, v in by_design.items()}})
         problems += [f"work: {d}" for d in diff]
-        report["ratios"] = ratios(report["recipes"]["authors"], report["recipes"]["stakes"])
+        if "authors" in row["recipes"] and "stakes" in row["recipes"]:
+            row["ratios"] = ratios(row["recipes"]["authors"], row["recipes"]["stakes"])
+    row["status"] = "ok" if not problems else "error: " + "; ".join(problems)
+    return row
+
+
+def run_whole(work: Work, device: torch.device, *, seed: int = 0, warmup: bool = True,
+              model_builder: Optional[Callable[[], nn.Module]] = None, image_shape=(3, 32, 32),
+              on_update: Optional[Callable[[dict], None]] = None, recipes=None, repeats: int = 1,
+              networks: Sequence[str] = ("authors",), loaders: bool = True) -> dict:
+    """Both recipes on the same work, one row per network (the first is the headline); the report
+    (see the module docstring). ``model_builder``: one row of that model instead (tests).
+    ``on_update`` is called with the report so far after each run (partial results)."""
+    recipes = dict(RECIPES if recipes is None else recipes)
+    meta = measure.run_metadata(device)
+    meta["load_avg_1_5_15"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    meta["cpu_count"] = os.cpu_count()
+    rows_to_run = [("custom", "custom model", model_builder)] if model_builder is not None else \
+        [(n, *NETWORKS[n]) for n in networks]
+    report = {
+        "benchmark": "whole-run",
+        "kind": "measurement: both recipes run in this process on this device",
+        "metadata": meta,
+        "size": {**asdict(work), "n_proxies": work.n_proxies, "steps_per_epoch": work.steps_per_epoch,
+                 "forget_batch": work.forget_batch, "retain": work.retain,
+                 "authors_stop_checks": work.authors_stop_checks(),
+                 "phase_shares_authors": phase_shares(work), "phase_shares_authors_full_run": phase_shares(full_work()),
+                 "data": f"random uint8 images {list(image_shape)} (forget, D_r, test), random labels, random unit "
+                         f"anchors [{NUM_CLASSES}, {work.anchor_dim}]"},
+        "options": {"loaders": loaders,
+                    "loaders_means": ("the authors' data through torch DataLoaders (PIL + ToTensor per image, "
+                                      "num_workers=0, blocking copies" + (", pinned" if pin_memory(device) else "")
+                                      + "); stakes' data converted on the device once, timed in its whole")
+                    if loaders else "kernels only: every tensor resident on the device for both recipes, "
+                                    "no loaders, no host conversion",
+                    "on_the_cpu": "the loaders convert every image on the host as on a card (PIL and ToTensor are "
+                                  "host work on any device); there is no copy to make and nothing is pinned"
+                    if device.type == "cpu" else None,
+                    "cudnn_authors": "deterministic=True, benchmark=False while their recipe runs (restored after)"},
+        "rows": {},
+        "headline": rows_to_run[0][0],
+        "stakes_execution_policy_in_config": None,
+        "status": "running",
+    }
+    try:
+        report["stakes_execution_policy_in_config"] = stakes_has_execution_policy()
+    except Exception as exc:   # stakes fails to import: the stakes recipe will report it
+        report["stakes_execution_policy_in_config"] = _error(exc)
+    for i, (name, description, builder) in enumerate(rows_to_run):
+        report["rows"][name] = {"network": name, "model": description, "status": "pending", "headline": i == 0}
+    for i, (name, description, builder) in enumerate(rows_to_run):
+        def update(name=name):
+            if on_update:
+                on_update(report)
+        row = {"headline": i == 0}
+        report["rows"][name] = row
+        row.update(run_row(name, description, builder, work, device, seed=seed, warmup=warmup, image_shape=image_shape,
+                           recipes=recipes, repeats=repeats, loaders=loaders, on_update=update))
+        if on_update:
+            on_update(report)
+    head = report["rows"][report["headline"]]
+    report["ratios"] = head.get("ratios")
+    problems = [f"{n}: {r['status']}" for n, r in report["rows"].items() if r.get("status") != "ok"]
     report["status"] = "ok" if not problems else "error: " + "; ".join(problems)
     if device.type == "cuda":
         report["model_prediction"] = model_prediction(work)
@@ -653,15 +1131,40 @@ def run_whole(work: Work, device: torch.device, *, seed: int = 0, warmup: bool =
     return report
 
 
+def launch_blocking_row(work: Work, device: torch.device, args_list: List[str], timeout_s: float = 3600) -> dict:
+    """The authors' recipe in a child process under ``CUDA_LAUNCH_BLOCKING=1`` (the published command's
+    setting; it must be set before CUDA starts, hence the child). Shown, never a headline."""
+    row = {"network": "authors", "headline": False, "recipes": {},
+           "note": "the authors' recipe under CUDA_LAUNCH_BLOCKING=1, as their published command runs it; never a "
+                   "headline (it serialises every launch)"}
+    if device.type != "cuda":
+        row["status"] = "skipped: CUDA_LAUNCH_BLOCKING applies to a CUDA card only"
+        return row
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "benchmarks", "whole-run", "--recipes", "authors", "--networks", "authors",
+               "--out", tmp, *args_list]
+        env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        try:
+            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)
+            child = json.load(open(os.path.join(tmp, "whole_run.json")))
+        except Exception as exc:
+            row["status"] = _error(exc)
+            return row
+    crow = child["rows"].get("authors", {})
+    row["recipes"] = crow.get("recipes", {})
+    row["status"] = crow.get("status", child.get("status")) if proc.returncode == 0 else \
+        f"error: exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:300]}"
+    return row
+
+
 MODEL_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_ratio_model.json")
-MATCH_KEYS = ("k", "repetitions", "pgd_steps", "steps", "importance_samples", "test_size", "batch")
+MATCH_KEYS = ("k", "repetitions", "pgd_steps", "steps", "importance_samples", "test_size", "batch", "retain_size")
 
 
 def model_prediction(work: Work, path: str = MODEL_JSON) -> Optional[dict]:
     """The labelled model's prediction (benchmarks/gpu_ratio_model.py, an H100) for this work, if
     its results file has one for exactly this size; None otherwise."""
-    import json
-
     try:
         with open(path) as fh:
             model = json.load(fh)
@@ -671,8 +1174,8 @@ def model_prediction(work: Work, path: str = MODEL_JSON) -> Optional[dict]:
         if all(size["work"].get(k) == getattr(work, k) for k in MATCH_KEYS):
             return {"kind": "MODEL, not a measurement (benchmarks/gpu_ratio_model.py)",
                     "gpu": model.get("assumptions", {}).get("gpu"), "ratios": size["ratios"],
-                    "seconds": size["seconds"],
-                    "source": os.path.relpath(path, os.path.dirname(os.path.dirname(MODEL_JSON)) + "/..")}
+                    "seconds": size["seconds"], "network": size.get("network"),
+                    "source": "benchmarks/results/gpu_ratio_model.json"}
     return None
 
 
@@ -683,64 +1186,102 @@ def default_out_dir(device: torch.device) -> str:
     return measure.default_out_dir(device)   # outside the source tree (benchmarks.measure.results_root)
 
 
+def _sec(row: dict, recipe: str, phase: str) -> Optional[float]:
+    r = row.get("recipes", {}).get(recipe, {})
+    if r.get("status") != "ok":
+        return None
+    return r["whole_s"] if phase == "whole" else r["phases_s"][phase]
+
+
 def write_report(report: dict, out_dir: str) -> Tuple[str, str]:
-    """``whole_run.json`` (everything) and ``whole_run.csv`` (a row per phase and the whole), atomically."""
+    """``whole_run.json`` (everything) and ``whole_run.csv`` (a row per network and phase), atomically."""
     from stakes._io import atomic_json_dump, atomic_text
 
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "whole_run.json")
     atomic_json_dump(report, json_path)
-    meta, recs, rat = report["metadata"], report["recipes"], report.get("ratios", {})
-    cols = ("phase", "authors_s", "stakes_s", "ratio", "size", "status", "device", "torch", "triton", "python",
-            "date", "git_commit")
+    meta = report["metadata"]
+    cols = ("network", "headline", "phase", "authors_s", "stakes_s", "ratio", "size", "loaders", "status", "device",
+            "torch", "triton", "python", "date", "git_commit")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols)
-    for p in PHASES + ("whole",):
-        def sec(name):
-            r = recs.get(name, {})
-            if r.get("status") != "ok":
-                return None
-            return r["whole_s"] if p == "whole" else r["phases_s"][p]
-        w.writerow([p, sec("authors"), sec("stakes"), rat.get(p), report["size"]["label"], report["status"],
-                    meta["device"], meta["torch"], meta["triton"], meta["python"], meta["date"], meta["git_commit"]])
+    for name, row in report["rows"].items():
+        rat = row.get("ratios") or {}
+        for p in PHASES + ("whole",):
+            w.writerow([name, bool(row.get("headline")), p, _sec(row, "authors", p), _sec(row, "stakes", p), rat.get(p),
+                        report["size"]["label"], report["options"]["loaders"], row.get("status"), meta["device"],
+                        meta["torch"], meta["triton"], meta["python"], meta["date"], meta["git_commit"]])
     csv_path = os.path.join(out_dir, "whole_run.csv")
     atomic_text(buf.getvalue(), csv_path)
     return json_path, csv_path
 
 
 def summary_lines(report: dict) -> List[str]:
-    """The printed table and one ``VERDICT:`` line (gpu_check.sh's summary reads it)."""
-    recs, rat, size = report["recipes"], report.get("ratios") or {}, report["size"]
-    lines = [f"whole run on {report['metadata']['device']} (torch {report['metadata']['torch']}), size: {size['label']} "
-             f"(k={size['k']}, R={size['repetitions']}, PGD steps {size['pgd_steps']}, steps {size['steps']}, "
-             f"importance samples {size['importance_samples']}, test {size['test_size']})",
-             f"{'phase':<12} {'authors s':>10} {'stakes s':>10} {'ratio':>7}"]
+    """The printed table and one ``VERDICT:`` line (gpu_check.sh's summary reads it): the headline row's."""
+    size = report["size"]
 
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else "-"
 
-    for p in PHASES + ("whole",):
-        vals = []
-        for name in ("authors", "stakes"):
-            r = recs.get(name, {})
-            vals.append((r["whole_s"] if p == "whole" else r["phases_s"][p]) if r.get("status") == "ok" else None)
-        lines.append(f"{p:<12} {fmt(vals[0], '10.2f'):>10} {fmt(vals[1], '10.2f'):>10} {fmt(rat.get(p), '7.2f'):>7}")
-    ex = recs.get("stakes", {}).get("execution")
-    if ex:
-        lines.append("stakes execution: " + ", ".join(f"{k}={v}" for k, v in ex.items() if k != "note")
-                     + (f" ({ex['note']})" if ex.get("note") else ""))
+    lines = [f"whole run on {report['metadata']['device']} (torch {report['metadata']['torch']}), size: {size['label']} "
+             f"(k={size['k']}, R={size['repetitions']}, PGD steps {size['pgd_steps']}, steps {size['steps']}, "
+             f"importance samples {size['importance_samples']}, D_r {size.get('retain')}, test {size['test_size']}); "
+             f"loaders {'on' if report.get('options', {}).get('loaders', True) else 'off (kernels only)'}"]
+    for name, row in report["rows"].items():
+        tag = "headline" if row.get("headline") else ("never a headline" if "LAUNCH_BLOCKING" in row.get("note", "")
+                                                      else "second row")
+        lines.append(f"[{name}: {row.get('model', row.get('note', ''))[:90]}] ({tag}) status {row.get('status')}")
+        lines.append(f"{'phase':<12} {'authors s':>10} {'stakes s':>10} {'ratio':>7}")
+        rat = row.get("ratios") or {}
+        for p in PHASES + ("whole",):
+            lines.append(f"{p:<12} {fmt(_sec(row, 'authors', p), '10.2f'):>10} {fmt(_sec(row, 'stakes', p), '10.2f'):>10} "
+                         f"{fmt(rat.get(p), '7.2f'):>7}")
+        dd = row.get("work", {}).get("differs_by_design")
+        if dd:
+            lines.append("work that differs by design: " + "; ".join(
+                f"{k} " + ", ".join(f"{n} {v}" for n, v in d.items() if n != "why") for k, d in dd.items()))
+        ex = row.get("recipes", {}).get("stakes", {}).get("execution")
+        if ex:
+            lines.append("stakes execution: " + ", ".join(f"{k}={v}" for k, v in ex.items()
+                                                          if k in ("precision", "channels_last", "compile",
+                                                                   "cuda_graphs", "device_type")))
     model = report.get("model_prediction")
     if model:
         lines.append(f"{'MODEL ' + str(model['gpu'])[:20]:<26} ratios (modelled, not measured): "
                      + ", ".join(f"{p} x{model['ratios'][p]:.2f}" for p in (*PHASES, "whole")))
-    if report["status"] == "ok":
+    head = report["rows"].get(report.get("headline"), {})
+    rat = head.get("ratios") or {}
+    if report["status"] == "ok" and rat.get("whole"):
         per = ", ".join(f"{p} x{rat[p]:.2f}" for p in PHASES if rat.get(p))
-        lines.append(f"VERDICT: ok whole run x{rat['whole']:.2f} (authors / stakes; {per}), size {size['label']}, "
-                     f"k={size['k']}" + (f"; the MODEL predicted x{model['ratios']['whole']:.2f}" if model else ""))
+        lines.append(f"VERDICT: ok whole run x{rat['whole']:.2f} (authors / stakes; {per}), network "
+                     f"{report.get('headline')}, size {size['label']}, k={size['k']}"
+                     + (f"; the MODEL predicted x{model['ratios']['whole']:.2f}" if model else ""))
+    elif report["status"] == "ok":
+        lines.append(f"VERDICT: ok (one recipe: no ratio), size {size['label']}, k={size['k']}")
     else:
         lines.append(f"VERDICT: FAILED {report['status']}"[:300])
     return lines
+
+
+def work_from_args(args) -> Work:
+    """The Work of the command line: ``--size`` (or ``--quick``), then any field changed."""
+    name = "quick" if args.quick else (args.size or "full")
+    base = SIZES[name]()
+    changes = {name_: getattr(args, name_) for name_ in ("k", "repetitions", "pgd_steps", "steps",
+                                                         "importance_samples", "test_size", "retain_size")
+               if getattr(args, name_, None) is not None}
+    if name in ("full", "representative") and set(changes) == {"k"}:
+        return (full_work if name == "full" else representative_work)(changes["k"])
+    if not changes:
+        return base
+    if "k" in changes and name == "full":
+        changes.setdefault("importance_samples", CIFAR_TRAIN - changes["k"])   # |D_r| of CIFAR-10
+    work = replace(base, **changes)
+    if "steps" not in changes:   # as many epochs as the base size
+        work = replace(work, steps=max(1, base.steps // base.steps_per_epoch) * work.steps_per_epoch)
+    what = ", ".join(f"{k} = {v}" for k, v in changes.items())
+    return replace(work, label=f"{base.label.split(':')[0]}, changed: {what}")
 
 
 def main(args) -> int:
@@ -754,25 +1295,24 @@ def main(args) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    base = QUICK if args.quick else full_work()
-    changes = {name: getattr(args, name) for name in ("k", "repetitions", "pgd_steps", "steps", "importance_samples",
-                                                      "test_size") if getattr(args, name) is not None}
-    work = base
-    if not args.quick and set(changes) == {"k"}:
-        work = full_work(changes["k"])
-    elif changes:
-        if "k" in changes and "importance_samples" not in changes and not args.quick:
-            changes["importance_samples"] = CIFAR_TRAIN - changes["k"]   # |D_r| of CIFAR-10
-        work = replace(base, **changes)
-        if "steps" not in changes:   # as many epochs as the base size
-            work = replace(work, steps=max(1, base.steps // base.steps_per_epoch) * work.steps_per_epoch)
-        what = ", ".join(f"{k} = {v}" for k, v in changes.items())
-        work = replace(work, label=f"{base.label.split(':')[0]}, changed: {what}")
-    if device.type == "cpu" and not args.quick:
-        print("whole-run: the full size on a CPU takes many hours; --quick is the reduced CPU size", file=sys.stderr)
+    work = work_from_args(args)
+    size_name = "quick" if args.quick else (args.size or "full")
+    networks = args.networks or (["authors", "resnet18"] if size_name == "full" else ["authors"])
+    if device.type == "cpu" and size_name == "full":
+        print("whole-run: the full size on a CPU takes many hours; --size representative (or --quick) is a CPU size",
+              file=sys.stderr)
+    recipes = {n: RECIPES[n] for n in (args.recipes or list(RECIPES))}
     out_dir = args.out or default_out_dir(device)
     report = run_whole(work, device, seed=args.seed, warmup=not args.no_warmup, repeats=args.repeats,
+                       networks=networks, recipes=recipes, loaders=not args.kernels_only,
                        on_update=lambda r: write_report(r, out_dir))
+    if args.launch_blocking_row:
+        passed = [f"--{f.replace('_', '-')}={getattr(work, f)}" for f in ("k", "repetitions", "pgd_steps", "steps",
+                                                                          "importance_samples", "test_size")]
+        passed += [f"--retain-size={work.retain}", f"--seed={args.seed}", "--device", str(device)]
+        if args.kernels_only:
+            passed.append("--kernels-only")
+        report["rows"]["authors, CUDA_LAUNCH_BLOCKING=1"] = launch_blocking_row(work, device, passed)
     json_path, csv_path = write_report(report, out_dir)
     for line in summary_lines(report):
         print(line)
