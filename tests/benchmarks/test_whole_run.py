@@ -102,7 +102,6 @@ def report():
 def test_work_arithmetic():
     assert WORK.n_proxies == 60 and WORK.steps_per_epoch == 8 and WORK.forget_batch == 8
     assert WORK.authors_stop_checks() == 2               # after steps 9 and 10 (the second epoch)
-    assert WORK.stakes_log_steps() == [0, 8, 10]          # step 0, the epoch end, the last step
     assert wr.importance_batches(60, 8, 70) == [8] * 7 + [4] + [8, 8]   # a cycle ends on the short batch
     assert WORK.expected() == {"proxies": 60, "pgd_image_steps": 120, "optimisation_steps": 10,
                                "final_evaluation": {"forget": 20, "retain": 14, "test": 12}}
@@ -146,13 +145,14 @@ def test_both_recipes_do_the_same_work(report):
     # and what differs by design is counted for both and said
     dd = work["differs_by_design"]
     assert dd["pgd_weight_grad_image_steps"]["authors"] == 120 and dd["pgd_weight_grad_image_steps"]["stakes"] == 0
-    assert dd["stop_checks"]["authors"] == 2 and dd["stop_checks"]["stakes"] == 1      # every step vs the epoch end
+    assert dd["stop_checks"]["authors"] == 2 and dd["stop_checks"]["stakes"] == 0      # stakes' rule off: not run
+    assert work["counted"]["stakes"]["stop_checks_at_its_cadence"] == 1                 # the first epoch's end
     assert all(dd[k]["why"] for k in wr.DESIGN_KEYS)
     s = work["counted"]["stakes"]
-    # stakes evaluates at its trajectory entries (step 0, 8, 10); each holds the forget set and whatever sets it
-    # evaluated; the last holds all three, whole (eval_max_samples=None): the same final metrics as the authors'
-    assert s["evaluations"] == 3 and s["final_evaluation"] == {"forget": 20, "retain": 14, "test": 12}
-    assert 3 * 20 + 14 + 12 <= s["evaluated_images"] <= 3 * (20 + 14 + 12)
+    # stakes evaluates once, at the end (no trajectory by default), the three sets whole (eval_max_samples=None):
+    # the same final metrics as the authors'
+    assert s["evaluations"] == 1 and s["final_evaluation"] == {"forget": 20, "retain": 14, "test": 12}
+    assert s["evaluated_images"] == 20 + 14 + 12
 
 
 def test_the_work_counted_independently_by_a_hook(report):
@@ -195,11 +195,11 @@ def test_the_authors_data_path_and_cudnn_flags(report):
 def test_the_stakes_side_is_stakes_defaults(report):
     rec = report["rows"]["custom"]["recipes"]["stakes"]
     assert rec["config"]["preset"] == "stable" and rec["config"]["eps"] == 3.0
-    assert rec["config"]["log_every"] == WORK.steps_per_epoch and rec["config"]["max_steps"] == 10
+    assert rec["config"]["log_every"] is None and rec["config"]["max_steps"] == 10       # stakes' default
     assert rec["config"]["eval_max_samples"] is None     # the sets whole: the same final metrics as the authors'
     assert rec["method_config"]["importance_samples"] == 70 and rec["method_config"]["warm_start"] is True
     assert rec["steps"] == 10 and rec["stopped"] == "max_steps"
-    assert [e["step"] for e in rec["history"]] == WORK.stakes_log_steps()
+    assert [e["step"] for e in rec["history"]] == [10]
     assert {"retain_accuracy", "test_accuracy"} <= set(rec["history"][-1])
     authors = report["rows"]["custom"]["recipes"]["authors"]["history"]
     assert [e["step"] for e in authors] == [9, 10, 10] and {"retain_accuracy", "test_accuracy"} <= set(authors[-1])
