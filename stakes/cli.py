@@ -267,9 +267,11 @@ def _anchor_args(sp):
 
 
 def _compile_arg(sp):
-    sp.add_argument("--compile", default=None, choices=("off", "default", "max-autotune"),
-                    help="torch.compile the model for PGD and training (default off; falls back to eager with "
-                         "a warning if compilation fails)")
+    sp.add_argument("--compile", default=None, choices=("off", "frozen", "default", "max-autotune"),
+                    help="torch.compile the backbones for PGD and training (default, max-autotune), or only the frozen "
+                         "original's inference copy for PGD and its structures (frozen: on a card its folded "
+                         "convolutions' bias, ReLU and residual additions fuse); default off; falls back to eager "
+                         "with a warning where compilation fails")
 
 
 def _dist_args(sp):

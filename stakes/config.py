@@ -177,7 +177,8 @@ class UnlearnConfig(_Options):
     # How the model work executes (stakes.execution); None = automatic for the device.
     precision: Optional[str] = None  # "fp32" | "bf16" | "fp16" autocast; None: bf16 on CUDA sm_80+, else fp32
     channels_last: Optional[bool] = None   # None: on for convolutional models on CUDA
-    compile: str = "off"             # torch.compile of the model: "off" | "default" | "max-autotune"
+    compile: str = "off"             # torch.compile: "off" | "frozen" (the original's inference copy only: PGD,
+                                     # its structures) | "default" | "max-autotune" (the backbones)
     cuda_graphs: Optional[bool] = None     # the PGD steps captured in a CUDA graph; None: on CUDA
 
     # A method's own options, {method name: {option: value}}, over the method's preset values.
@@ -237,7 +238,7 @@ class UnlearnConfig(_Options):
         _check_choice(own, "loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         _check_choice(own, "backend", self.backend, (None, "triton", "reference"))
         _check_choice(own, "precision", self.precision, (None, "fp32", "bf16", "fp16"))
-        _check_choice(own, "compile", self.compile, ("off", "default", "max-autotune"))
+        _check_choice(own, "compile", self.compile, ("off", "frozen", "default", "max-autotune"))
         for name in ("channels_last", "cuda_graphs"):
             if getattr(self, name) is not None:
                 _check_bool(own, name, getattr(self, name))

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-COMPILE_MODES = ("off", "default", "max-autotune")
+COMPILE_MODES = ("off", "frozen", "default", "max-autotune")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _FP16_LOSS_SCALE = 2.0 ** 16   # GradScaler's initial scale
 
@@ -304,7 +304,7 @@ def frozen_copy(module: nn.Module, *, fold: bool = True, dtype: Optional[torch.d
 # own CUDA graphs ("max-autotune" does): their outputs are overwritten by the next replay (the
 # evaluation keeps successive outputs of the compiled features), and the PGD step is already
 # captured in stakes' own CUDA graph, which must not record inductor's graphs inside it.
-INDUCTOR_MODES = {"default": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+INDUCTOR_MODES = {"frozen": "default", "default": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 # What dynamo and inductor raise when they cannot compile (a backend failure, an unsupported
 # construct, the recompile limit): the module falls back to its eager forward.
@@ -366,9 +366,12 @@ class Compiler:
         stack.enter_context(torch._functorch.config.patch(force_non_lazy_backward_lowering=True))
         return stack
 
-    def add(self, name: str, module: Optional[nn.Module]) -> None:
-        """Compile ``module`` in place under ``name`` (nothing with compile off or no module)."""
-        if not self.enabled or module is None:
+    def add(self, name: str, module: Optional[nn.Module], *, frozen: bool = False) -> None:
+        """Compile ``module`` in place under ``name`` (nothing with compile off or no module; with
+        ``compile="frozen"`` only the frozen original's inference copy, ``frozen=True``: PGD and the
+        original's structures, where the compiled graph fuses the bias, ReLU and residual additions
+        of the folded network into single kernels)."""
+        if not self.enabled or module is None or (self.mode == "frozen" and not frozen):
             return
         for key in ("graphs", "recompiles", "calls", "graph_runs"):
             getattr(self, key).setdefault(name, 0)

@@ -64,7 +64,7 @@ class UnlearnContext:
         self._strategy = strategy
         self._optimizer = None
         self._projector_left_eval = False   # a stop check left the projector in eval mode (§9a.4)
-        self._proxy_v0 = None   # (the proxies' images, their v^ori): proxy_structure_input's cache
+        self._proxy_v0 = None   # (the proxies' images, g_ψ0 of them): proxy_structure_input's cache
         self._frozen = frozen if frozen is not None else orig   # the original as its inference-only work runs it
 
     # ------------------------------------------------------------------ shared loss pieces
@@ -94,16 +94,20 @@ class UnlearnContext:
 
     def proxy_structure_input(self, batch: Batch) -> torch.Tensor:
         """:meth:`orig_structure_input` of the batch's proxies. The frozen original and the proxies
-        never change, so it is computed once for the whole proxy set (at the first call, in chunks
-        of 512, in the precision of that call) and each step takes its rows: one forward of the
-        original per proxy a run instead of one per proxy a step. A batch whose rows are unknown is
-        computed as it comes."""
+        never change, so their features g_ψ0(x̃) are computed once for the whole proxy set (at the
+        first call, in chunks of 512, in the precision of that call) and each step takes its rows:
+        one forward of the original per proxy a run instead of one per proxy a step (a sample's
+        features do not depend on its batch; the product with R_p, whose rounding does, stays per
+        batch). A batch whose rows are unknown is computed as it comes."""
         if batch.proxy_rows is None or self.proxies is None:
             return self.orig_structure_input(batch.proxy_x)
         if self._proxy_v0 is None or self._proxy_v0[0] is not self.proxies.x:
             x = self.proxies.x
-            self._proxy_v0 = (x, torch.cat([self.orig_structure_input(x[i:i + 512]) for i in range(0, len(x), 512)]))
-        return self._proxy_v0[1][batch.proxy_rows]
+            with torch.no_grad():
+                feats = torch.cat([self._frozen.features(x[i:i + 512]) for i in range(0, len(x), 512)])
+            self._proxy_v0 = (x, feats)
+        with torch.no_grad():
+            return self._proxy_v0[1][batch.proxy_rows] @ self.rp
 
     # ------------------------------------------------------------------ the run's machinery, as far as methods need it
     def batch_gradient(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

@@ -106,7 +106,7 @@ def build_proxies(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tens
     if attacked is None:   # never the caller's copy
         attacked = frozen_classifier(clf.to(device) if first is not None else clf, execution, cfg, device)
         compiler = execution.compiler()
-        compiler.add("orig.features", attacked.features)
+        compiler.add("orig.features", attacked.features, frozen=True)
     forget_x, forget_y = forget_x.to(device), forget_y.to(device)
     with compiler.settings() if compiler is not None else contextlib.nullcontext():
         proxies, timings = _attack(attacked, forget_x, forget_y, cfg, ctx, device, execution)
@@ -364,7 +364,7 @@ def _compile(run: _Run) -> None:
     ctx, exe, compiler = run.ctx, run.execution, run.compiler
     if not compiler.enabled:
         return
-    compiler.add("orig.features", ctx._frozen.features)
+    compiler.add("orig.features", ctx._frozen.features, frozen=True)
     compiler.add("features", ctx.features)
     with _fixed_batches(run):   # compiled at the training batch shape
         _trial(ctx._frozen, ctx.forget_x[:1], exe)

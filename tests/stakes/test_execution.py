@@ -725,3 +725,22 @@ def test_graph_captured_pgd_does_not_pad_a_model_that_mixes_rows(monkeypatch):
     graphed = pgd._replayed(start, x0, target, eps, size=8)
     assert [shape for shape, _ in pgd._graphs] == [(5, 1, 8, 8)]
     torch.testing.assert_close(graphed, eager)
+
+
+def test_compile_frozen_compiles_only_the_originals_inference_copy(digits_model, digits_anchors, forget_set,
+                                                                   fast_config, monkeypatch):
+    """``--compile frozen``: PGD's and the structures' network alone (the folded original), with
+    inductor's default mode; the trained backbone stays eager."""
+    import stakes.execution as execution_mod
+
+    compiled = []
+
+    def record(module, mode, backend):   # an eager stand-in that notes what would be compiled, and how
+        compiled.append((module, mode))
+        module._compiled_call_impl = module._call_impl
+
+    monkeypatch.setattr(execution_mod, "_compile", record)
+    res = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(compile="frozen",
+                                                                                               max_steps=1))
+    assert [mode for _, mode in compiled] == ["default"]
+    assert res.execution["compile"] == "frozen" and set(res.execution["compiled_graphs"]) == {"orig.features"}
