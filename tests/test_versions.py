@@ -65,6 +65,7 @@ def _pytest(tmp_path, *args, collect_only=True, **env_extra):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_a_run_stops_at_collection_with_one_message(tmp_path):
     run = _pytest(tmp_path, "tests/fused/test_nn.py", "tests/stakes/test_config.py", collect_only=False)
     out = run.stdout + run.stderr
@@ -76,6 +77,7 @@ def test_a_run_stops_at_collection_with_one_message(tmp_path):
     assert not re.search(r"\d+ (passed|failed)", out), out  # nothing ran
 
 
+@pytest.mark.slow
 def test_without_the_interpreter_or_with_the_override_the_run_goes_on(tmp_path):
     run = _pytest(tmp_path, "tests/stakes/test_config.py", TRITON_INTERPRET="0")
     assert run.returncode == 0, run.stdout + run.stderr
@@ -85,6 +87,7 @@ def test_without_the_interpreter_or_with_the_override_the_run_goes_on(tmp_path):
     assert "tests/fused/test_nn.py::" in run.stdout
 
 
+@pytest.mark.slow
 def test_fused_validate_refuses_the_pair_with_one_line(tmp_path):
     """python -m fused validate on the CPU meets the same interpreter defect: one clear line, exit 2."""
     (tmp_path / "sitecustomize.py").write_text("import numpy, triton\nnumpy.__version__ = '2.5.2'\n"

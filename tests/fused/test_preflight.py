@@ -273,6 +273,7 @@ def test_sm120_gram_path_does_not_spill(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_default_grid_passes_on_every_arch(tmp_path):
     """The CI gate: every kernel of every op, at its launcher's configuration for all nine targets
     (sm_80 … sm_120, gfx90a, gfx942, gfx950), over the full default grid in every dtype, compiles,

@@ -113,6 +113,7 @@ def test_pretrain_command(tmp_path):
     assert meta["test_accuracy"] > 50.0
 
 
+@pytest.mark.slow
 def test_compare_tiny_grid(tmp_path, cache_env):
     out = tmp_path / "report"
     rc = main(["compare", "--methods", "neggrad,structguard", "--k", "4", "--seeds", "0,1", "--out", str(out),

@@ -48,6 +48,9 @@ def _serial_compare(cache, out):
         torch.set_num_threads(threads)
 
 
+
+pytestmark = pytest.mark.slow   # torchrun and whole grids: the full suite (-m slow)
+
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory, stakes_cache, digits_model):
     """The grid on one process (one thread, like each torchrun rank)."""

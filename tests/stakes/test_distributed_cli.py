@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo"),
+              pytest.mark.slow]   # torchrun subprocesses: the full suite (-m slow)
 
 # the README's main job on another seed; a single thread per process, so that 1 and 2 processes
 # do the same arithmetic per sample

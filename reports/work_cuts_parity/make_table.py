@@ -1,0 +1,127 @@
+"""Parity of issue 24's work cuts that are not bit-identical, generated from four ``stakes compare``
+grids: digits k = 8 and shapes k = 16, StructGuard (``stable``) and Adv, seeds 0-4, with the cuts
+(stakes' defaults) and without them (``--set importance_passes=all --set fold_batchnorm=false``).
+
+    python reports/work_cuts_parity/make_table.py            # rewrite the generated part of README.md
+    python reports/work_cuts_parity/make_table.py --print    # print it instead
+
+The cuts that are bit-identical on the CPU are not in it (the proxies' original features computed
+once; the evaluation sets at the end; checked by .ci/equality_set.py). Criteria per data set and
+method (those of reports/precision_parity):
+
+* C1: the runs with the cuts delete the whole forget set as often as those without;
+* C2: |mean_cuts - mean_without| <= std_without of the test accuracy at the stop (sample std, ddof 1).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GRIDS = (("digits", 8), ("shapes", 16))
+SIDES = ("without", "cuts")
+BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
+NAMES = {"structguard": "StructGuard (`stable`)", "adv": "Adv"}
+
+
+def load(dataset, side):
+    path = HERE / f"{dataset}_{side}" / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(x, d=1, sign=False):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{x:+.{d}f}" if sign else f"{x:.{d}f}"
+
+
+def acc(r):
+    return r["test_accuracy"] if r and r.get("status") == "ok" else None
+
+
+def deleted(r):
+    return bool(r) and r.get("status") == "ok" and r.get("forget_accuracy") == 0.0
+
+
+def grid(dataset, k, payloads):
+    runs = {side: {(r["method"], r["seed"]): r for r in p["runs"] if r["k"] == k} for side, p in payloads.items()}
+    methods = [m for m in payloads["without"]["meta"]["methods"] if m in payloads["cuts"]["meta"]["methods"]]
+    seeds = [s for s in payloads["without"]["meta"]["seeds"] if s in payloads["cuts"]["meta"]["seeds"]]
+    out = [f"### {dataset}, k = {k}", "",
+           "| method | without the cuts: test % | with: test % | with − without | forget 0 % without / with "
+           "| C1 | C2: \\|Δmean\\| ≤ std_without |", "|---|---|---|---|---|---|---|"]
+    verdicts = {}
+    for m in methods:
+        a = [acc(runs["without"].get((m, s))) for s in seeds]
+        b = [acc(runs["cuts"].get((m, s))) for s in seeds]
+        am, as_ = mean_std(a)
+        bm, bs = mean_std(b)
+        na = sum(deleted(runs["without"].get((m, s))) for s in seeds)
+        nb = sum(deleted(runs["cuts"].get((m, s))) for s in seeds)
+        c1, c2 = nb >= na, abs(bm - am) <= as_
+        verdicts[m] = (c1, c2)
+        out.append(f"| {NAMES.get(m, m)} | {fmt(am)} ± {fmt(as_)} | {fmt(bm)} ± {fmt(bs)} | {fmt(bm - am, sign=True)} "
+                   f"| {na}/{len(seeds)} / {nb}/{len(seeds)} | {'holds' if c1 else 'FAILS'} "
+                   f"| {'holds' if c2 else 'FAILS'} ({fmt(abs(bm - am), 2)} vs {fmt(as_, 2)}) |")
+    out += ["", "Per seed: test accuracy % / forget accuracy % / steps, without → with the cuts; the importance "
+            "pass's seconds (StructGuard):", "",
+            "| method | seed | without | with | with − without | importance s without / with |", "|---|---|---|---|---|---|"]
+    for m in methods:
+        for s in seeds:
+            a, b = runs["without"].get((m, s)), runs["cuts"].get((m, s))
+
+            def cell(r):
+                if r is None:
+                    return "missing"
+                if r.get("status") != "ok":
+                    return f"FAILED: {str(r.get('error', r.get('status')))[:60]}"
+                return f"{fmt(r['test_accuracy'], 2)} / {fmt(r['forget_accuracy'], 1)} / {r['steps']}"
+            d = acc(b) - acc(a) if acc(a) is not None and acc(b) is not None else None
+            imp = " / ".join(fmt((r or {}).get("timings", {}).get("importance_s"), 2) for r in (a, b))
+            out.append(f"| {NAMES.get(m, m)} | {s} | {cell(a)} | {cell(b)} | {fmt(d, 2, sign=True)} | {imp} |")
+    out.append("")
+    return out, verdicts
+
+
+def render():
+    out, verdicts = [], {}
+    for dataset, k in GRIDS:
+        payloads = {side: load(dataset, side) for side in SIDES}
+        if any(p is None for p in payloads.values()):
+            out += [f"### {dataset}, k = {k}", "", "(not run yet)", ""]
+            continue
+        lines, v = grid(dataset, k, payloads)
+        out += lines
+        verdicts.update({(dataset, m): x for m, x in v.items()})
+    if verdicts:
+        c1, c2 = all(v[0] for v in verdicts.values()), all(v[1] for v in verdicts.values())
+        out.append(f"**Verdict over the {len(verdicts)} cells:** C1 {'holds' if c1 else 'FAILS'}; C2 "
+                   f"{'holds' if c2 else 'FAILS'}" + (" in every cell." if c1 and c2 else " (see the cells above)."))
+    return "\n".join(out)
+
+
+def main(argv):
+    text = render()
+    if "--print" in argv:
+        print(text)
+        return 0
+    readme = HERE / "README.md"
+    doc = readme.read_text()
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
