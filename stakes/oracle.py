@@ -12,9 +12,10 @@ from stakes.pretrain import pretrain
 
 
 def retrain_oracle(data: ImageData, forget_idx: torch.Tensor, seed: int, *, progress: bool = False,
-                   device: str = "cpu") -> torch.nn.Module:
+                   device: str = "cpu", precision=None) -> torch.nn.Module:
     """Train from scratch on ``data`` without ``forget_idx`` (the data set's default architecture and
-    recipe); returns the model in eval mode."""
+    recipe; ``precision`` as :func:`stakes.pretrain.pretrain`'s, None: the device's default); returns
+    the model in eval mode."""
     keep = torch.ones(len(data.train_y), dtype=torch.bool)
     keep[forget_idx] = False
     retained = ImageData(name=data.name, class_names=data.class_names, train_x=data.train_x[keep],
@@ -23,5 +24,5 @@ def retrain_oracle(data: ImageData, forget_idx: torch.Tensor, seed: int, *, prog
     torch.manual_seed(seed)
     c, h, _ = data.input_shape
     model = build_model(default_arch(data.name), data.num_classes, in_channels=c, image_size=h)
-    pretrain(model, retained, seed=seed, progress=progress, device=device)
+    pretrain(model, retained, seed=seed, progress=progress, device=device, precision=precision)
     return model.eval()

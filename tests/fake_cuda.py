@@ -20,9 +20,12 @@ card (``torch.cuda.current_device()``; what a plain ``"cuda"`` means). The conte
 :class:`FakeCard` whose ``h2d_copies`` lists every host-to-device copy (a blocking copy on a card:
 the host waits for it), and whose ``current`` is the current card's index.
 
+``torch.autocast("cuda", dtype)`` runs the CPU's autocast on the card's (CPU-held) tensors, so a
+bf16 run on the fake card computes in bf16 as a card does (by the CPU's autocast policy, close to the
+CUDA one: convolutions and matrix products in bf16, reductions and losses in fp32).
+
 What it does not model: speed, streams, memory, CUDA graphs, CUDA RNG streams (CUDA draws come from
-the CPU generator), cuDNN, NCCL, ``torch.autocast("cuda")`` (C++ sees CPU tensors, so a bf16 run on
-the fake card computes in fp32), and the Triton kernels (``fused`` takes its reference path on these
+the CPU generator), cuDNN, NCCL, and the Triton kernels (``fused`` takes its reference path on these
 tensors: :func:`fused._dispatch.triton_available_for` is patched to refuse them).
 """
 
@@ -229,6 +232,14 @@ class _FactoryMode(TorchDispatchMode):
         return _run(func, args, kwargs or {})
 
 
+class _CardAutocast(torch.autocast):
+    """``torch.autocast("cuda", ...)`` on the fake card: the CPU's autocast (its tensors are CPU tensors)."""
+
+    def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+        super().__init__("cpu" if device_type == "cuda" else device_type, dtype=dtype, enabled=enabled,
+                         cache_enabled=cache_enabled)
+
+
 class _DeviceGuard:
     """``torch.cuda.device(d)`` on the fake cards: the current card inside, restored after."""
 
@@ -283,6 +294,7 @@ def fake_cuda(monkeypatch=None, devices: int = 1) -> Iterator[FakeCard]:
     swap = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     patches.callback(torch.__future__.set_swap_module_params_on_conversion, swap)
+    patch(torch, "autocast", _CardAutocast)
     _CARD.append(card)
     patches.callback(_CARD.remove, card)
     try:

@@ -132,8 +132,8 @@ def test_retrain_oracle_on_cuda(digits):
                       train_y=digits.train_y[:150], test_x=digits.test_x[:40], test_y=digits.test_y[:40])
     forget = torch.tensor([3, 7, 11])
     cpu = retrain_oracle(small, forget, seed=0)
-    with fake_cuda():
-        cuda = retrain_oracle(small, forget, seed=0, device="cuda")
+    with fake_cuda():   # in fp32 (the card's default is bf16, which the fake card computes as a card does)
+        cuda = retrain_oracle(small, forget, seed=0, device="cuda", precision="fp32")
         assert next(cuda.parameters()).device.type == "cuda"
         cuda = cuda.cpu()
     for (name, a), b in zip(cpu.state_dict().items(), cuda.state_dict().values()):
@@ -145,8 +145,8 @@ def test_the_card_defaults_reach_every_phase(monkeypatch):
     them (none overridden) takes each where it belongs: every phase (PGD, importance, steps,
     evaluation) enters autocast on the card in bf16, every convolution meets a channels_last batch
     (three channels: with one, NCHW is channels_last already), and the PGD steps are replayed from a
-    captured graph. The fake card cannot capture (a stand-in replays the eager step) and computes in
-    fp32 whatever the autocast, so what is checked is what the run asks of the card."""
+    captured graph. The fake card cannot capture (a stand-in replays the eager step); its autocast is
+    the CPU's, so the run's work really is in bf16 (the frozen original's weights cast once)."""
     import stakes
     import stakes.proxy as proxy_mod
     from stakes.models import build_model
@@ -164,15 +164,8 @@ def test_the_card_defaults_reach_every_phase(monkeypatch):
             self.x.copy_(self.pgd.step(self.x, self.x0, self.target, self.eps))
 
     phase, entered = ["setup"], []
-    real_autocast = torch.autocast
-
-    class RecordingAutocast(real_autocast):
-        def __init__(self, device_type, dtype=None, *a, **k):
-            entered.append((phase[0], device_type, dtype))
-            super().__init__(device_type, dtype, *a, **k)
 
     monkeypatch.setattr(proxy_mod, "_CapturedSteps", StandIn)
-    monkeypatch.setattr(torch, "autocast", RecordingAutocast)
     torch.manual_seed(0)
     model = build_model("shapes_cnn", 10, in_channels=3, image_size=16).eval()
     gen = torch.Generator().manual_seed(0)
@@ -189,8 +182,19 @@ def test_the_card_defaults_reach_every_phase(monkeypatch):
     handle = torch.nn.modules.module.register_module_forward_hook(conv_hook)
     try:
         with fake_cuda(), phase_dtypes(phase=phase):
-            res = stakes.unlearn(model, forget, anchors=anchors, config=cfg,
-                                 eval_sets={"test": (torch.rand(6, 3, 16, 16, generator=gen), torch.arange(6))})
+            card_autocast = torch.autocast   # the fake card's (the CPU's autocast on its tensors), recorded
+
+            class RecordingAutocast(card_autocast):
+                def __init__(self, device_type, dtype=None, *a, **k):
+                    entered.append((phase[0], device_type, dtype))
+                    super().__init__(device_type, dtype, *a, **k)
+
+            torch.autocast = RecordingAutocast   # restored before fake_cuda restores its own
+            try:
+                res = stakes.unlearn(model, forget, anchors=anchors, config=cfg,
+                                     eval_sets={"test": (torch.rand(6, 3, 16, 16, generator=gen), torch.arange(6))})
+            finally:
+                torch.autocast = card_autocast
     finally:
         handle.remove()
     ex = res.execution
@@ -206,17 +210,18 @@ def test_the_card_defaults_reach_every_phase(monkeypatch):
 
 
 def test_a_card_run_computes_what_the_cpu_computes(tmp_path, cache_env):
-    """The whole CLI run on the fake card with its defaults but CUDA graphs off (the fake card cannot
-    capture, and its bf16 autocast computes in fp32) equals the CPU run with channels_last: the card's
-    paths (layout, devices, no CPU tensor meeting the card) change nothing in what is computed."""
+    """The whole CLI run on the fake card in fp32 with channels_last and CUDA graphs off (the fake card
+    cannot capture) equals the CPU run with channels_last: the card's paths (layout, devices, no CPU
+    tensor meeting the card) change nothing in what is computed."""
     common = ["unlearn", "--dataset", "digits", "--k", "6", "--seed", "1", "--no-progress", "--set", "pgd_steps=8",
               "--set", "repetitions=4", "--set", "max_epochs=3", "--set", "eval_max_samples=120",
               "--set", "importance_samples=64", "--set", "backend=reference"]
     with fake_cuda():
-        assert main([*common, "--device", "cuda", "--set", "cuda_graphs=false", "--out", str(tmp_path / "card.json")]) == 0
+        assert main([*common, "--device", "cuda", "--set", "cuda_graphs=false", "--precision", "fp32",
+                     "--out", str(tmp_path / "card.json")]) == 0
     assert main([*common, "--device", "cpu", "--set", "channels_last=true", "--out", str(tmp_path / "cpu.json")]) == 0
     card, cpu = (json.loads((tmp_path / f"{d}.json").read_text()) for d in ("card", "cpu"))
-    assert card["execution"]["precision"] == "bf16" and card["execution"]["channels_last"] is True
+    assert card["execution"]["precision"] == "fp32" and card["execution"]["channels_last"] is True
     assert cpu["execution"]["precision"] == "fp32" and cpu["execution"]["channels_last"] is True
     for key in FIGURES:
         assert card[key] == pytest.approx(cpu[key], abs=1e-6), key
