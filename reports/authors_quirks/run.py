@@ -3,8 +3,10 @@
 StructGuard under the ``authors`` preset (METHOD.md §9a: the authors' CIFAR-10 script as it runs),
 then with each §9a behaviour switched back to stakes' own choice one at a time, then with each of
 ``stable``'s own choices switched on one at a time; the full ``stable`` preset as a reference.
-Digits k = 16 and 32 and shapes k = 16, seeds 0-4. Per run: forget accuracy and test accuracy at
-the stop, the steps to forget 0 %, the held-out structure drift, and whether it went non-finite.
+Digits k = 16 and 32 and shapes k = 16, seeds 0-4 (stable's choices on top: digits k = 16, where the
+authors' runs collapse; ``--other-direction all`` for every setting). Per run: forget accuracy and
+test accuracy at the stop, the steps to forget 0 %, the held-out structure drift, and whether it
+went non-finite.
 
 The paper's radii are for CIFAR's 3×32×32 images: ε = 3.0 (StructGuard's proxies) and 4.0 (the
 baselines', here the L2UL run whose model the authors' StructGuard attacks) scale with √D, so 0.433
@@ -46,7 +48,8 @@ BACK_TO_STAKES = {
     "sr_first_steps": ("SR on every step", dict(skip_sr_first_steps=False), {}, "authors"),
     "bn_eval": ("backbone BatchNorm in eval mode", dict(bn_train_mode=False), {}, "authors"),
     "importance_step0": ("importance before the first step", {}, dict(importance_step=0), "authors"),
-    "importance_shuffled": ("importance batches reshuffled", {}, dict(importance_order="shuffled"), "authors"),
+    "importance_shuffled": ("importance batches reshuffled", {},
+                            dict(importance_order="shuffled", importance_passes="all"), "authors"),
     "importance_reference_eval": ("importance reference in eval mode", {}, dict(importance_reference="eval"),
                                   "authors"),
     "importance_live_projector": ("importance through the live projector", {}, dict(importance_projector="live"),
@@ -106,7 +109,8 @@ def _load(dataset: str):
 
 
 def run_group(job) -> list:
-    """Every variant of one (setting, seed): the proxy sets first, then the runs."""
+    """Every variant of one (setting, seed): the proxy sets first, then the runs. Each record is also
+    appended to ``out_path``.partial as it is made (a killed grid resumes from it)."""
     dataset, k, seed, variants, out_path = job
     import torch
 
@@ -139,9 +143,13 @@ def run_group(job) -> list:
                 rec.update(same_proxies=bool(torch.equal(a.x, b.x) and torch.equal(a.y, b.y)),
                            seconds_with=built["authors"], seconds_without=built["weight_grads_off"])
                 records.append(rec)
+                if out_path:
+                    with open(out_path + ".partial", "a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
                 continue
-            if name == "stable":
-                cfg = stakes.preset("stable", method="structguard", seed=seed, progress=False, log_every=10 ** 6)
+            if name == "stable":   # every importance pass computed, as the grid's first runs (before issue 24) did
+                cfg = stakes.preset("stable", method="structguard", seed=seed, progress=False, log_every=10 ** 6,
+                                    importance_passes="all")
                 px = None
             elif name == "authors":
                 cfg = authors_config(dataset, seed, {}, {})
@@ -163,6 +171,9 @@ def run_group(job) -> list:
         rec["wall_time_s"] = time.perf_counter() - t0
         rec["proxies_built_s"] = dict(built)
         records.append(rec)
+        if out_path:
+            with open(out_path + ".partial", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
         print(f"{dataset} k={k} seed={seed} {name}: {rec.get('status', '')} {rec.get('stopped', '')} "
               f"test {rec.get('test_accuracy', float('nan')):.1f} ({rec['wall_time_s']:.0f} s)", flush=True)
     return records
@@ -174,16 +185,27 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--only", default=None, help="comma-separated variants")
+    p.add_argument("--other-direction", default="digits:16", help="settings (dataset:k, comma-separated) that "
+                   "also run stable's choices on top of the authors' (all: every setting)")
     args = p.parse_args(argv)
     variants = ["authors", *BACK_TO_STAKES, "weight_grads_off", *STABLE_ON_TOP, "stable"]
     if args.only:
         variants = [v for v in variants if v in args.only.split(",")]
     done = json.load(open(args.out)) if os.path.exists(args.out) else {"runs": []}
+    if os.path.exists(args.out + ".partial"):   # the records of groups a killed grid did not finish
+        keys = {(r["dataset"], r["k"], r["seed"], r["variant"]) for r in done["runs"]}
+        for line in open(args.out + ".partial"):
+            r = json.loads(line)
+            if (r["dataset"], r["k"], r["seed"], r["variant"]) not in keys:
+                done["runs"].append(r)
+                keys.add((r["dataset"], r["k"], r["seed"], r["variant"]))
     have = {(r["dataset"], r["k"], r["seed"], r["variant"]) for r in done["runs"]}
+    other = {tuple(x.split(":")) for x in args.other_direction.split(",")} if args.other_direction != "all" else None
     jobs = []
     for dataset, k in SETTINGS:
+        both = other is None or (dataset, str(k)) in other
         for seed in map(int, args.seeds.split(",")):
-            todo = [v for v in variants if (dataset, k, seed, v) not in have]
+            todo = [v for v in variants if (dataset, k, seed, v) not in have and (both or v not in STABLE_ON_TOP)]
             if todo:
                 jobs.append((dataset, k, seed, todo, args.out))
     for dataset in sorted({d for d, _ in SETTINGS}):   # pretrain and cache the models once, before the workers
