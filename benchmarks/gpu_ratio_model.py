@@ -638,8 +638,8 @@ class Units:
         torch.where(t == y, t, t)
         delta = torch.zeros_like(x).uniform_(0.0, 1.0)
         delta = wr._clamp_by_l2(delta - x, 3.0)
-        delta = (x + delta).clamp(0.0, 1.0) - x
-        (x + delta).clamp(0.0, 1.0)
+        delta = wr._clamp01(x + delta) - x
+        wr._clamp01(x + delta)
         oc.syncs += 1
 
     def _authors_importance(self, oc, b):

@@ -495,10 +495,10 @@ class AuthorsProjector(nn.Module):
         return out, (out if self.same else hidden)
 
 
-def authors_projection(d_f: int, d_a: int, seed: int) -> torch.Tensor:
-    """R_p (§4): identity when d_f = d_a (their CIFAR-10 script: no projection), else Gaussian, unit columns."""
+def authors_projection(d_f: int, d_a: int, seed: int) -> Optional[torch.Tensor]:
+    """R_p (§4): None when d_f = d_a (their CIFAR-10 script: no projection), else Gaussian, unit columns."""
     if d_f == d_a:
-        return torch.eye(d_f)
+        return None
     r = torch.randn(d_f, d_a, generator=torch.Generator().manual_seed(seed + 7))
     return r / r.norm(dim=0, keepdim=True)
 
@@ -525,19 +525,26 @@ def _clamp_by_l2(x: torch.Tensor, eps: float) -> torch.Tensor:
     return _batch_mul(factor, x)
 
 
+def _clamp01(x: torch.Tensor) -> torch.Tensor:
+    """advertorch's clamp with float bounds: the lower bound, then the upper one (two kernels)."""
+    return torch.clamp(torch.clamp(x, min=0.0), max=1.0)
+
+
 def authors_pgd_step(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, target: torch.Tensor, eps: float,
                      alpha: float) -> None:
     """One step of advertorch's perturb_iterative (ord 2, targeted: the loss negated), in place on
     ``delta`` (a leaf that requires grad): summed CE, ``loss.backward()`` (the model's parameters
-    require grad: their gradients are computed and accumulated too), δ ← δ + α·g/max(‖g‖, 1e-6),
-    clamp x + δ to [0, 1], then project δ onto the ε-ball; δ's gradient zeroed."""
+    require grad: their gradients are computed and accumulated too), δ ← δ + α·g/max(‖g‖, 1e-6)
+    (the step size a float: one in-place multiply), clamp x + δ to [0, 1], then project δ onto the
+    ε-ball; δ's gradient zeroed."""
     loss = -F.cross_entropy(model(x + delta), target, reduction="sum")
     loss.backward()
     g = delta.grad.data
     norm = torch.max(_l2_norms(g), torch.ones(g.shape[0], device=g.device) * 1e-6)
     g = _batch_mul(1.0 / norm, g)
-    delta.data = delta.data + _batch_mul(torch.full((g.shape[0],), alpha, device=g.device), g)
-    delta.data = (x.data + delta.data).clamp(0.0, 1.0) - x.data
+    g *= alpha
+    delta.data = delta.data + g
+    delta.data = _clamp01(x.data + delta.data) - x.data
     delta.data = _clamp_by_l2(delta.data, eps)
     delta.grad.data.zero_()
 
@@ -549,7 +556,7 @@ def authors_perturb(model: nn.Module, x: torch.Tensor, target: torch.Tensor, wor
     delta = torch.zeros_like(x)
     delta.uniform_(0.0, 1.0)                    # rand_init_delta, ord 2: U[clip_min, clip_max] − x, onto the ε-ball
     delta = _clamp_by_l2(delta - x, work.eps)
-    delta = (x + delta).clamp(0.0, 1.0) - x
+    delta = _clamp01(x + delta) - x
     delta = nn.Parameter(delta)
     weight_grads = any(p.requires_grad for p in model.parameters())
     for _ in range(work.pgd_steps):
@@ -557,7 +564,7 @@ def authors_perturb(model: nn.Module, x: torch.Tensor, target: torch.Tensor, wor
         counts["pgd_image_steps"] += x.shape[0]
         counts["pgd_weight_grad_image_steps"] += x.shape[0] if weight_grads else 0
         counts["pgd_batches"] += 1
-    return (x + delta.data).clamp(0.0, 1.0)
+    return _clamp01(x + delta.data)
 
 
 def authors_targets(y: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -604,7 +611,8 @@ class _Authors:
         d_f, d_a = self.head.in_features, anchors.shape[1]
         torch.manual_seed(seed + 1)
         self.proj = AuthorsProjector(d_f, d_a).to(device)
-        self.rp = authors_projection(d_f, d_a, seed).to(device)
+        rp = authors_projection(d_f, d_a, seed)
+        self.rp = rp.to(device) if rp is not None else None
         self.anchors = anchors
         self.params = list(self.work.named_parameters())          # every parameter, the head's included
         self.params0 = {n: p.detach().clone() for n, p in self.params}
@@ -614,7 +622,8 @@ class _Authors:
 
     def structure(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
         with torch.no_grad():
-            return model.features(x) @ self.rp
+            f = model.features(x)
+            return f if self.rp is None else f @ self.rp
 
 
 def authors_importance_batch(st: _Authors, proj: nn.Module, xb: torch.Tensor, imp: Dict[str, torch.Tensor]) -> None:
