@@ -433,3 +433,19 @@ def test_a_whole_run_on_a_fake_card():
     assert len(card.h2d_copies) > 2 * WORK.steps
     assert "model_prediction" in rep and rep["model_prediction"] is None   # no model for this tiny size
     assert "synchronise the device at every phase boundary" in rep["notes"][0]
+
+
+def test_the_launch_blocking_row_is_a_card_only_side_row(monkeypatch, tmp_path, capsys):
+    """CUDA_LAUNCH_BLOCKING=1 applies to a card: on the CPU the row says it is skipped; it is never the
+    headline and its status does not decide the verdict."""
+    row = wr.launch_blocking_row(WORK, torch.device("cpu"), [])
+    assert row["status"].startswith("skipped") and row["headline"] is False and "never a" in row["note"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setitem(wr.RECIPES, "authors", _fake())
+    monkeypatch.setitem(wr.RECIPES, "stakes", _fake())
+    assert cli.main(["whole-run", "--quick", "--device", "cpu", "--no-warmup", "--launch-blocking-row",
+                     "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "whole_run.json").read_text())
+    assert data["headline"] == "authors" and data["rows"]["authors, CUDA_LAUNCH_BLOCKING=1"]["status"].startswith(
+        "skipped")
+    assert "VERDICT: ok whole run x1.00" in capsys.readouterr().out
