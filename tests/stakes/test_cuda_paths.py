@@ -152,16 +152,10 @@ def test_the_card_defaults_reach_every_phase(monkeypatch):
     from stakes.models import build_model
     from tests.stakes.test_execution import phase_dtypes
 
-    replays = []
+    from tests.stakes.test_execution import replaying_capture
 
-    class StandIn:
-        def __init__(self, pgd, x, x0, target, eps):
-            self.pgd = pgd
-            self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
-
-        def replay(self):
-            replays.append(len(self.x))
-            self.x.copy_(self.pgd.step(self.x, self.x0, self.target, self.eps))
+    StandIn = replaying_capture()
+    replays = StandIn.replays
 
     phase, entered = ["setup"], []
 

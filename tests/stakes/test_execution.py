@@ -52,6 +52,26 @@ def phase_dtypes(model_types=(nn.Conv2d, nn.Linear), phase=None):
             setattr(obj, name, fn)
 
 
+class ReplayingCapture:
+    """A stand-in for ``stakes.proxy._CapturedSteps`` on a machine that cannot capture CUDA graphs: it
+    keeps the static buffers and replays the eager step (``replays`` notes each replay's rows)."""
+
+    replays: list = []
+
+    def __init__(self, pgd, x, x0, target, eps):
+        self.pgd = pgd
+        self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
+
+    def replay(self):
+        type(self).replays.append(len(self.x))
+        self.x.copy_(self.pgd.step(self.x, self.x0, self.target, self.eps))
+
+
+def replaying_capture():
+    """A fresh :class:`ReplayingCapture` class (its own list of replays)."""
+    return type("ReplayingCapture", (ReplayingCapture,), {"replays": []})
+
+
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_every_phase_runs_in_the_configured_precision(precision, dtype, digits_model, digits_anchors, forget_set,
                                                       fast_config, digits):
@@ -352,13 +372,7 @@ def test_the_graph_replayed_pgd_steps_make_no_host_sync(monkeypatch):
     if not triton_available_for(torch.device("cpu")):
         pytest.skip("needs the Triton CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)")
 
-    class StandIn:
-        def __init__(self, pgd, x, x0, target, eps):
-            self.pgd = pgd
-            self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
-
-        def replay(self):
-            self.x.copy_(self.pgd.step(self.x, self.x0, self.target, self.eps))
+    StandIn = replaying_capture()
 
     launches = []
     real_run = launch_mod.Launch.run
@@ -393,17 +407,8 @@ def test_the_graph_replayed_pgd_steps_make_no_host_sync(monkeypatch):
 def test_graph_replay_plumbing_equals_the_eager_loop(monkeypatch):
     """The CUDA-graph path (fixed batch shape, padding, static buffers, one replay per step) with a
     stand-in for the capture: it must give the eager loop's result."""
-    replays = []
-
-    class StandIn:
-        def __init__(self, pgd, x, x0, target, eps):
-            self.pgd = pgd
-            self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
-
-        def replay(self):
-            replays.append(1)
-            self.x.copy_(self.pgd.step(self.x, self.x0, self.target, self.eps))
-
+    StandIn = replaying_capture()
+    replays = StandIn.replays
     monkeypatch.setattr(proxy_mod, "_CapturedSteps", StandIn)
     model, x0, target, eps = _pgd_case(n=5)
     pgd = proxy_mod._PGD(model, steps=4, step_size=0.1, backend="reference", execution=Execution())
@@ -706,13 +711,7 @@ def test_graph_captured_pgd_does_not_pad_a_model_that_mixes_rows(monkeypatch):
     """The CUDA-graph PGD pads an odd batch to the graph's shape only where rows are independent: a
     model with a BatchNorm on batch statistics gets a graph of the batch's own shape, and the eager
     loop's result."""
-    class StandIn:
-        def __init__(self, pgd, x, x0, target, eps):
-            self.pgd = pgd
-            self.x, self.x0, self.target, self.eps = x.clone(), x0.clone(), target.clone(), eps.clone()
-
-        def replay(self):
-            self.x.copy_(self.pgd.step(self.x, self.x0, self.target, self.eps))
+    StandIn = replaying_capture()
 
     monkeypatch.setattr(proxy_mod, "_CapturedSteps", StandIn)
     torch.manual_seed(0)
