@@ -115,7 +115,7 @@ def test_the_archive_holds_every_log_and_the_commands_that_would_run(failing_run
     ran = [name for _, name in STEPS]
     assert {f"./logs/{n}.log" for n in ran} == set(logs) and "./summary.txt" in names
     # the whole run on the card at k = 128 (half the 256: the slot's 90 s), into the archive
-    assert "+ python -m benchmarks whole-run --device cuda --k 128 --out " in logs["./logs/whole_run.log"]
+    assert "+ python -m benchmarks whole-run --device cuda --k 128 --networks authors --out " in logs["./logs/whole_run.log"]
     cuda = logs["./logs/stakes_cuda.log"]
     assert f"--device cuda --out" in cuda and f"--anchors {ANCHORS}" in cuda and "forced failure" in cuda
     assert "benchmarks.stakes_check main" not in cuda  # the check after a failed run is not reached

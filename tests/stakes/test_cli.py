@@ -43,7 +43,7 @@ def test_config_overrides_reach_the_run(tmp_path, cache_env):
     out = tmp_path / "r.json"
     rc = main(["unlearn", "--method", "neggrad", "--k", "4", "--out", str(out), "--no-progress",
                "--set", "max_steps=2", "--set", "repetitions=1", "--set", "pgd_steps=3", "--set", "eps=1.0",
-               "--set", "stop_warmup_steps=100"])
+               "--set", "stop_warmup_steps=100", "--trajectory", "1"])
     assert rc == 0
     rec = json.loads(out.read_text())
     assert rec["steps"] == 2 and rec["config"]["repetitions"] == 1 and rec["proxies"]["eps"] == 1.0

@@ -67,7 +67,7 @@ def test_unlearn_a_local_hugging_face_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--arch", "timm:no_such_model"], "timm has no model 'no_such_model'"),
-    (["--arch", "keras:resnet"], "--arch must be timm:NAME, torchvision:NAME or hf:LOCAL_DIR"),
+    (["--arch", "keras:resnet"], "--arch must be timm:NAME, torchvision:NAME, hf:LOCAL_DIR or authors:NAME"),
     (["--arch", "hf:/nonexistent/dir"], "not a local folder"),
     (["--arch", "torchvision:resnet18"], "cannot take the images of data set 'digits'"),
     (["--arch", "timm:test_resnet", "--mean", "0.5"], "--mean and --std go together"),

@@ -23,8 +23,33 @@ def user_method_block() -> str:
 
 def test_readme_has_the_api_examples():
     blocks = _python_blocks()
-    assert len(blocks) == 3 and "stakes.unlearn(" in blocks[0] and "fused.masked_regularized_sgd_step(" in blocks[2]
+    assert len(blocks) == 4 and "stakes.unlearn(" in blocks[0] and "fused.masked_regularized_sgd_step(" in blocks[2]
     assert "class NearestWrongClass(stakes.UnlearningMethod)" in blocks[1] == user_method_block()
+    assert "authors.build(" in blocks[3] and 'stakes.preset("authors")' in blocks[3]
+
+
+def test_readme_authors_block_loads_their_checkpoint(tmp_path, monkeypatch):
+    """The README's authors' block, on a checkpoint saved as their StructGuard script saves it (the
+    ModelWrapper's keys): the network loads strictly and the run gets the authors' preset. The run
+    itself is replaced by a recorder here (its CIFAR-sized run is test_authors.py's end-to-end test)."""
+    from stakes import authors
+
+    block = _python_blocks()[3]
+    saved = authors.build("cifar10_resnet18", num_classes=10).state_dict()
+    wrapped = {f"model.{k}": v for k, v in saved.items()}
+    wrapped.update({k: v for k, v in saved.items() if k.startswith("fc.")})   # their wrapper's own fc
+    torch.save(wrapped, tmp_path / "resnet18.pt")
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(stakes, "unlearn", lambda net, forget, **kw: calls.append((net, forget, kw)) or "ran")
+    forget_set, anchors = (torch.rand(2, 3, 32, 32), torch.tensor([0, 1])), torch.randn(10, 384)
+    ns = {"torch": torch, "stakes": stakes, "forget_set": forget_set, "anchors": anchors}
+    exec(compile(block, str(README), "exec"), ns)
+    (net, forget, kw), = calls
+    assert ns["result"] == "ran" and forget is forget_set and kw["anchors"] is anchors
+    assert kw["config"] == stakes.preset("authors")
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, saved[name]), name
 
 
 @pytest.mark.slow
@@ -34,7 +59,7 @@ def test_readme_python_examples_run(stakes_cache, digits_model, monkeypatch):
 
     ns: dict = {}
     try:
-        for block in _python_blocks():
+        for block in _python_blocks()[:3]:   # the 4th, the authors' network: test_readme_authors_block_loads_their_checkpoint
             exec(compile(block, str(README), "exec"), ns)
     finally:
         if "nearest-wrong" in stakes.available_methods():
