@@ -295,9 +295,13 @@ class _RepeatedStatistics:
                 bm, bv = self.seen[(i, b)]
                 mean.mul_(1 - f).add_(bm.to(mean.dtype), alpha=f)
                 var.mul_(1 - f).add_(bv.to(var.dtype), alpha=f)
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.fill_(n)
+            # through .data: the buffers' version counters stay where a training-mode forward of the
+            # current step left them (the authors' importance runs between a step's forward and its
+            # backward, which saves these buffers but, in training mode, reads only the batch's own
+            # statistics); a forward would have updated them in place, without autograd seeing it
+            m.running_mean.data.copy_(mean)
+            m.running_var.data.copy_(var)
+            m.num_batches_tracked.data.fill_(n)
 
 
 register_method("structguard", StructGuard())

@@ -89,3 +89,23 @@ def test_with_few_samples_the_reshuffled_estimator_is_unchanged(monkeypatch):
     one, _ = _importance("one", "shuffled", 0, 8, False, monkeypatch)
     every, _ = _importance("all", "shuffled", 0, 8, False, monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(one, every))
+
+
+def test_the_authors_late_importance_with_repeated_batches_under_a_training_batchnorm():
+    """The authors' importance runs during step 2, between that step's forward and its backward; the
+    closed-form statistics rewrite the BatchNorm buffers that forward saved for its backward. The run
+    must go on (it once raised autograd's "modified by an inplace operation") and end with the
+    statistics of every visit, as ``importance_passes="all"`` gives them."""
+    runs = {}
+    for passes in ("one", "all"):
+        features, head = _net(batchnorm=True)
+        forget, proxies, anchors = _case()
+        cfg = stakes.preset("authors", method="structguard", seed=0, proxy_batch_size=5, max_steps=3,
+                            progress=False, backend="reference", importance_passes=passes, importance_samples=41)
+        res = stakes.unlearn((features, head), forget, anchors=anchors, config=cfg, proxies=proxies)
+        assert res.steps == 3 and res.method_config["importance_step"] == 2
+        runs[passes] = res
+    for (k, a), b in zip(runs["one"].deployed.features.state_dict().items(),
+                         runs["all"].deployed.features.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=k)
+    assert int(runs["one"].deployed.features.state_dict()["1.num_batches_tracked"]) == 10 + 3 * 2
