@@ -176,7 +176,7 @@ class UnlearnConfig(_Options):
 
     # How the model work executes (stakes.execution); None = automatic for the device.
     precision: Optional[str] = None  # "fp32" | "bf16" | "fp16" autocast; None: bf16 on CUDA sm_80+, else fp32
-    channels_last: Optional[bool] = None   # None: on for convolutional models on CUDA
+    channels_last: Optional[bool] = None   # None: on for convolutional models (CUDA and CPU)
     compile: str = "off"             # torch.compile: "off" | "frozen" (the original's inference copy only: PGD,
                                      # its structures) | "default" | "max-autotune" (the backbones)
     cuda_graphs: Optional[bool] = None     # the PGD steps captured in a CUDA graph; None: on CUDA

@@ -142,7 +142,8 @@ def pretrain(model: Classifier, data: ImageData, *, epochs: int | None = None,
 
     start = time.perf_counter()
     device = torch.device(device)
-    exe = Execution.resolve(SimpleNamespace(device=str(device), precision=precision, channels_last=channels_last,
+    cl = False if channels_last is None and device.type == "cpu" else channels_last   # NCHW on the CPU: cached
+    exe = Execution.resolve(SimpleNamespace(device=str(device), precision=precision, channels_last=cl,  # models stay
                                             compile="off", cuda_graphs=False), model)
     exe.prepare(model.to(device)).train()
     scaler = exe.grad_scaler()
@@ -155,8 +156,7 @@ def pretrain(model: Classifier, data: ImageData, *, epochs: int | None = None,
     for p in model.parameters():
         # no weight decay on biases and norm scales (1-d tensors)
         (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [dict(params=decay, weight_decay=weight_decay),
-              dict(params=no_decay, weight_decay=0.0)]
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
     if recipe["optimizer"] == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     else:

@@ -53,13 +53,17 @@ def deleted(r):
     return bool(r) and r.get("status") == "ok" and r.get("forget_accuracy") == 0.0
 
 
-def grid(dataset, k, payloads):
+def grid(dataset, k, payloads, before="without the cuts", after="with", timing=("importance_s", "the importance "
+         "pass's seconds (StructGuard)", "importance s")):
+    """The tables of one grid: ``payloads["without"]`` (the reference) against ``payloads["cuts"]``;
+    ``before`` / ``after`` name them in the headers, ``timing`` = (timings key, what it is, its column)."""
+    key, what, column = timing
     runs = {side: {(r["method"], r["seed"]): r for r in p["runs"] if r["k"] == k} for side, p in payloads.items()}
     methods = [m for m in payloads["without"]["meta"]["methods"] if m in payloads["cuts"]["meta"]["methods"]]
     seeds = [s for s in payloads["without"]["meta"]["seeds"] if s in payloads["cuts"]["meta"]["seeds"]]
     out = [f"### {dataset}, k = {k}", "",
-           "| method | without the cuts: test % | with: test % | with − without | forget 0 % without / with "
-           "| C1 | C2: \\|Δmean\\| ≤ std_without |", "|---|---|---|---|---|---|---|"]
+           f"| method | {before}: test % | {after}: test % | difference | forget 0 % {before} / {after} "
+           "| C1 | C2: \\|Δmean\\| ≤ std_before |", "|---|---|---|---|---|---|---|"]
     verdicts = {}
     for m in methods:
         a = [acc(runs["without"].get((m, s))) for s in seeds]
@@ -73,9 +77,8 @@ def grid(dataset, k, payloads):
         out.append(f"| {NAMES.get(m, m)} | {fmt(am)} ± {fmt(as_)} | {fmt(bm)} ± {fmt(bs)} | {fmt(bm - am, sign=True)} "
                    f"| {na}/{len(seeds)} / {nb}/{len(seeds)} | {'holds' if c1 else 'FAILS'} "
                    f"| {'holds' if c2 else 'FAILS'} ({fmt(abs(bm - am), 2)} vs {fmt(as_, 2)}) |")
-    out += ["", "Per seed: test accuracy % / forget accuracy % / steps, without → with the cuts; the importance "
-            "pass's seconds (StructGuard):", "",
-            "| method | seed | without | with | with − without | importance s without / with |", "|---|---|---|---|---|---|"]
+    out += ["", f"Per seed: test accuracy % / forget accuracy % / steps, {before} → {after}; {what}:", "",
+            f"| method | seed | {before} | {after} | difference | {column} {before} / {after} |", "|---|---|---|---|---|---|"]
     for m in methods:
         for s in seeds:
             a, b = runs["without"].get((m, s)), runs["cuts"].get((m, s))
@@ -87,7 +90,7 @@ def grid(dataset, k, payloads):
                     return f"FAILED: {str(r.get('error', r.get('status')))[:60]}"
                 return f"{fmt(r['test_accuracy'], 2)} / {fmt(r['forget_accuracy'], 1)} / {r['steps']}"
             d = acc(b) - acc(a) if acc(a) is not None and acc(b) is not None else None
-            imp = " / ".join(fmt((r or {}).get("timings", {}).get("importance_s"), 2) for r in (a, b))
+            imp = " / ".join(fmt((r or {}).get("timings", {}).get(key), 2) for r in (a, b))
             out.append(f"| {NAMES.get(m, m)} | {s} | {cell(a)} | {cell(b)} | {fmt(d, 2, sign=True)} | {imp} |")
     out.append("")
     return out, verdicts

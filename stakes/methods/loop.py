@@ -771,6 +771,8 @@ def _execute(run: _Run, start: float, *, resume: bool, keep_checkpoint: bool) ->
     check_finite_parameters(ctx, "end of run")
     metrics = {k: v for k, v in run.history[-1].items() if k.endswith("_accuracy") or k == "structure_drift"}
     deployed = ctx.deployed.eval()
+    if run.execution.channels_last:   # the model comes back in PyTorch's default layout, as a reloaded copy has it
+        deployed.to(memory_format=torch.contiguous_format)
     model_out = deployed
     if getattr(run.work, "adapter", None) is not None and ctx.projector is None:
         model_out = run.work.adapter.rebuild(ctx.features, ctx.head).eval()

@@ -152,12 +152,20 @@ def test_channels_last_lays_out_the_models_and_the_inputs(digits_model, digits_a
     finally:
         handle.remove()
     assert formats and all(w and x for w, x in formats)   # weights and input batches, every conv call
-    plain = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(max_steps=2))
+    plain = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors,
+                           config=fast_config(channels_last=False, max_steps=2))
     assert cl.execution["channels_last"] and not plain.execution["channels_last"]
+    # the model comes back in PyTorch's default layout (a copy reloaded from its state dict computes the same)
+    assert all(p.is_contiguous() for p in cl.model.parameters())
     for a, b in zip(cl.deployed.parameters(), plain.deployed.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)   # a layout, not a different computation
-    # the default: channels_last on CUDA for convolutional models only
-    assert Execution.resolve(stakes.preset("stable", device="cpu"), digits_model).channels_last is False
+    # the default: channels_last for convolutional models only, on the CPU as on a card (oneDNN's NHWC
+    # convolutions are the faster ones there); pretraining keeps NCHW on the CPU (the cached models)
+    assert Execution.resolve(stakes.preset("stable", device="cpu"), digits_model).channels_last is True
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    assert Execution.resolve(stakes.preset("stable", device="cpu"), mlp).channels_last is False
+    default = stakes.unlearn(digits_model, forget_set, anchors=digits_anchors, config=fast_config(max_steps=2))
+    assert default.execution["channels_last"] is True
 
 
 def test_compile_falls_back_to_eager_with_one_message(digits_model, digits_anchors, forget_set, fast_config,
