@@ -112,9 +112,34 @@ def render(runs):
     return "\n".join(out)
 
 
+def per_quirk(runs):
+    """One sentence per behaviour: its paired change in test accuracy against the authors' runs in
+    each setting, whether that is beyond seed noise, and its non-finite runs."""
+    out = ["### Per behaviour", ""]
+    table = {**grid.BACK_TO_STAKES, **grid.STABLE_ON_TOP}
+    for v, spec in table.items():
+        parts = []
+        for dataset, k in grid.SETTINGS:
+            rs = [r for r in runs if r["dataset"] == dataset and r["k"] == k]
+            by = {(r["variant"], r["seed"]): r for r in rs}
+            seeds = sorted({r["seed"] for r in rs})
+            vr = [by.get((v, s), {}) for s in seeds]
+            if not any(vr):
+                continue
+            dm, _, word = verdict([by.get(("authors", s), {}) for s in seeds], vr, "test_accuracy")
+            nonfinite = sum(1 for r in vr if r.get("status") == "non-finite")
+            deleted = sum(1 for r in vr if r.get("steps_to_zero") is not None)
+            change = f"{fmt(dm, sign=True)} points, {word}" if dm is not None else word
+            parts.append(f"{dataset} k = {k}: {change}; {deleted}/{len(vr)} reach 0 %"
+                         + (f", {nonfinite} non-finite" if nonfinite else ""))
+        kind = "stable's choice on top of the authors'" if v in grid.STABLE_ON_TOP else "back to stakes' choice"
+        out.append(f"* **{spec[0]}** ({kind}): " + "; ".join(parts) + ".")
+    return "\n".join(out + [""])
+
+
 def main(argv):
     runs = json.loads((HERE / "results.json").read_text())["runs"]
-    text = render(runs)
+    text = render(runs) + "\n" + per_quirk(runs)
     if "--print" in argv:
         print(text)
         return 0
