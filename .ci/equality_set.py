@@ -7,6 +7,7 @@ the deployed model's parameters and buffers, so "equal" means bit for bit.
     python .ci/equality_set.py --out now.json                 # run the set with the stakes on sys.path
     PYTHONPATH=/tmp/base python .ci/equality_set.py --out base.json   # the same set on another checkout
     python .ci/equality_set.py --compare base.json now.json   # 0 differences: exit 0
+    python .ci/equality_set.py --out now.json --set channels_last=false   # every case with a shared field set
 
 Runs on the digits data and the cached pretrained digits model (``$STAKES_CACHE``), one thread, in
 about 2-4 minutes on a 2-core machine.
@@ -34,7 +35,7 @@ def _cases():
     return cases
 
 
-def run_set() -> dict:
+def run_set(overrides: dict | None = None) -> dict:
     import torch
 
     import stakes
@@ -51,7 +52,7 @@ def run_set() -> dict:
         idx = sample_forget_indices(data.train_y, 8, seed)
         forget = (data.train_x[idx], data.train_y[idx])
         for name, method, preset, values in _cases():
-            cfg = stakes.preset(preset, method=method, seed=seed, **values)
+            cfg = stakes.preset(preset, method=method, seed=seed, **{**values, **(overrides or {})})
             res = stakes.unlearn(model, forget, method=method, anchors=anchors, config=cfg,
                                  eval_sets={"test": (data.test_x, data.test_y)}, retain_size=len(data.train_y) - 8)
             digest = hashlib.sha256()
@@ -82,7 +83,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="run the set and write its results here")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two results files")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a shared config field for every case (true/false, numbers, else a string)")
     args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        overrides[name] = json.loads(value) if value in ("true", "false") or value.lstrip("-").replace(".", "", 1).isdigit() \
+            else value
     if args.compare:
         a, b = (json.load(open(path)) for path in args.compare)
         diffs = compare(a, b)
@@ -91,7 +99,7 @@ def main(argv=None) -> int:
     if not args.out:
         p.error("give --out FILE (run the set) or --compare A B")
     with open(args.out, "w") as fh:
-        json.dump(run_set(), fh, indent=1, sort_keys=True)
+        json.dump(run_set(overrides), fh, indent=1, sort_keys=True)
     return 0
 
 
