@@ -96,14 +96,16 @@ def grid(dataset, k, payloads, before="without the cuts", after="with", timing=(
     return out, verdicts
 
 
-def render():
+def render(load_pair=None, **labels):
+    """Every grid's tables and the verdict; ``load_pair(dataset)`` gives ``{"without": ..., "cuts": ...}``
+    (default: this folder's two grids), ``labels`` go to :func:`grid`."""
     out, verdicts = [], {}
     for dataset, k in GRIDS:
-        payloads = {side: load(dataset, side) for side in SIDES}
+        payloads = load_pair(dataset) if load_pair else {side: load(dataset, side) for side in SIDES}
         if any(p is None for p in payloads.values()):
             out += [f"### {dataset}, k = {k}", "", "(not run yet)", ""]
             continue
-        lines, v = grid(dataset, k, payloads)
+        lines, v = grid(dataset, k, payloads, **labels)
         out += lines
         verdicts.update({(dataset, m): x for m, x in v.items()})
     if verdicts:
@@ -113,12 +115,13 @@ def render():
     return "\n".join(out)
 
 
-def main(argv):
-    text = render()
+def main(argv, text=None, folder=HERE):
+    """Print (``--print``) or write the generated part of ``folder``/README.md."""
+    text = render() if text is None else text
     if "--print" in argv:
         print(text)
         return 0
-    readme = HERE / "README.md"
+    readme = folder / "README.md"
     doc = readme.read_text()
     head, rest = doc.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
