@@ -13,23 +13,17 @@ std of that figure, and at least 4 of the 5 paired changes have its sign. "At ch
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from tables import BEGIN, END, fmt, write_generated  # noqa: E402
 import run as grid  # noqa: E402
 
-BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 CHANCE = 100 / 10 + 5
-
-
-def fmt(x, d=1, sign=False):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    return f"{x:+.{d}f}" if sign else f"{x:.{d}f}"
 
 
 def ms(values):
@@ -143,11 +137,7 @@ def main(argv):
     if "--print" in argv:
         print(text)
         return 0
-    readme = HERE / "README.md"
-    doc = readme.read_text() if readme.exists() else f"# The authors' quirks\n\n{BEGIN}\n{END}\n"
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    write_generated(HERE / "README.md", text, new_doc=f"# The authors' quirks\n\n{BEGIN}\n{END}\n")
     return 0
 
 

@@ -16,15 +16,15 @@ issue 17, Deliver item 7, per data set and method:
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from tables import BEGIN, END, fmt, mean_std, run_cell, splice  # noqa: E402
 GRIDS = (("digits", 8), ("shapes", 16))
 PRECISIONS = ("fp32", "bf16")
-BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 NAMES = {"structguard": "StructGuard (`stable`)", "adv": "Adv"}
 
 
@@ -40,13 +40,6 @@ def load(dataset: str, precision: str):
     return payload
 
 
-def mean_std(values):
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def by_run(payload, k):
     """{(method, seed): record} of the grid's runs at k."""
     return {(r["method"], r["seed"]): r for r in payload["runs"] if r["k"] == k}
@@ -58,12 +51,6 @@ def test_acc(r):
 
 def deleted(r):
     return bool(r) and r.get("status") == "ok" and r.get("forget_accuracy") == 0.0
-
-
-def fmt(x, d=1, sign=False):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    return f"{x:+.{d}f}" if sign else f"{x:.{d}f}"
 
 
 def grid_tables(dataset, k, fp, bf):
@@ -109,12 +96,6 @@ def grid_tables(dataset, k, fp, bf):
         for s in seeds:
             f, b = runs["fp32"].get((m, s)), runs["bf16"].get((m, s))
 
-            def cell(r):
-                if r is None:
-                    return "missing"
-                if r.get("status") != "ok":
-                    return f"FAILED: {str(r.get('error', r.get('status')))[:80]}"
-                return f"{fmt(r['test_accuracy'], 2)} / {fmt(r['forget_accuracy'], 1)} / {r['steps']}"
             d = (test_acc(b) - test_acc(f)) if test_acc(b) is not None and test_acc(f) is not None else None
             if d is not None:
                 diffs.append(d)
@@ -123,7 +104,7 @@ def grid_tables(dataset, k, fp, bf):
             # the run's own wall time (calibration and proxies are shared per seed: in the time table below);
             # not wall_time_with_proxies_s, which at d0ecb6a also adds timings["shared_pgd_batch_size"] (1024)
             wall = " / ".join(fmt(r.get("wall_time_s"), 1) if r else "—" for r in (f, b))
-            out.append(f"| {NAMES.get(m, m)} | {s} | {cell(f)} | {cell(b)} | {fmt(d, 2, sign=True)} | {wall} |")
+            out.append(f"| {NAMES.get(m, m)} | {s} | {run_cell(f, 80)} | {run_cell(b, 80)} | {fmt(d, 2, sign=True)} | {wall} |")
         dm, ds = mean_std(diffs)
         out.append(f"| {NAMES.get(m, m)} | mean ± std | | | {fmt(dm, 2, sign=True)} ± {fmt(ds, 2)} | |")
     out.append("")
@@ -222,12 +203,6 @@ def render_timing() -> str:
                f"around the runs. \"run s\" is the run's wall time (calibration, proxies, importance, loop, "
                f"final evaluation); the loop includes the trajectory evaluations every 5 steps.")
     return "\n".join(out)
-
-
-def splice(doc: str, begin: str, end: str, text: str) -> str:
-    head, rest = doc.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{begin}\n{text}\n{end}{tail}"
 
 
 def main(argv) -> int:

@@ -15,34 +15,21 @@ method (those of reports/precision_parity):
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from tables import fmt, mean_std, run_cell, write_generated  # noqa: E402
+
 GRIDS = (("digits", 8), ("shapes", 16))
 SIDES = ("without", "cuts")
-BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 NAMES = {"structguard": "StructGuard (`stable`)", "adv": "Adv"}
 
 
 def load(dataset, side):
     path = HERE / f"{dataset}_{side}" / "results.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def mean_std(values):
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(x, d=1, sign=False):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    return f"{x:+.{d}f}" if sign else f"{x:.{d}f}"
 
 
 def acc(r):
@@ -83,15 +70,9 @@ def grid(dataset, k, payloads, before="without the cuts", after="with", timing=(
         for s in seeds:
             a, b = runs["without"].get((m, s)), runs["cuts"].get((m, s))
 
-            def cell(r):
-                if r is None:
-                    return "missing"
-                if r.get("status") != "ok":
-                    return f"FAILED: {str(r.get('error', r.get('status')))[:60]}"
-                return f"{fmt(r['test_accuracy'], 2)} / {fmt(r['forget_accuracy'], 1)} / {r['steps']}"
             d = acc(b) - acc(a) if acc(a) is not None and acc(b) is not None else None
             imp = " / ".join(fmt((r or {}).get("timings", {}).get(key), 2) for r in (a, b))
-            out.append(f"| {NAMES.get(m, m)} | {s} | {cell(a)} | {cell(b)} | {fmt(d, 2, sign=True)} | {imp} |")
+            out.append(f"| {NAMES.get(m, m)} | {s} | {run_cell(a)} | {run_cell(b)} | {fmt(d, 2, sign=True)} | {imp} |")
     out.append("")
     return out, verdicts
 
@@ -121,11 +102,7 @@ def main(argv, text=None, folder=HERE):
     if "--print" in argv:
         print(text)
         return 0
-    readme = folder / "README.md"
-    doc = readme.read_text()
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    write_generated(folder / "README.md", text)
     return 0
 
 
