@@ -237,6 +237,31 @@ def _mm_gemms(name: str, args) -> List[Tuple[int, int, int]]:
     return []
 
 
+def _channels_last(t) -> bool:
+    """Whether ``t`` is a 4-D tensor laid out NHWC (not also plain contiguous, as a 1x1 map is)."""
+    return isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous() and \
+        t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _cuda_conv_layout(name: str, args) -> bool:
+    """Whether cuDNN runs this convolution (or its backward) NHWC: ATen's
+    ``cudnn_conv_suggest_memory_format`` picks channels_last when the input or the weight is in it
+    (for the backward: the input and the weight of the forward, its 2nd and 3rd arguments)."""
+    x, w = (args[0], args[1]) if name == "aten.convolution" else (args[1], args[2])
+    return _channels_last(x) or _channels_last(w)
+
+
+def _as_cuda_conv_output(name: str, args, out):
+    """The convolution's outputs strided as cuDNN writes them on a card. Meta tensors cannot say:
+    torch's meta convolution always returns contiguous tensors (it has no device to choose a backend
+    by), so without this every layer after a channels_last network's first would be counted NCHW."""
+    if not _cuda_conv_layout(name, args):
+        return out
+    fix = (lambda t: t.contiguous(memory_format=torch.channels_last)
+           if isinstance(t, torch.Tensor) and t.dim() == 4 else t)
+    return tuple(fix(t) for t in out) if isinstance(out, tuple) else fix(out)
+
+
 class OpCounter(TorchDispatchMode):
     """Records every aten op: FLOPs (torch.utils.flop_counter's formulas), operand bytes, dtype,
     layout, GEMM shapes and the storages it reads and writes (for the pointwise fusion)."""
@@ -259,6 +284,8 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
         name = name if name.startswith(("aten.", "profiler.", "prims.")) else f"aten.{name}"
+        if name in ("aten.convolution", "aten.convolution_backward"):
+            out = _as_cuda_conv_output(name, list(args), out)
         if name == "aten._local_scalar_dense":
             self.syncs += 1
         if getattr(func, "is_view", False) or name.startswith(NOT_KERNELS):
@@ -283,10 +310,7 @@ class OpCounter(TorchDispatchMode):
         kind = "conv" if name in CONV else "matmul" if name in MATMUL else "other"
         gemms = _conv_gemms(name, list(args), out if not isinstance(out, tuple) else None) if kind == "conv" else \
             _mm_gemms(name, list(args)) if kind == "matmul" else []
-        layout = "nchw"
-        if kind == "conv" and first is not None and first.dim() == 4 and not first.is_contiguous() and \
-                first.is_contiguous(memory_format=torch.channels_last):
-            layout = "nhwc"
+        layout = "nhwc" if kind == "conv" and _cuda_conv_layout(name, list(args)) else "nchw"
         self.ops.append(Op(name, kind, str(first.dtype).replace("torch.", "") if first is not None else "none",
                            float(flops), float(nbytes), 1, gemms, layout, rd, wr_, fusable=kind == "other"))
         return out
@@ -579,6 +603,9 @@ class Units:
         head, _ = frozen_copy(copy.deepcopy(model.head), fold=False, dtype=stakes_dtype if self.half else None)
         self.s_frozen = Classifier(features, head).to(stakes_dtype)   # on meta the normalisation too (autocast
         #                                                               would cast its output for the first conv)
+        if self.half:   # stakes.execution.Execution.prepare: channels_last on a card (the loop's every model)
+            self.s_work.to(memory_format=torch.channels_last)
+            self.s_frozen.to(memory_format=torch.channels_last)
         self.s_anchors = anchors
         d_f = model.head.in_features
         self.s_rp = _meta((d_f, anchor_dim), stakes_dtype)

@@ -67,6 +67,26 @@ def test_convolution_gemms_and_layout():
     convl = nn.Conv2d(8, 16, 3, padding=1).to("meta", torch.bfloat16).to(memory_format=torch.channels_last)
     u = gm.count(lambda oc: convl(xl))
     assert u.ops[0].layout == "nhwc" and u.ops[0].dtype == "bfloat16"
+    # a channels_last network stays NHWC layer after layer, forward and backward, as cuDNN runs it on a
+    # card (torch's meta convolution returns contiguous outputs: the counter restrides them)
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(16, 4, 1)).to("meta", torch.bfloat16).to(memory_format=torch.channels_last)
+    xg = xl.detach().requires_grad_(True)
+    seen = {}
+
+    def layered(oc):
+        y = net(xg)
+        seen["out"] = y
+        y.float().sum().backward()
+
+    u = gm.count(layered)
+    convs = [o for o in u.ops if o.kind == "conv"]
+    assert len(convs) == 6 and all(o.layout == "nhwc" for o in convs), [o.layout for o in convs]
+    assert seen["out"].is_contiguous(memory_format=torch.channels_last) and not seen["out"].is_contiguous()
+    assert xg.grad.is_contiguous(memory_format=torch.channels_last)
+    # an NCHW network stays NCHW
+    u = gm.count(lambda oc: nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 4, 3)).to("meta")(x))
+    assert [o.layout for o in u.ops if o.kind == "conv"] == ["nchw", "nchw"]
 
 
 def test_pointwise_fusion():
