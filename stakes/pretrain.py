@@ -152,11 +152,9 @@ def pretrain(model: Classifier, data: ImageData, *, epochs: int | None = None,
     # drop the ragged last batch: a batch of one breaks BatchNorm and adds gradient noise
     drop_last = n > batch_size
     steps_per_epoch = n // batch_size if drop_last else 1
-    decay, no_decay = [], []
-    for p in model.parameters():
-        # no weight decay on biases and norm scales (1-d tensors)
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    # no weight decay on biases and norm scales (1-d tensors)
+    groups = [dict(params=[p for p in model.parameters() if p.ndim > 1], weight_decay=weight_decay),
+              dict(params=[p for p in model.parameters() if p.ndim <= 1], weight_decay=0.0)]
     if recipe["optimizer"] == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     else:
@@ -198,6 +196,8 @@ def pretrain(model: Classifier, data: ImageData, *, epochs: int | None = None,
         result = dict(train_accuracy=accuracy(model, data.train_x, data.train_y, device=device),
                       test_accuracy=accuracy(model, data.test_x, data.test_y, device=device),
                       epochs=epochs, wall_time_s=time.perf_counter() - start, precision=exe.precision)
+    if exe.channels_last:   # back in PyTorch's default layout, as stakes.unlearn returns its models
+        model.to(memory_format=torch.contiguous_format)
     return result
 
 

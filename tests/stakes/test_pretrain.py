@@ -251,3 +251,21 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
             monkeypatch.setenv("STAKES_CACHE", unset)
         monkeypatch.setenv("HOME", str(tmp_path / "home"))
         assert default_cache_dir() == Path(tmp_path / "home" / ".cache" / "stakes")
+
+
+def test_pretraining_in_channels_last_returns_the_default_layout():
+    """Pretraining in channels_last (a card's default; asked for here on the CPU) trains in it and
+    returns the model in PyTorch's default layout, as stakes.unlearn returns its models: a saved and
+    reloaded copy has that layout too."""
+    torch.manual_seed(0)
+    data = make_shapes(n_train=32, n_test=8)
+    m = build_model("shapes_cnn", 10, in_channels=3, image_size=32)
+    seen = []
+    hook = m.features[0].register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)) if mod.training
+        else None)
+    pretrain(m, data, epochs=1, batch_size=16, progress=False, channels_last=True)
+    hook.remove()
+    assert len(seen) == 2 and all(seen)   # its two training steps ran in channels_last
+    convs = [p for p in m.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous() for p in convs)
