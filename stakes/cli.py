@@ -90,6 +90,7 @@ def _summary_lines(rec: dict) -> list:
         f"k = {rec['k']}, seed = {rec['seed']}, preset = {rec['config']['preset']}",
         f"  proxies: {px.get('n', 0)} at eps = {px.get('eps', float('nan')):.3f} "
         f"(targeted attack success {100 * px.get('success_rate', float('nan')):.1f} %)"
+        + (f", early exit: {px['mean_pgd_steps']:.1f} PGD steps a proxy on average" if "mean_pgd_steps" in px else "")
         + (f", attacking the model {px['attacked_model']['method']} unlearned first "
            f"({px['attacked_model']['steps']} steps, stopped: {px['attacked_model']['stopped']})"
            if px.get("attacked_model") else ""),

@@ -44,6 +44,7 @@ from stakes.distributed import digest
 from stakes.jobs import (AnchorSpec, DataSpec, ModelSpec, RunSpec, UsageError, load_data, load_model,
                          load_or_build_anchors, make_config, run_one)
 from stakes.methods import available_methods, build_proxies, get_method
+from stakes.proxy import AttackSettings
 from stakes.metrics import accuracy, evaluate_model, matched_forgetting, membership_inference, summarize
 from stakes.oracle import retrain_oracle  # noqa: F401  (also part of this module's API)
 
@@ -393,7 +394,8 @@ class MethodRun:
             cfg = cfg.replace(log_every=5)
         if self.options:
             cfg = cfg.with_method_options(get_method(self.method).key, **dict(self.options))
-        key = (cfg.eps, cfg.repetitions, cfg.pgd_steps, cfg.pgd_step_size, cfg.target_success)
+        key = (cfg.eps, cfg.repetitions, cfg.pgd_steps, cfg.pgd_step_size, cfg.target_success,
+               AttackSettings.from_config(cfg))
         if key not in grid.proxies:
             # each rank runs whole runs on its own device: no data parallelism inside a grid
             grid.proxies[key] = build_proxies(grid.model, data.train_x[grid.forget_idx], data.train_y[grid.forget_idx],

@@ -125,6 +125,8 @@ class UnlearnConfig(_Options):
     proxy_targets: str = "uniform"   # "uniform": y + U{1..C−1} mod C; "collision_half": ⌊U·C⌋, a draw of y replaced by C//2
     proxy_order: str = "repetition"  # "repetition": R passes over the k images; "forget_batch": per forget batch, its R passes
     pgd_weight_grads: bool = False   # each PGD backward also computes the attacked model's weight gradients (cost only)
+    pgd_early_exit: bool = False     # a proxy leaves its PGD batch at its first iterate classified as its target
+                                     # (that iterate is the proxy; the batch compacts) [ours, optional]
     fold_batchnorm: bool = True      # the frozen original's BatchNorm folded into its convolutions for PGD and its
                                      # structures (exact up to rounding) [ours]; False: as the authors run it
     proxy_model: str = "pretrained"  # the attacked model: the pretrained one, or the model the named method unlearned first
@@ -190,7 +192,7 @@ class UnlearnConfig(_Options):
     def validate(self) -> "UnlearnConfig":
         own = "config"
         for name in ("proximal", "skip_sr_first_steps", "bn_train_mode", "progress", "deterministic", "shuffle",
-                     "projector_eval_after_check", "pgd_weight_grads", "fold_batchnorm"):
+                     "projector_eval_after_check", "pgd_weight_grads", "pgd_early_exit", "fold_batchnorm"):
             _check_bool(own, name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"config.seed must be an integer, got {self.seed!r}")

@@ -38,11 +38,14 @@ class AttackSettings:
                                      # forget batch (``forget_batch``), its R passes
     weight_grads: bool = False       # each backward also computes the attacked model's weight gradients
     forget_batch: int = 128          # the forget loader's batch (proxy_order="forget_batch")
+    early_exit: bool = False         # a proxy leaves its batch at the first iterate the model classifies as its
+                                     # target (that iterate is its result); the batch compacts [ours, optional]
 
     @classmethod
     def from_config(cls, cfg) -> "AttackSettings":
         return cls(start=cfg.pgd_start, order=cfg.pgd_order, targets=cfg.proxy_targets, proxy_order=cfg.proxy_order,
-                   weight_grads=cfg.pgd_weight_grads, forget_batch=cfg.forget_batch_size)
+                   weight_grads=cfg.pgd_weight_grads, forget_batch=cfg.forget_batch_size,
+                   early_exit=cfg.pgd_early_exit)
 
 
 @dataclass
@@ -56,6 +59,8 @@ class ProxySet:
     eps: float                 # radius used
     success_rate: float        # fraction of proxies the attacked model classifies as ỹ
     attacked: Optional[dict] = None   # the run that unlearned the attacked model first (config.proxy_model)
+    steps: Optional[torch.Tensor] = None   # [N_s] PGD steps each proxy took (early exit only: the step count
+                                           # for a proxy that never reached its target)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -66,6 +71,8 @@ class ProxySet:
         model first, where it was not the pretrained one (``config.proxy_model``)."""
         out = {"n": len(self), "eps": self.eps, "success_rate": self.success_rate,
                "checksum": float(self.x.double().sum())}
+        if self.steps is not None:   # early exit: the mean steps a proxy took (to its success, or all of them)
+            out["mean_pgd_steps"] = float(self.steps.double().mean())
         if self.attacked is not None:
             out["attacked_model"] = dict(self.attacked)
         return out
@@ -161,7 +168,8 @@ class _PGD:
     forward/backward under autocast, inputs in the model's memory format, and on CUDA with
     ``execution.cuda_graphs`` the step captured once per batch shape in a CUDA graph and replayed
     ``steps`` times (batches padded to that shape, the padding dropped). No host synchronisation
-    inside the steps either way."""
+    inside the steps either way, except with ``attack.early_exit`` (:meth:`run_until_success`: eager
+    steps, one synchronisation each; the CUDA graph is not used)."""
 
     def __init__(self, model: nn.Module, *, steps: int, step_size: float, backend: Optional[str],
                  execution: Optional[Execution] = None, attack: Optional[AttackSettings] = None):
@@ -169,6 +177,7 @@ class _PGD:
         self.execution = execution or Execution()
         self.attack = attack or AttackSettings()
         self._graphs: dict = {}
+        self.last_steps: Optional[torch.Tensor] = None   # early exit: the steps each row of the last call took
 
     def __call__(self, x0: torch.Tensor, target: torch.Tensor, eps: torch.Tensor, *, index: torch.Tensor,
                  seed: int, pad_to: Optional[int] = None) -> torch.Tensor:
@@ -177,6 +186,9 @@ class _PGD:
         exe = self.execution
         x0 = exe.inputs(x0)
         x = exe.inputs(_random_start(x0, eps, index, seed, self.attack.start))
+        if self.attack.early_exit:
+            x, self.last_steps = self.run_until_success(x, x0, target, eps)
+            return x
         if exe.cuda_graphs and x0.is_cuda:
             return self._replayed(x, x0, target, eps, pad_to or len(x0))
         return self.run_steps(x, x0, target, eps)
@@ -188,23 +200,61 @@ class _PGD:
     def step(self, x: torch.Tensor, x0: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """One step: ∇_x CE(f(x), ỹ) (summed over the batch, so each sample gets its own gradient),
         then the fused per-sample step, projection and clamp."""
+        x, grad, _ = self._gradient(x, target)
+        return self._move(x, x0, grad, eps)
+
+    def _gradient(self, x, target) -> tuple:
+        """(x detached, ∇_x CE(f(x), ỹ) summed over the batch, the logits f(x) detached)."""
         x = x.detach().requires_grad_(True)
         with self.execution.autocast():
-            loss = F.cross_entropy(self.model(x), target, reduction="sum")
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, target, reduction="sum")
         if self.attack.weight_grads:   # advertorch's loss.backward(): the weights' gradients too (cost only)
             loss.backward()
             grad = x.grad
         else:
             (grad,) = torch.autograd.grad(loss, x)
+        return x.detach(), grad, logits.detach()
+
+    def _move(self, x, x0, grad, eps) -> torch.Tensor:
         if self.attack.order == "clamp_project":
-            return clamp_then_project(x.detach(), x0, grad, step_size=self.step_size, eps=eps)
-        return fused.l2_pgd_step(x.detach(), x0, grad, step_size=self.step_size, eps=eps, targeted=True,
+            return clamp_then_project(x, x0, grad, step_size=self.step_size, eps=eps)
+        return fused.l2_pgd_step(x, x0, grad, step_size=self.step_size, eps=eps, targeted=True,
                                  backend=self.backend)
 
     def run_steps(self, x, x0, target, eps) -> torch.Tensor:
         for _ in range(self.steps):
             x = self.step(x, x0, target, eps)
         return x.detach()
+
+    def run_until_success(self, x, x0, target, eps) -> tuple:
+        """Early exit (``attack.early_exit``): before each step the step's own forward says which rows
+        the model already classifies as their target; those rows keep that iterate as their result
+        and leave the batch (the batch compacts: later steps compute only the rest); the others take
+        the step. A row that never reaches its target ends after ``steps`` steps, as without early
+        exit. Returns (the results, the steps each row took: the index of its first successful
+        iterate, or ``steps``). One host synchronisation a step (the batch's new size)."""
+        if not rows_independent(self.model, x):
+            raise ValueError("pgd_early_exit needs an attacked model whose rows are independent (no BatchNorm on "
+                             "batch statistics, nothing that mixes a batch's rows): a row leaving the batch would "
+                             "change the others' attacks")
+        out = x.detach().clone()
+        taken = torch.full((len(x),), self.steps, dtype=torch.int32, device=x.device)
+        rows = torch.arange(len(x), device=x.device)
+        for t in range(self.steps):
+            x, grad, logits = self._gradient(x, target)
+            hit = logits.argmax(1) == target
+            if bool(hit.any()):
+                out[rows[hit]] = x[hit]
+                taken[rows[hit]] = t
+                keep = ~hit
+                if not bool(keep.any()):
+                    return out, taken
+                rows, target, eps = rows[keep], target[keep], eps[keep]
+                x, x0, grad = (self.execution.inputs(v[keep]) for v in (x, x0, grad))
+            x = self._move(x, x0, grad, eps)
+        out[rows] = x.detach()
+        return out, taken
 
     def _replayed(self, x, x0, target, eps, size: int) -> torch.Tensor:
         n = len(x0)
@@ -449,6 +499,7 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
     lo = mine.start
     out = torch.empty((mine.stop - lo, *x.shape[1:]), dtype=x.dtype, device=x.device)
     hits = torch.empty(out.shape[0], dtype=torch.bool, device=x.device)
+    taken = torch.empty(out.shape[0], dtype=torch.int32, device=x.device) if attack.early_exit else None
     places = torch.arange(n)
     pgd = _PGD(model, steps=steps, step_size=step_size, backend=backend, execution=execution, attack=attack)
     desc = f"proxies (R={repetitions}, k={k}, eps={eps:.3g})" + (f", {ctx.world_size} ranks" if ctx.enabled else "")
@@ -462,10 +513,15 @@ def generate_proxies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_
             e = torch.full((x0.shape[0],), float(eps), dtype=torch.float32, device=x.device)
             out[dst] = pgd(x0, target[sl], e, index=places[sl], seed=seed, pad_to=longest)
             hits[dst] = _success(model, out[dst], target[sl], size, execution)
+            if taken is not None:
+                taken[dst] = pgd.last_steps
 
     with _eval_mode(model, attack.weight_grads):
         fitted = _with_backoff(attack_all, batch_size, x.device, release=pgd.release)
     if report is not None:
         report["batch_size"] = fitted
     out, hits = all_gather_rows(out, n, ctx), all_gather_rows(hits, n, ctx)
-    return ProxySet(x=out, y=target, source=source, eps=float(eps), success_rate=float(hits.float().mean()))
+    if taken is not None:
+        taken = all_gather_rows(taken, n, ctx)
+    return ProxySet(x=out, y=target, source=source, eps=float(eps), success_rate=float(hits.float().mean()),
+                    steps=taken)

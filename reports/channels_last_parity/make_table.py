@@ -8,7 +8,6 @@ k = 16, StructGuard (``stable``) and Adv, seeds 0-4. The criteria and tables are
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,18 +15,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "work_cuts_parity"))
 import make_table as parity  # noqa: E402
 
-TIMING = ("shared_proxies_s", "the proxy set's seconds (PGD; shared by a seed's methods; under whatever load the "
-          "grid ran)", "proxies s")
-
-
-def load_pair(dataset):
-    paths = {"without": HERE.parent / "work_cuts_parity" / f"{dataset}_cuts" / "results.json",
-             "cuts": HERE / f"{dataset}_channels_last" / "results.json"}
-    return {side: json.loads(p.read_text()) if p.is_file() else None for side, p in paths.items()}
+load_pair = parity.pair_loader(lambda d: HERE.parent / "work_cuts_parity" / f"{d}_cuts" / "results.json",
+                               lambda d: HERE / f"{d}_channels_last" / "results.json")
 
 
 def render():
-    return parity.render(load_pair, before="NCHW", after="channels_last", timing=TIMING)
+    return parity.render(load_pair, before="NCHW", after="channels_last", timing=parity.PROXIES_TIMING)
 
 
 def main(argv):

@@ -32,6 +32,20 @@ def load(dataset, side):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+# the timing column of the reports that compare proxy sets (channels_last, early exit)
+PROXIES_TIMING = ("shared_proxies_s", "the proxy set's seconds (PGD; shared by a seed's methods; under whatever load "
+                  "the grid ran)", "proxies s")
+
+
+def pair_loader(without, cuts):
+    """A ``load_pair`` for :func:`render`: ``without(dataset)`` and ``cuts(dataset)`` give the two
+    grids' results.json paths (a grid not run yet loads as None)."""
+    def load_pair(dataset):
+        paths = {"without": without(dataset), "cuts": cuts(dataset)}
+        return {side: json.loads(p.read_text()) if p.is_file() else None for side, p in paths.items()}
+    return load_pair
+
+
 def acc(r):
     return r["test_accuracy"] if r and r.get("status") == "ok" else None
 

@@ -309,7 +309,7 @@ def _checked_proxies(proxies, ctx: UnlearnContext) -> ProxySet:
     if int(proxies.y.min()) < 0 or int(proxies.y.max()) >= ctx.num_classes:
         raise ValueError(f"proxy labels must lie in [0, {ctx.num_classes})")
     return ProxySet(x=proxies.x.to(ctx.device), y=proxies.y.to(ctx.device), source=proxies.source.to(ctx.device),
-                    eps=proxies.eps, success_rate=proxies.success_rate)
+                    eps=proxies.eps, success_rate=proxies.success_rate, steps=proxies.steps)
 
 
 def _prepare(model, forget_set, method: UnlearningMethod, anchors, cfg: UnlearnConfig, eval_sets, proxies,

@@ -55,6 +55,17 @@ def test_config_overrides_reach_the_run(tmp_path, cache_env):
     assert rec["k"] == 4 and len(rec["history"]) >= 2
 
 
+def test_early_exit_from_the_command_line(tmp_path, cache_env, capsys):
+    """``--set pgd_early_exit=true``: the result records the proxies' mean PGD steps and the summary says it."""
+    out = tmp_path / "r.json"
+    rc = main(["unlearn", "--method", "adv", "--k", "4", "--out", str(out), "--no-progress", "--set", "max_steps=1",
+               "--set", "repetitions=2", "--set", "pgd_steps=30", "--set", "eps=2.0", "--set", "pgd_early_exit=true"])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["config"]["pgd_early_exit"] is True and 0 <= rec["proxies"]["mean_pgd_steps"] < 30
+    assert f"early exit: {rec['proxies']['mean_pgd_steps']:.1f} PGD steps a proxy on average" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["unlearn", "--k", "100000"], "--k must be between 1 and"),
     (["unlearn", "--k", "0"], "--k must be between 1 and"),

@@ -233,3 +233,86 @@ def test_the_random_starts_depend_on_the_seed():
         again = _random_start(x0[1:3], eps[1:3], torch.arange(1, 3), seed=0, kind=kind)
         assert not torch.equal(a, b) and not torch.equal(a[0], a[1])   # seeds and places differ
         assert torch.equal(again, a[1:3])   # the same seed and place: the same start, whatever the batch
+
+
+class _RowCounter(nn.Module):
+    """A model that counts the rows its forwards see (the attacks' work)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return self.inner(x)
+
+
+def test_early_exit_keeps_each_proxys_first_successful_iterate_and_does_less_work():
+    """Against the oracle of the full attack stopped after t steps (the same starts): each proxy of
+    the early-exit attack is the first of its iterates x_0, x_1, … the model classifies as its target,
+    or x_steps if none of x_0 … x_{steps−1} is; its steps are that index. The batch compacts, so the
+    forwards see fewer rows than steps × proxies."""
+    from stakes.proxy import AttackSettings
+
+    model = _RowCounter(_linear_model(seed=3))
+    x, y = _forget(n=7)
+    kw = dict(num_classes=4, repetitions=3, step_size=0.05, eps=1.5, batch_size=8, seed=0, backend="reference",
+              progress=False)
+    steps = 12
+    iterates = [generate_proxies(model, x, y, steps=t, **kw).x for t in range(steps + 1)]
+    generate_proxies(model, x, y, steps=steps, attack=AttackSettings(early_exit=True), **kw)   # probes rows once
+    model.rows = 0
+    early = generate_proxies(model, x, y, steps=steps, attack=AttackSettings(early_exit=True), **kw)
+    work = model.rows
+    with torch.no_grad():
+        hit = torch.stack([model.inner(it).argmax(1) for it in iterates[:steps]]) == early.y   # [steps, N]
+    first = torch.where(hit.any(0), hit.int().argmax(0), torch.full_like(early.y, steps))
+    assert 0 < int((first < steps).sum()) < len(first), "the case must mix rows that exit and rows that do not"
+    assert torch.equal(early.steps, first.to(torch.int32))
+    expected = torch.stack([iterates[int(t)][i] for i, t in enumerate(first)])
+    torch.testing.assert_close(early.x, expected, rtol=0, atol=1e-6)
+    full = generate_proxies(model, x, y, steps=steps, **kw)
+    assert full.steps is None and "mean_pgd_steps" not in full.summary()
+    assert early.summary()["mean_pgd_steps"] == pytest.approx(float(first.double().mean()))
+    # every row of a success check, plus one forward per step per row still in the batch
+    assert work == len(first) + int(torch.clamp(first + 1, max=steps).sum())
+    assert early.success_rate >= float((first < steps).float().mean()) - 1e-9
+
+
+def test_early_exit_refuses_a_model_that_mixes_rows():
+    from stakes.proxy import AttackSettings
+
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = _linear_model()
+
+        def forward(self, x):
+            return self.lin(x - x.mean(0, keepdim=True))
+
+    x, y = _forget()
+    with pytest.raises(ValueError, match="pgd_early_exit needs an attacked model whose rows are independent"):
+        generate_proxies(Centred(), x, y, num_classes=4, repetitions=2, steps=3, eps=1.0, backend="reference",
+                         progress=False, attack=AttackSettings(early_exit=True))
+
+
+def test_early_exit_through_the_config_and_a_run(digits, digits_model):
+    """``config.pgd_early_exit``: build_proxies runs the early-exit attack (a mean step count under 100
+    is recorded), and a run given those proxies keeps the count in its result's proxy summary."""
+    import stakes
+    from stakes.data import sample_forget_indices
+    from stakes.methods import build_proxies
+
+    idx = sample_forget_indices(digits.train_y, 4, 0)
+    fx, fy = digits.train_x[idx], digits.train_y[idx]
+    cfg = stakes.preset("stable", method="adv", eps=1.5, repetitions=2, pgd_steps=40, max_epochs=1,
+                        progress=False, backend="reference", pgd_early_exit=True)
+    px, _ = build_proxies(digits_model, fx, fy, cfg)
+    mean = px.summary()["mean_pgd_steps"]
+    assert 0 <= mean < 40 and px.steps.shape == (8,)
+    plain, _ = build_proxies(digits_model, fx, fy, cfg.replace(pgd_early_exit=False))
+    assert plain.steps is None and not torch.equal(plain.x, px.x)
+    res = stakes.unlearn(digits_model, (fx, fy), method="adv", config=cfg, proxies=px)
+    assert res.proxies["mean_pgd_steps"] == pytest.approx(mean)
+    with pytest.raises(ValueError, match="pgd_early_exit"):
+        cfg.replace(pgd_early_exit="yes")
