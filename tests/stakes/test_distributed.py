@@ -49,6 +49,8 @@ def _jobs(inputs, *, distributed):
     out = {}
     proxies, _ = build_proxies(model, fx, fy, _config(), distributed=distributed)
     out["proxy_x"], out["proxy_y"], out["eps"] = proxies.x, proxies.y, torch.tensor(proxies.eps)
+    early, _ = build_proxies(model, fx, fy, _config(eps=1.0, pgd_steps=8, pgd_early_exit=True), distributed=distributed)
+    out["early_x"], out["early_steps"] = early.x, early.steps
     # importance on the calibrated proxies (warm start: the structure's own sensitivity)
     cfg = _config()
     run = prepared(model, (fx, fy), "structguard", anchors, cfg, proxies=proxies, retain_size=1000,
@@ -112,6 +114,15 @@ def test_proxies_equal_single_process(two_ranks, one_rank):
         assert torch.equal(out["proxy_y"], one_rank["proxy_y"])
         torch.testing.assert_close(out["proxy_x"], one_rank["proxy_x"], rtol=0, atol=1e-5)
     assert one_rank["proxy_x"].shape[0] == 32
+
+
+def test_early_exit_proxies_and_their_steps_equal_single_process(two_ranks, one_rank):
+    """With PGD early exit each rank attacks its slice and the step counts are gathered with the proxies."""
+    steps = one_rank["early_steps"]
+    assert steps.shape == (32,) and int(steps.min()) < 8   # some proxies left their batch early
+    for out in two_ranks:
+        assert torch.equal(out["early_steps"], steps)
+        torch.testing.assert_close(out["early_x"], one_rank["early_x"], rtol=0, atol=1e-5)
 
 
 def test_importance_reduces_gradients_before_abs(two_ranks, one_rank):
