@@ -10,6 +10,8 @@ calibrated radius and the attack's success rate on each side.
 """
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -44,6 +46,40 @@ def proxy_table(dataset, k, payloads):
     return out
 
 
+def paired_table(dataset, k):
+    """Seeds 0-4 (the parity grids) and 5-9 (``more_seeds/``, both sides run the same way) together:
+    per method the test accuracy at the stop on each side, the paired differences, how many are
+    positive, and the one-sided sign test's p (ties dropped)."""
+    more = {side: HERE / "more_seeds" / f"{dataset}_{side}" / "results.json" for side in ("default", "early_exit")}
+    if not all(p.is_file() for p in more.values()):
+        return []
+    first = load_pair(dataset)
+    runs = {"without": list(first["without"]["runs"]) + json.loads(more["default"].read_text())["runs"],
+            "cuts": list(first["cuts"]["runs"]) + json.loads(more["early_exit"].read_text())["runs"]}
+    by = {side: {(r["method"], r["seed"]): r for r in rs if r["k"] == k and r.get("status") == "ok"}
+          for side, rs in runs.items()}
+    out = [f"Ten seeds, {dataset} k = {k} (seeds 0-4 above and 5-9 in `more_seeds/`, run the same way): test % at "
+           "the stop, paired by seed.", "",
+           "| method | 100 steps | early exit | mean paired difference | higher / lower | sign test p (one-sided) "
+           "| forget 0 % 100 steps / early exit |", "|---|---|---|---|---|---|---|"]
+    for m in ("structguard", "adv"):
+        seeds = sorted(s for (mm, s) in by["without"] if mm == m and (m, s) in by["cuts"])
+        a = [by["without"][(m, s)]["test_accuracy"] for s in seeds]
+        b = [by["cuts"][(m, s)]["test_accuracy"] for s in seeds]
+        d = [y - x for x, y in zip(a, b)]
+        up, down = sum(x > 0 for x in d), sum(x < 0 for x in d)
+        n = up + down
+        p = sum(math.comb(n, i) for i in range(up, n + 1)) / 2 ** n if n else float("nan")
+        am, asd = mean_std(a)
+        bm, bsd = mean_std(b)
+        dm, dsd = mean_std(d)
+        na = sum(by["without"][(m, s)]["forget_accuracy"] == 0.0 for s in seeds)
+        nb = sum(by["cuts"][(m, s)]["forget_accuracy"] == 0.0 for s in seeds)
+        out.append(f"| {parity.NAMES.get(m, m)} | {fmt(am)} ± {fmt(asd)} | {fmt(bm)} ± {fmt(bsd)} "
+                   f"| {fmt(dm, sign=True)} ± {fmt(dsd)} | {up} / {down} | {p:.3f} | {na}/{len(seeds)} / {nb}/{len(seeds)} |")
+    return out + [""]
+
+
 def render():
     text = parity.render(load_pair, before="100 steps", after="early exit", timing=parity.PROXIES_TIMING)
     extra = []
@@ -51,6 +87,7 @@ def render():
         payloads = load_pair(dataset)
         if all(p is not None for p in payloads.values()):
             extra += proxy_table(dataset, k, payloads)
+            extra += paired_table(dataset, k)
     return text + "\n\n" + "\n".join(extra).rstrip()
 
 
