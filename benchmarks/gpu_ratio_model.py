@@ -77,6 +77,7 @@ from torch.utils._pytree import tree_flatten
 
 from benchmarks import roofline
 from benchmarks import whole_run as wr
+from stakes.execution import is_channels_last
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "gpu_ratio_model.json"
 META = torch.device("meta")
@@ -237,26 +238,19 @@ def _mm_gemms(name: str, args) -> List[Tuple[int, int, int]]:
     return []
 
 
-def _channels_last(t) -> bool:
-    """Whether ``t`` is a 4-D tensor laid out NHWC (not also plain contiguous, as a 1x1 map is)."""
-    return isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous() and \
-        t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _cuda_conv_layout(name: str, args) -> bool:
+def _cuda_conv_nhwc(name: str, args) -> bool:
     """Whether cuDNN runs this convolution (or its backward) NHWC: ATen's
     ``cudnn_conv_suggest_memory_format`` picks channels_last when the input or the weight is in it
-    (for the backward: the input and the weight of the forward, its 2nd and 3rd arguments)."""
-    x, w = (args[0], args[1]) if name == "aten.convolution" else (args[1], args[2])
-    return _channels_last(x) or _channels_last(w)
+    (for the backward: the forward's input and weight, its 2nd and 3rd arguments)."""
+    x, w = (args[1], args[2]) if name == "aten.convolution_backward" else (args[0], args[1])
+    return is_channels_last(x) or is_channels_last(w)
 
 
-def _as_cuda_conv_output(name: str, args, out):
-    """The convolution's outputs strided as cuDNN writes them on a card. Meta tensors cannot say:
-    torch's meta convolution always returns contiguous tensors (it has no device to choose a backend
-    by), so without this every layer after a channels_last network's first would be counted NCHW."""
-    if not _cuda_conv_layout(name, args):
-        return out
+def _channels_last_outputs(out):
+    """A convolution's 4-D outputs strided NHWC, as cuDNN writes them on a card. Meta tensors cannot
+    say: torch's meta convolution always returns contiguous tensors (it has no device to choose a
+    backend by), so without this every layer after a channels_last network's first would be counted
+    NCHW."""
     fix = (lambda t: t.contiguous(memory_format=torch.channels_last)
            if isinstance(t, torch.Tensor) and t.dim() == 4 else t)
     return tuple(fix(t) for t in out) if isinstance(out, tuple) else fix(out)
@@ -284,8 +278,10 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
         name = name if name.startswith(("aten.", "profiler.", "prims.")) else f"aten.{name}"
-        if name in ("aten.convolution", "aten.convolution_backward"):
-            out = _as_cuda_conv_output(name, list(args), out)
+        kind = "conv" if name in CONV else "matmul" if name in MATMUL else "other"
+        nhwc = kind == "conv" and _cuda_conv_nhwc(name, list(args))
+        if nhwc:
+            out = _channels_last_outputs(out)
         if name == "aten._local_scalar_dense":
             self.syncs += 1
         if getattr(func, "is_view", False) or name.startswith(NOT_KERNELS):
@@ -307,12 +303,11 @@ class OpCounter(TorchDispatchMode):
         wr_ = [(_key(t), float(t.numel() * t.element_size())) for t in outs]
         nbytes += sum(b for _, b in wr_)   # written (in place: read and written)
         first = next((t for t in ins if t.is_floating_point()), None)
-        kind = "conv" if name in CONV else "matmul" if name in MATMUL else "other"
         gemms = _conv_gemms(name, list(args), out if not isinstance(out, tuple) else None) if kind == "conv" else \
             _mm_gemms(name, list(args)) if kind == "matmul" else []
-        layout = "nhwc" if kind == "conv" and _cuda_conv_layout(name, list(args)) else "nchw"
         self.ops.append(Op(name, kind, str(first.dtype).replace("torch.", "") if first is not None else "none",
-                           float(flops), float(nbytes), 1, gemms, layout, rd, wr_, fusable=kind == "other"))
+                           float(flops), float(nbytes), 1, gemms, "nhwc" if nhwc else "nchw", rd, wr_,
+                           fusable=kind == "other"))
         return out
 
 

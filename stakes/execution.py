@@ -241,13 +241,19 @@ def _same_rows(alone, beside, n: int, total: int) -> bool:
     return True
 
 
+def is_channels_last(t) -> bool:
+    """Whether ``t`` is a 4-D tensor laid out NHWC (and not also plain contiguous, as a 1x1 map is)."""
+    return isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous() and \
+        t.is_contiguous(memory_format=torch.channels_last)
+
+
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """``t`` with copies of its first row appended up to ``rows`` rows, in ``t``'s memory format: a
     batch padded to a fixed shape, whose padding rows' results the caller drops."""
     if rows <= len(t):
         return t
     out = torch.cat([t, t[:1].expand(rows - len(t), *t.shape[1:])])   # (cat drops channels_last)
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(t):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
 
