@@ -84,13 +84,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="run the set and write its results here")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two results files")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="a shared config field for every case (true/false, numbers, else a string)")
+                   help="a shared config field for every case, parsed as the CLI's --set")
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        overrides[name] = json.loads(value) if value in ("true", "false") or value.lstrip("-").replace(".", "", 1).isdigit() \
-            else value
+    from stakes.jobs import parse_overrides
+
+    overrides = parse_overrides(args.set)
     if args.compare:
         a, b = (json.load(open(path)) for path in args.compare)
         diffs = compare(a, b)
