@@ -10,6 +10,7 @@ calibrated radius and the attack's success rate on each side.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -20,8 +21,10 @@ sys.path.insert(0, str(HERE.parent / "work_cuts_parity"))
 import make_table as parity  # noqa: E402
 from tables import fmt, mean_std  # noqa: E402  (work_cuts_parity put reports/ on the path)
 
-load_pair = parity.pair_loader(lambda d: HERE.parent / "channels_last_parity" / f"{d}_channels_last" / "results.json",
-                               lambda d: HERE / f"{d}_early_exit" / "results.json")
+# read once: parity.render() and the tables below both ask for each data set's pair
+load_pair = functools.lru_cache(maxsize=None)(parity.pair_loader(
+    lambda d: HERE.parent / "channels_last_parity" / f"{d}_channels_last" / "results.json",
+    lambda d: HERE / f"{d}_early_exit" / "results.json"))
 
 
 def proxy_table(dataset, k, payloads):
@@ -46,14 +49,14 @@ def proxy_table(dataset, k, payloads):
     return out
 
 
-def paired_table(dataset, k):
+def paired_table(dataset, k, first):
     """Seeds 0-4 (the parity grids) and 5-9 (``more_seeds/``, both sides run the same way) together:
     per method the test accuracy at the stop on each side, the paired differences, how many are
-    positive, and the one-sided sign test's p (ties dropped)."""
+    positive, and the one-sided sign test's p (ties dropped). ``first``: the seeds 0-4 pair
+    (:func:`load_pair`)."""
     more = {side: HERE / "more_seeds" / f"{dataset}_{side}" / "results.json" for side in ("default", "early_exit")}
     if not all(p.is_file() for p in more.values()):
         return []
-    first = load_pair(dataset)
     runs = {"without": list(first["without"]["runs"]) + json.loads(more["default"].read_text())["runs"],
             "cuts": list(first["cuts"]["runs"]) + json.loads(more["early_exit"].read_text())["runs"]}
     by = {side: {(r["method"], r["seed"]): r for r in rs if r["k"] == k and r.get("status") == "ok"}
@@ -87,7 +90,7 @@ def render():
         payloads = load_pair(dataset)
         if all(p is not None for p in payloads.values()):
             extra += proxy_table(dataset, k, payloads)
-            extra += paired_table(dataset, k)
+            extra += paired_table(dataset, k, payloads)
     return text + "\n\n" + "\n".join(extra).rstrip()
 
 
